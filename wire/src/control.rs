@@ -1,0 +1,897 @@
+//! The control protocol spoken on each VM's control port (TCP).
+//!
+//! Framing: every frame is a `u32` little-endian payload length followed by the
+//! payload; a length above [`MAX_FRAME_LEN`] is refused. The server speaks
+//! first with a [`Hello`] (protocol version, kernel build id, VM name and a
+//! fresh nonce). After that the client sends request envelopes and the server
+//! answers each with a response envelope carrying the same sequence number.
+//! Envelopes are authenticated with HMAC-SHA256 under the cluster key (see
+//! [`crate::auth`]). The full description is in docs/control-protocol.md.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::auth::{self, Direction, MAC_LEN, NONCE_LEN, Nonce, Tag};
+use crate::codec::{DecodeError, Reader, Writer};
+
+/// Version of this protocol. Bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest payload a frame may carry.
+pub const MAX_FRAME_LEN: usize = 64 * 1024;
+/// Bytes of the length prefix in front of every frame.
+pub const FRAME_HEADER_LEN: usize = 4;
+/// First bytes of a [`Hello`], so a client can tell it reached a Capsules VM.
+pub const HELLO_MAGIC: [u8; 4] = *b"CPSL";
+/// The all-zero tag marks a response the server could not authenticate
+/// (because the request itself was not authentic).
+pub const UNAUTHENTICATED_TAG: Tag = [0u8; MAC_LEN];
+
+/// Prepends the length prefix to a payload.
+pub fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Why the byte stream cannot be split into frames any more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OversizedFrame {
+    pub declared: usize,
+}
+
+/// Splits a byte stream into frame payloads.
+///
+/// Bytes are pushed as they arrive; complete payloads are popped. After an
+/// oversized length prefix the stream cannot be resynchronised, so the decoder
+/// stays failed and the connection should be closed after an error reply.
+#[derive(Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    failed: Option<OversizedFrame>,
+}
+
+impl FrameDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.failed.is_none() {
+            self.buf.extend_from_slice(bytes);
+        }
+    }
+
+    /// The next complete payload, `Ok(None)` when more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, OversizedFrame> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        if self.buf.len() < FRAME_HEADER_LEN {
+            return Ok(None);
+        }
+        let mut len = [0u8; FRAME_HEADER_LEN];
+        len.copy_from_slice(&self.buf[..FRAME_HEADER_LEN]);
+        let declared = u32::from_le_bytes(len) as usize;
+        if declared > MAX_FRAME_LEN {
+            let e = OversizedFrame { declared };
+            self.failed = Some(e);
+            self.buf = Vec::new();
+            return Err(e);
+        }
+        if self.buf.len() < FRAME_HEADER_LEN + declared {
+            return Ok(None);
+        }
+        let payload = self.buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + declared].to_vec();
+        self.buf.drain(..FRAME_HEADER_LEN + declared);
+        Ok(Some(payload))
+    }
+
+    /// Bytes received but not yet returned as a frame.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// The server's greeting, sent unauthenticated as the first frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub protocol_version: u16,
+    pub build_id: Vec<u8>,
+    pub vm_name: String,
+    pub nonce: Nonce,
+}
+
+impl Hello {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.raw(&HELLO_MAGIC)
+            .u16(self.protocol_version)
+            .bytes(&self.build_id)
+            .str(&self.vm_name)
+            .raw(&self.nonce);
+        w.finish()
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(buf);
+        if r.array::<4>("hello magic")? != HELLO_MAGIC {
+            return Err(DecodeError::Invalid("hello magic"));
+        }
+        let hello = Self {
+            protocol_version: r.u16("protocol version")?,
+            build_id: r.bytes("build id")?.to_vec(),
+            vm_name: r.string("vm name")?,
+            nonce: r.array::<NONCE_LEN>("nonce")?,
+        };
+        r.finish()?;
+        Ok(hello)
+    }
+}
+
+/// What a client asks of a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Version,
+    Status,
+    Shutdown,
+}
+
+impl Request {
+    const VERSION: u8 = 1;
+    const STATUS: u8 = 2;
+    const SHUTDOWN: u8 = 3;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let tag = match self {
+            Request::Version => Self::VERSION,
+            Request::Status => Self::STATUS,
+            Request::Shutdown => Self::SHUTDOWN,
+        };
+        let mut w = Writer::new();
+        w.u8(tag);
+        w.finish()
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, RequestDecodeError> {
+        let mut r = Reader::new(buf);
+        let tag = r.u8("request kind")?;
+        let req = match tag {
+            Self::VERSION => Request::Version,
+            Self::STATUS => Request::Status,
+            Self::SHUTDOWN => Request::Shutdown,
+            other => return Err(RequestDecodeError::Unknown(other)),
+        };
+        r.finish()?;
+        Ok(req)
+    }
+}
+
+/// A request body that could not be understood.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestDecodeError {
+    Unknown(u8),
+    Malformed(DecodeError),
+}
+
+impl From<DecodeError> for RequestDecodeError {
+    fn from(e: DecodeError) -> Self {
+        Self::Malformed(e)
+    }
+}
+
+/// Counters of the VM's network card.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NicCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Frames dropped on receive (malformed, or no room).
+    pub rx_dropped: u64,
+    /// NIC interrupts taken.
+    pub interrupts: u64,
+}
+
+/// What `status` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// Nanoseconds since the kernel's first instruction.
+    pub uptime_ns: u64,
+    /// Nanoseconds from the first instruction to "ready" (control port open).
+    pub boot_ns: u64,
+    pub mem_total_bytes: u64,
+    pub mem_used_bytes: u64,
+    pub heap_size_bytes: u64,
+    pub heap_used_bytes: u64,
+    pub nic: NicCounters,
+    /// Calibrated TSC frequency, for reading the figures above.
+    pub tsc_hz: u64,
+}
+
+/// Error classes a server reports. Each comes with a readable message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    Malformed = 1,
+    Unauthenticated = 2,
+    UnknownRequest = 3,
+    Oversized = 4,
+    UnsupportedVersion = 5,
+    BadSequence = 6,
+    Internal = 7,
+}
+
+impl ErrorCode {
+    fn from_u16(v: u16) -> Option<Self> {
+        Some(match v {
+            1 => Self::Malformed,
+            2 => Self::Unauthenticated,
+            3 => Self::UnknownRequest,
+            4 => Self::Oversized,
+            5 => Self::UnsupportedVersion,
+            6 => Self::BadSequence,
+            7 => Self::Internal,
+            _ => return None,
+        })
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::Unauthenticated => "unauthenticated",
+            Self::UnknownRequest => "unknown request",
+            Self::Oversized => "oversized",
+            Self::UnsupportedVersion => "unsupported version",
+            Self::BadSequence => "bad sequence",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// A server's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    Version {
+        protocol_version: u16,
+        build_id: Vec<u8>,
+        vm_name: String,
+    },
+    Status(Status),
+    ShuttingDown,
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+impl Response {
+    const VERSION: u8 = 1;
+    const STATUS: u8 = 2;
+    const SHUTTING_DOWN: u8 = 3;
+    const ERROR: u8 = 0xff;
+
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Response::Error {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        match self {
+            Response::Version {
+                protocol_version,
+                build_id,
+                vm_name,
+            } => {
+                w.u8(Self::VERSION)
+                    .u16(*protocol_version)
+                    .bytes(build_id)
+                    .str(vm_name);
+            }
+            Response::Status(s) => {
+                w.u8(Self::STATUS)
+                    .u64(s.uptime_ns)
+                    .u64(s.boot_ns)
+                    .u64(s.mem_total_bytes)
+                    .u64(s.mem_used_bytes)
+                    .u64(s.heap_size_bytes)
+                    .u64(s.heap_used_bytes)
+                    .u64(s.nic.rx_packets)
+                    .u64(s.nic.rx_bytes)
+                    .u64(s.nic.tx_packets)
+                    .u64(s.nic.tx_bytes)
+                    .u64(s.nic.rx_dropped)
+                    .u64(s.nic.interrupts)
+                    .u64(s.tsc_hz);
+            }
+            Response::ShuttingDown => {
+                w.u8(Self::SHUTTING_DOWN);
+            }
+            Response::Error { code, message } => {
+                w.u8(Self::ERROR).u16(*code as u16).str(message);
+            }
+        }
+        w.finish()
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(buf);
+        let resp = match r.u8("response kind")? {
+            Self::VERSION => Response::Version {
+                protocol_version: r.u16("protocol version")?,
+                build_id: r.bytes("build id")?.to_vec(),
+                vm_name: r.string("vm name")?,
+            },
+            Self::STATUS => Response::Status(Status {
+                uptime_ns: r.u64("uptime")?,
+                boot_ns: r.u64("boot time")?,
+                mem_total_bytes: r.u64("memory total")?,
+                mem_used_bytes: r.u64("memory used")?,
+                heap_size_bytes: r.u64("heap size")?,
+                heap_used_bytes: r.u64("heap used")?,
+                nic: NicCounters {
+                    rx_packets: r.u64("rx packets")?,
+                    rx_bytes: r.u64("rx bytes")?,
+                    tx_packets: r.u64("tx packets")?,
+                    tx_bytes: r.u64("tx bytes")?,
+                    rx_dropped: r.u64("rx dropped")?,
+                    interrupts: r.u64("interrupts")?,
+                },
+                tsc_hz: r.u64("tsc hz")?,
+            }),
+            Self::SHUTTING_DOWN => Response::ShuttingDown,
+            Self::ERROR => Response::Error {
+                code: ErrorCode::from_u16(r.u16("error code")?)
+                    .ok_or(DecodeError::Invalid("error code"))?,
+                message: r.string("error message")?,
+            },
+            _ => return Err(DecodeError::Invalid("response kind")),
+        };
+        r.finish()?;
+        Ok(resp)
+    }
+}
+
+/// An authenticated message: version, sequence number, body and MAC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub protocol_version: u16,
+    pub seq: u64,
+    pub body: Vec<u8>,
+    pub tag: Tag,
+}
+
+impl Envelope {
+    pub fn seal(key: &[u8], dir: Direction, nonce: &Nonce, seq: u64, body: Vec<u8>) -> Self {
+        let tag = auth::message_tag(key, dir, nonce, seq, &body);
+        Self {
+            protocol_version: PROTOCOL_VERSION,
+            seq,
+            body,
+            tag,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u16(self.protocol_version)
+            .u64(self.seq)
+            .bytes(&self.body)
+            .raw(&self.tag);
+        w.finish()
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(buf);
+        let env = Self {
+            protocol_version: r.u16("protocol version")?,
+            seq: r.u64("sequence number")?,
+            body: r.bytes("body")?.to_vec(),
+            tag: r.array::<MAC_LEN>("mac")?,
+        };
+        r.finish()?;
+        Ok(env)
+    }
+
+    pub fn verify(&self, key: &[u8], dir: Direction, nonce: &Nonce) -> bool {
+        auth::verify_tag(key, dir, nonce, self.seq, &self.body, &self.tag)
+    }
+}
+
+/// The server half of one control connection: checks each request and seals
+/// each response. Pure logic; the kernel supplies bytes, key and nonce.
+pub struct ServerSession {
+    key: Vec<u8>,
+    nonce: Nonce,
+    last_seq: u64,
+}
+
+/// The outcome of one request frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// An authentic, well-formed request to carry out and answer with [`ServerSession::reply`].
+    Request { seq: u64, request: Request },
+    /// A refused frame: send this payload back (it is already sealed or marked
+    /// unauthenticated) and change nothing.
+    Refused { reply: Vec<u8>, code: ErrorCode },
+}
+
+impl ServerSession {
+    pub fn new(key: &[u8], nonce: Nonce) -> Self {
+        Self {
+            key: key.to_vec(),
+            nonce,
+            last_seq: 0,
+        }
+    }
+
+    pub fn hello(&self, build_id: &[u8], vm_name: &str) -> Vec<u8> {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            build_id: build_id.to_vec(),
+            vm_name: vm_name.to_string(),
+            nonce: self.nonce,
+        }
+        .encode()
+    }
+
+    /// Seals a response to the request with sequence number `seq`.
+    pub fn reply(&self, seq: u64, response: &Response) -> Vec<u8> {
+        Envelope::seal(
+            &self.key,
+            Direction::Response,
+            &self.nonce,
+            seq,
+            response.encode(),
+        )
+        .encode()
+    }
+
+    /// A reply to a frame that was too large (sequence number unknown).
+    pub fn oversized_reply(&self, declared: usize) -> Vec<u8> {
+        self.unauthenticated_error(
+            0,
+            ErrorCode::Oversized,
+            alloc::format!("frame of {declared} bytes exceeds the limit of {MAX_FRAME_LEN}"),
+        )
+    }
+
+    fn unauthenticated_error(&self, seq: u64, code: ErrorCode, message: String) -> Vec<u8> {
+        Envelope {
+            protocol_version: PROTOCOL_VERSION,
+            seq,
+            body: Response::error(code, message).encode(),
+            tag: UNAUTHENTICATED_TAG,
+        }
+        .encode()
+    }
+
+    pub fn handle(&mut self, payload: &[u8]) -> Incoming {
+        let refuse = |reply, code| Incoming::Refused { reply, code };
+        let env = match Envelope::decode(payload) {
+            Ok(env) => env,
+            Err(e) => {
+                let msg = alloc::format!("malformed request envelope: {e}");
+                return refuse(
+                    self.unauthenticated_error(0, ErrorCode::Malformed, msg),
+                    ErrorCode::Malformed,
+                );
+            }
+        };
+        if env.protocol_version != PROTOCOL_VERSION {
+            let msg = alloc::format!(
+                "protocol version {} is not supported (this VM speaks {PROTOCOL_VERSION})",
+                env.protocol_version
+            );
+            let code = ErrorCode::UnsupportedVersion;
+            return refuse(self.unauthenticated_error(env.seq, code, msg), code);
+        }
+        if !env.verify(&self.key, Direction::Request, &self.nonce) {
+            let code = ErrorCode::Unauthenticated;
+            let msg = "request MAC does not verify: wrong cluster key?".to_string();
+            return refuse(self.unauthenticated_error(env.seq, code, msg), code);
+        }
+        if env.seq <= self.last_seq {
+            let code = ErrorCode::BadSequence;
+            let msg = alloc::format!("sequence number {} not above {}", env.seq, self.last_seq);
+            return refuse(self.reply(env.seq, &Response::error(code, msg)), code);
+        }
+        self.last_seq = env.seq;
+        match Request::decode(&env.body) {
+            Ok(request) => Incoming::Request {
+                seq: env.seq,
+                request,
+            },
+            Err(RequestDecodeError::Unknown(kind)) => {
+                let code = ErrorCode::UnknownRequest;
+                let msg = alloc::format!("unknown request kind {kind}");
+                refuse(self.reply(env.seq, &Response::error(code, msg)), code)
+            }
+            Err(RequestDecodeError::Malformed(e)) => {
+                let code = ErrorCode::Malformed;
+                let msg = alloc::format!("malformed request body: {e}");
+                refuse(self.reply(env.seq, &Response::error(code, msg)), code)
+            }
+        }
+    }
+}
+
+/// Why a client could not get an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientError {
+    Decode(DecodeError),
+    /// The response's MAC did not verify: not from a holder of the cluster key.
+    BadServerTag,
+    /// The server refused the request without authenticating its reply.
+    Refused {
+        code: ErrorCode,
+        message: String,
+    },
+    /// The response answered another request.
+    SequenceMismatch {
+        expected: u64,
+        got: u64,
+    },
+    VersionMismatch(u16),
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Decode(e) => write!(f, "undecodable response: {e}"),
+            Self::BadServerTag => f.write_str("response is not authenticated with the cluster key"),
+            Self::Refused { code, message } => write!(f, "refused ({}): {message}", code.as_str()),
+            Self::SequenceMismatch { expected, got } => {
+                write!(f, "response to request {got}, expected {expected}")
+            }
+            Self::VersionMismatch(v) => write!(f, "server speaks protocol version {v}"),
+        }
+    }
+}
+
+impl From<DecodeError> for ClientError {
+    fn from(e: DecodeError) -> Self {
+        Self::Decode(e)
+    }
+}
+
+/// The client half of one control connection.
+pub struct ClientSession {
+    key: Vec<u8>,
+    hello: Hello,
+    next_seq: u64,
+}
+
+impl ClientSession {
+    /// Starts a session from the server's hello payload.
+    pub fn new(key: &[u8], hello_payload: &[u8]) -> Result<Self, ClientError> {
+        let hello = Hello::decode(hello_payload)?;
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(ClientError::VersionMismatch(hello.protocol_version));
+        }
+        Ok(Self {
+            key: key.to_vec(),
+            hello,
+            next_seq: 1,
+        })
+    }
+
+    pub fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    /// Seals a request; returns its sequence number and the payload to frame.
+    pub fn seal(&mut self, request: &Request) -> (u64, Vec<u8>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let env = Envelope::seal(
+            &self.key,
+            Direction::Request,
+            &self.hello.nonce,
+            seq,
+            request.encode(),
+        );
+        (seq, env.encode())
+    }
+
+    /// Checks and decodes the response to request `seq`.
+    pub fn open(&self, seq: u64, payload: &[u8]) -> Result<Response, ClientError> {
+        let env = Envelope::decode(payload)?;
+        if env.tag == UNAUTHENTICATED_TAG {
+            // The server could not authenticate our request; its reply is
+            // informative only and must not be trusted for anything else.
+            return match Response::decode(&env.body)? {
+                Response::Error { code, message } => Err(ClientError::Refused { code, message }),
+                _ => Err(ClientError::BadServerTag),
+            };
+        }
+        if !env.verify(&self.key, Direction::Response, &self.hello.nonce) {
+            return Err(ClientError::BadServerTag);
+        }
+        if env.seq != seq {
+            return Err(ClientError::SequenceMismatch {
+                expected: seq,
+                got: env.seq,
+            });
+        }
+        Ok(Response::decode(&env.body)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    const KEY: [u8; 32] = [0x42; 32];
+    const NONCE: Nonce = [9; 32];
+
+    fn status() -> Status {
+        Status {
+            uptime_ns: 1,
+            boot_ns: 2,
+            mem_total_bytes: 3,
+            mem_used_bytes: 4,
+            heap_size_bytes: 5,
+            heap_used_bytes: 6,
+            nic: NicCounters {
+                rx_packets: 7,
+                rx_bytes: 8,
+                tx_packets: 9,
+                tx_bytes: 10,
+                rx_dropped: 11,
+                interrupts: 12,
+            },
+            tsc_hz: 13,
+        }
+    }
+
+    fn pair() -> (ServerSession, ClientSession) {
+        let server = ServerSession::new(&KEY, NONCE);
+        let client = ClientSession::new(&KEY, &server.hello(b"build", "vm1")).unwrap();
+        (server, client)
+    }
+
+    #[test]
+    fn every_response_round_trips() {
+        for resp in [
+            Response::Version {
+                protocol_version: 1,
+                build_id: vec![1, 2, 3],
+                vm_name: "vm1".into(),
+            },
+            Response::Status(status()),
+            Response::ShuttingDown,
+            Response::error(ErrorCode::Internal, "boom"),
+        ] {
+            assert_eq!(Response::decode(&resp.encode()).unwrap(), resp);
+        }
+    }
+
+    #[test]
+    fn authenticated_exchange() {
+        let (mut server, mut client) = pair();
+        assert_eq!(client.hello().build_id, b"build");
+        for req in [Request::Version, Request::Status, Request::Shutdown] {
+            let (seq, payload) = client.seal(&req);
+            match server.handle(&payload) {
+                Incoming::Request { seq: s, request } => {
+                    assert_eq!((s, &request), (seq, &req));
+                    let reply = server.reply(s, &Response::ShuttingDown);
+                    assert_eq!(client.open(seq, &reply).unwrap(), Response::ShuttingDown);
+                }
+                other => panic!("refused: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_key_is_refused_and_client_sees_why() {
+        let server = ServerSession::new(&KEY, NONCE);
+        let mut server = server;
+        let mut intruder = ClientSession::new(&[0x43; 32], &server.hello(b"b", "vm")).unwrap();
+        let (seq, payload) = intruder.seal(&Request::Shutdown);
+        let Incoming::Refused { reply, code } = server.handle(&payload) else {
+            panic!("wrong key accepted");
+        };
+        assert_eq!(code, ErrorCode::Unauthenticated);
+        assert!(matches!(
+            intruder.open(seq, &reply),
+            Err(ClientError::Refused {
+                code: ErrorCode::Unauthenticated,
+                ..
+            })
+        ));
+        // The server still serves an honest client in the same session state.
+        let mut honest = ClientSession::new(&KEY, &server.hello(b"b", "vm")).unwrap();
+        let (_, payload) = honest.seal(&Request::Status);
+        assert!(matches!(server.handle(&payload), Incoming::Request { .. }));
+    }
+
+    #[test]
+    fn replayed_request_is_refused() {
+        let (mut server, mut client) = pair();
+        let (_, payload) = client.seal(&Request::Shutdown);
+        assert!(matches!(server.handle(&payload), Incoming::Request { .. }));
+        assert!(matches!(
+            server.handle(&payload),
+            Incoming::Refused {
+                code: ErrorCode::BadSequence,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn request_from_another_session_is_refused() {
+        let (_, mut client) = pair();
+        let (_, payload) = client.seal(&Request::Shutdown);
+        let mut other = ServerSession::new(&KEY, [10; 32]);
+        assert!(matches!(
+            other.handle(&payload),
+            Incoming::Refused {
+                code: ErrorCode::Unauthenticated,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn tampered_request_is_refused() {
+        let (mut server, mut client) = pair();
+        let (_, mut payload) = client.seal(&Request::Status);
+        let body_at = 2 + 8 + 4;
+        payload[body_at] = Request::SHUTDOWN;
+        assert!(matches!(
+            server.handle(&payload),
+            Incoming::Refused {
+                code: ErrorCode::Unauthenticated,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn unknown_request_gets_authenticated_error() {
+        let (mut server, client) = pair();
+        let env = Envelope::seal(&KEY, Direction::Request, &NONCE, 1, vec![0x77]);
+        let Incoming::Refused { reply, code } = server.handle(&env.encode()) else {
+            panic!()
+        };
+        assert_eq!(code, ErrorCode::UnknownRequest);
+        match client.open(1, &reply).unwrap() {
+            Response::Error { code, message } => {
+                assert_eq!(code, ErrorCode::UnknownRequest);
+                assert!(message.contains("119"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_and_truncated_envelopes_are_refused() {
+        let (mut server, mut client) = pair();
+        let (_, payload) = client.seal(&Request::Status);
+        for cut in 0..payload.len() {
+            assert!(matches!(
+                server.handle(&payload[..cut]),
+                Incoming::Refused {
+                    code: ErrorCode::Malformed,
+                    ..
+                }
+            ));
+        }
+        let mut long = payload.clone();
+        long.push(0);
+        assert!(matches!(
+            server.handle(&long),
+            Incoming::Refused {
+                code: ErrorCode::Malformed,
+                ..
+            }
+        ));
+        // Garbage of every length never panics.
+        let mut x: u32 = 12345;
+        for len in 0..200 {
+            let junk: Vec<u8> = (0..len)
+                .map(|_| {
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    (x >> 16) as u8
+                })
+                .collect();
+            assert!(matches!(server.handle(&junk), Incoming::Refused { .. }));
+            let _ = Response::decode(&junk);
+            let _ = Hello::decode(&junk);
+        }
+        // The original request still works afterwards.
+        assert!(matches!(server.handle(&payload), Incoming::Request { .. }));
+    }
+
+    #[test]
+    fn wrong_protocol_version_is_refused() {
+        let (mut server, _) = pair();
+        let mut env = Envelope::seal(
+            &KEY,
+            Direction::Request,
+            &NONCE,
+            1,
+            Request::Status.encode(),
+        );
+        env.protocol_version = 99;
+        assert!(matches!(
+            server.handle(&env.encode()),
+            Incoming::Refused {
+                code: ErrorCode::UnsupportedVersion,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn forged_response_is_rejected_by_client() {
+        let (_, mut client) = pair();
+        let (seq, _) = client.seal(&Request::Status);
+        let forged = Envelope::seal(
+            &[1; 32],
+            Direction::Response,
+            &NONCE,
+            seq,
+            Response::ShuttingDown.encode(),
+        );
+        assert_eq!(
+            client.open(seq, &forged.encode()),
+            Err(ClientError::BadServerTag)
+        );
+        let mut unauth_ok = forged.clone();
+        unauth_ok.tag = UNAUTHENTICATED_TAG;
+        assert_eq!(
+            client.open(seq, &unauth_ok.encode()),
+            Err(ClientError::BadServerTag)
+        );
+    }
+
+    #[test]
+    fn frame_decoder_handles_split_and_oversized_input() {
+        let mut dec = FrameDecoder::new();
+        let mut stream = frame(b"one");
+        stream.extend(frame(b""));
+        stream.extend(frame(b"three"));
+        for b in &stream {
+            dec.push(core::slice::from_ref(b));
+        }
+        assert_eq!(dec.next_frame().unwrap().unwrap(), b"one");
+        assert_eq!(dec.next_frame().unwrap().unwrap(), b"");
+        assert_eq!(dec.next_frame().unwrap().unwrap(), b"three");
+        assert_eq!(dec.next_frame().unwrap(), None);
+
+        let mut dec = FrameDecoder::new();
+        dec.push(&((MAX_FRAME_LEN + 1) as u32).to_le_bytes());
+        assert_eq!(
+            dec.next_frame(),
+            Err(OversizedFrame {
+                declared: MAX_FRAME_LEN + 1
+            })
+        );
+        dec.push(b"more");
+        assert!(dec.next_frame().is_err());
+        assert_eq!(dec.buffered(), 0);
+    }
+
+    #[test]
+    fn hello_rejects_wrong_magic_and_version() {
+        let server = ServerSession::new(&KEY, NONCE);
+        let mut hello = server.hello(b"b", "vm");
+        hello[0] = b'X';
+        assert!(ClientSession::new(&KEY, &hello).is_err());
+        let mut h = Hello::decode(&server.hello(b"b", "vm")).unwrap();
+        h.protocol_version = 2;
+        assert_eq!(
+            ClientSession::new(&KEY, &h.encode()).err(),
+            Some(ClientError::VersionMismatch(2))
+        );
+    }
+}
