@@ -206,12 +206,12 @@ impl BootConfig {
                 _ => unreachable!("every option in OPTIONS is handled"),
             }
         }
-        if let (Some(ip), Some(gw)) = (cfg.ip, cfg.gateway) {
-            if !ip.contains(gw) {
-                return Err(BootConfigError::Inconsistent(
-                    "gw is not in the subnet of ip",
-                ));
-            }
+        if let (Some(ip), Some(gw)) = (cfg.ip, cfg.gateway)
+            && !ip.contains(gw)
+        {
+            return Err(BootConfigError::Inconsistent(
+                "gw is not in the subnet of ip",
+            ));
         }
         if cfg.gateway.is_some() && cfg.ip.is_none() {
             return Err(BootConfigError::Inconsistent("gw given without ip"));
@@ -254,7 +254,7 @@ pub fn encode_hex(bytes: &[u8]) -> String {
 }
 
 pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     let nibble = |c: u8| match c {
