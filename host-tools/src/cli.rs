@@ -1,0 +1,292 @@
+//! Command-line interface: argument definitions and dispatch.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use capsules_wire::control::{ClientError, MAX_FRAME_LEN, Request, Response, frame};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::lab::{self, UpOptions};
+use crate::netns::{self, NetnsGuard};
+use crate::qemu::AccelChoice;
+use crate::render;
+
+#[derive(Debug, Parser)]
+#[command(name = "capsulectl", version, about = "Run and inspect Capsules VMs")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Labs: a network namespace with a bridge and VMs.
+    #[command(subcommand)]
+    Lab(LabCommand),
+    /// The VMs of a lab.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Protocol checks against a VM's control service (for tests).
+    #[command(subcommand, hide = true)]
+    Debug(DebugCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Create the lab namespace and boot its VMs.
+    Up {
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Number of VMs.
+        #[arg(long, default_value_t = 2)]
+        vms: usize,
+        /// Memory per VM in MiB.
+        #[arg(long, default_value_t = 256)]
+        mem: u32,
+        /// Accelerator: auto uses KVM only if a probe boot works.
+        #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+        accel: AccelChoice,
+        /// Kernel ELF (default: $CAPSULES_KERNEL or the repository's release build).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+    },
+    /// Stop the VMs and delete the lab namespace.
+    Down {
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// Run a command inside the lab namespace.
+    Exec {
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// List the lab's VMs with what their control services report.
+    Ls {
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Check {
+    /// An authenticated Version request.
+    Version,
+    /// A request sealed with a random key.
+    WrongKey,
+    /// A frame that is not an envelope.
+    Malformed,
+    /// A length prefix above the protocol limit.
+    Oversized,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DebugCommand {
+    /// Send one kind of request and report the answer as JSON, then check
+    /// that the VM still serves an authenticated client.
+    Control {
+        #[arg(long, default_value = "default")]
+        name: String,
+        #[arg(long)]
+        vm: String,
+        #[arg(long, value_enum)]
+        check: Check,
+    },
+}
+
+/// Runs a parsed command line; returns the process exit status.
+pub fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Lab(LabCommand::Up {
+            name,
+            vms,
+            mem,
+            accel,
+            kernel,
+        }) => {
+            let report = lab::up(&UpOptions {
+                name,
+                vms,
+                mem_mib: mem,
+                accel,
+                kernel,
+            })?;
+            println!(
+                "lab '{}' is up in namespace {} (accelerator: {})",
+                report.lab, report.state.netns, report.accel_reason
+            );
+            println!(
+                "kernel {} (build id {})",
+                report.state.kernel.display(),
+                report.state.kernel_build_id
+            );
+            print!("{}", render::lab_table(&report.state));
+            Ok(0)
+        }
+        Command::Lab(LabCommand::Down { name }) => {
+            lab::down(&name)?;
+            println!("lab '{name}' is down");
+            Ok(0)
+        }
+        Command::Lab(LabCommand::Exec { name, command }) => {
+            lab::validate_lab_name(&name)?;
+            netns::require_root_and_ip()?;
+            let ns = netns::netns_name(&name);
+            if !netns::exists(&ns) {
+                bail!("no lab named '{name}' (namespace {ns} does not exist)");
+            }
+            // exec replaces this process, so the command's exit status is ours.
+            let err = netns::exec_command(&ns, &command).exec();
+            bail!(
+                "cannot run 'ip netns exec {ns} {}': {err}",
+                command.join(" ")
+            )
+        }
+        Command::Vm(VmCommand::Ls { name, json }) => {
+            let vms = lab::list(&name)?;
+            if json {
+                println!("{}", render::vm_json(&vms));
+            } else {
+                print!("{}", render::vm_table(&vms));
+            }
+            Ok(0)
+        }
+        Command::Debug(DebugCommand::Control { name, vm, check }) => {
+            let report = debug_control(&name, &vm, check)?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(0)
+        }
+    }
+}
+
+/// What a debug check observed.
+#[derive(Debug, Serialize)]
+pub struct CheckReport {
+    /// "ok" (a verified answer), "refused" (an error reply) or "failed" (no
+    /// usable reply at all).
+    pub outcome: String,
+    /// The error class of a refusal, e.g. "unauthenticated".
+    pub code: Option<String>,
+    pub detail: String,
+    /// Whether a fresh authenticated client is served afterwards.
+    pub still_serving: bool,
+}
+
+fn debug_control(lab_name: &str, vm_name: &str, check: Check) -> Result<CheckReport> {
+    netns::require_root_and_ip()?;
+    let (lab, _) = lab::load_lab(lab_name)?;
+    let vm = lab.vm(vm_name)?;
+    let key = lab.key()?;
+    let _inside = NetnsGuard::enter(&lab.netns)?;
+    let answer = match check {
+        Check::Version => lab::connect(vm, &key)?.try_call(&Request::Version),
+        Check::WrongKey => {
+            let mut wrong = vec![0u8; key.len()];
+            getrandom::fill(&mut wrong).map_err(|e| anyhow::anyhow!("{e}"))?;
+            lab::connect(vm, &wrong)?.try_call(&Request::Version)
+        }
+        Check::Malformed => lab::connect(vm, &key)?.send_raw(&frame(b"\x01not an envelope")),
+        Check::Oversized => {
+            lab::connect(vm, &key)?.send_raw(&((MAX_FRAME_LEN as u32) + 1).to_le_bytes())
+        }
+    };
+    let (outcome, code, detail) = match answer {
+        Ok(Ok(Response::Error { code, message })) => {
+            ("refused", Some(code.as_str().to_string()), message)
+        }
+        Ok(Ok(resp)) => ("ok", None, format!("{resp:?}")),
+        Ok(Err(ClientError::Refused { code, message })) => {
+            ("refused", Some(code.as_str().to_string()), message)
+        }
+        Ok(Err(e)) => ("failed", None, e.to_string()),
+        Err(e) => ("failed", None, format!("{e:#}")),
+    };
+    let still_serving = lab::connect(vm, &key).and_then(|mut c| c.version()).is_ok();
+    Ok(CheckReport {
+        outcome: outcome.into(),
+        code,
+        detail,
+        still_serving,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("capsulectl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn lab_up_defaults_and_flags() {
+        let Command::Lab(LabCommand::Up {
+            name,
+            vms,
+            mem,
+            accel,
+            kernel,
+        }) = parse(&["lab", "up"]).unwrap().command
+        else {
+            panic!("not lab up");
+        };
+        assert_eq!(
+            (name.as_str(), vms, mem, accel, kernel),
+            ("default", 2, 256, AccelChoice::Auto, None)
+        );
+        let Command::Lab(LabCommand::Up {
+            name, vms, accel, ..
+        }) = parse(&["lab", "up", "--name", "x", "--vms", "3", "--accel", "tcg"])
+            .unwrap()
+            .command
+        else {
+            panic!("not lab up");
+        };
+        assert_eq!((name.as_str(), vms, accel), ("x", 3, AccelChoice::Tcg));
+    }
+
+    #[test]
+    fn exec_takes_everything_after_double_dash() {
+        let Command::Lab(LabCommand::Exec { name, command }) =
+            parse(&["lab", "exec", "--", "ping", "-c1", "192.0.2.11"])
+                .unwrap()
+                .command
+        else {
+            panic!("not lab exec");
+        };
+        assert_eq!(name, "default");
+        assert_eq!(command, ["ping", "-c1", "192.0.2.11"]);
+        assert!(parse(&["lab", "exec"]).is_err());
+    }
+
+    #[test]
+    fn bad_input_is_a_clap_error() {
+        assert!(parse(&["lab", "sideways"]).is_err());
+        assert!(parse(&["lab", "up", "--accel", "warp"]).is_err());
+        assert!(parse(&["lab", "up", "--vms", "many"]).is_err());
+        assert!(parse(&["vm", "ls", "--colour"]).is_err());
+        let Command::Vm(VmCommand::Ls { json, .. }) =
+            parse(&["vm", "ls", "--json"]).unwrap().command
+        else {
+            panic!("not vm ls");
+        };
+        assert!(json);
+    }
+}

@@ -1,0 +1,681 @@
+//! Labs: bring up, inspect and tear down a namespace full of Capsules VMs.
+
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use capsules_wire::bootcfg::{
+    BootConfig, DEFAULT_CONTROL_PORT, Ipv4Cidr, LogLevel, MAX_NAME_LEN, encode_hex,
+};
+use capsules_wire::control::Status;
+use serde::Serialize;
+
+use crate::control::ControlClient;
+use crate::netns::{self, NetnsGuard};
+use crate::qemu::{self, Accel, AccelChoice, Nic, VmSpec};
+use crate::state::{self, LabState, VmRecord};
+
+/// The lab LAN: bridge (gateway) address and prefix; VM i gets .(10+i).
+pub const LAB_GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const LAB_PREFIX: u8 = 24;
+const FIRST_VM_HOST: u8 = 10;
+pub const MAX_VMS: usize = 64;
+/// Where `cargo build --release` in kernel/ puts the ELF, relative to the repo.
+pub const KERNEL_RELATIVE_PATH: &str =
+    "kernel/target/x86_64-unknown-linux-gnu/release/capsules-kernel";
+pub const KERNEL_ENV: &str = "CAPSULES_KERNEL";
+const CLUSTER_KEY_LEN: usize = 32;
+/// How long `lab up` waits for every control port.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Per-connection timeout of control requests.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Options of `lab up`.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub name: String,
+    pub vms: usize,
+    pub mem_mib: u32,
+    pub accel: AccelChoice,
+    pub kernel: Option<PathBuf>,
+}
+
+/// Lab names become part of a namespace name and a directory name.
+pub fn validate_lab_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !ok {
+        bail!("invalid lab name '{name}': use 1-{MAX_NAME_LEN} characters of [A-Za-z0-9_-]");
+    }
+    Ok(())
+}
+
+/// Address, MAC and names of VM `index`.
+pub fn vm_identity(index: usize) -> (String, Ipv4Addr, String) {
+    let host = FIRST_VM_HOST + u8::try_from(index).expect("VM index below MAX_VMS");
+    let ip = Ipv4Addr::new(192, 0, 2, host);
+    let mac = format!("52:54:00:c5:00:{index:02x}");
+    (format!("vm{index}"), ip, mac)
+}
+
+/// The kernel command line of one lab VM.
+pub fn vm_cmdline(vm: &VmRecord, gateway: Ipv4Addr, key: &[u8]) -> String {
+    BootConfig {
+        ip: Some(Ipv4Cidr {
+            addr: vm.ip,
+            prefix: vm.prefix,
+        }),
+        gateway: Some(gateway),
+        control_port: vm.control_port,
+        log_level: LogLevel::Info,
+        key: Some(key.to_vec()),
+        name: Some(vm.name.clone()),
+        probe: false,
+    }
+    .to_cmdline()
+}
+
+/// Finds the kernel: `--kernel`, then `$CAPSULES_KERNEL`, then the release ELF
+/// in a repository above this executable or the working directory.
+pub fn resolve_kernel(explicit: Option<&Path>) -> Result<PathBuf> {
+    let chosen = explicit.map(Path::to_path_buf).or_else(|| {
+        std::env::var_os(KERNEL_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    });
+    if let Some(path) = chosen {
+        if !path.is_file() {
+            bail!("kernel {} does not exist", path.display());
+        }
+        return Ok(fs::canonicalize(&path)?);
+    }
+    let mut starts = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        starts.extend(exe.parent().map(Path::to_path_buf));
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        starts.push(cwd);
+    }
+    for start in &starts {
+        for dir in start.ancestors() {
+            let candidate = dir.join(KERNEL_RELATIVE_PATH);
+            if candidate.is_file() {
+                return Ok(fs::canonicalize(candidate)?);
+            }
+        }
+    }
+    bail!(
+        "kernel ELF not found ({KERNEL_RELATIVE_PATH} above the executable or the working directory): \
+         build it with `cd kernel && cargo build --release`, or pass --kernel PATH or set {KERNEL_ENV}"
+    )
+}
+
+fn require_qemu() -> Result<()> {
+    if !netns::on_path(qemu::QEMU_BINARY) {
+        bail!(
+            "{} not found: apt-get install qemu-system-x86",
+            qemu::QEMU_BINARY
+        );
+    }
+    Ok(())
+}
+
+fn random_key() -> Result<Vec<u8>> {
+    let mut key = vec![0u8; CLUSTER_KEY_LEN];
+    getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("no randomness for the key: {e}"))?;
+    Ok(key)
+}
+
+/// The last `lines` lines of a file, for error messages.
+pub fn tail(path: &Path, lines: usize) -> String {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            let start = all.len().saturating_sub(lines);
+            if all.is_empty() {
+                "(empty)".into()
+            } else {
+                all[start..].join("\n")
+            }
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+/// Why a VM is not serving, with its logs.
+fn vm_failure_report(vm: &VmRecord, what: &str) -> String {
+    format!(
+        "{} ({}): {what}\n--- last lines of {} ---\n{}\n--- last lines of {} ---\n{}",
+        vm.name,
+        vm.ip,
+        vm.serial_log.display(),
+        tail(&vm.serial_log, 20),
+        vm.qemu_log.display(),
+        tail(&vm.qemu_log, 5)
+    )
+}
+
+/// What `lab up` reports per VM.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpReport {
+    pub lab: String,
+    pub accel_reason: String,
+    pub state: LabState,
+}
+
+/// Creates a lab and waits until every VM's control service answers.
+pub fn up(opts: &UpOptions) -> Result<UpReport> {
+    validate_lab_name(&opts.name)?;
+    if opts.vms == 0 || opts.vms > MAX_VMS {
+        bail!("--vms must be between 1 and {MAX_VMS}");
+    }
+    netns::require_root_and_ip()?;
+    require_qemu()?;
+    let kernel = resolve_kernel(opts.kernel.as_deref())?;
+    let build_id = crate::elf::read_build_id(&kernel)?;
+    let ns = netns::netns_name(&opts.name);
+    let dir = state::lab_dir(&opts.name);
+    if netns::exists(&ns) || state::load(&dir)?.is_some() {
+        bail!(
+            "lab '{}' already exists (namespace {ns}, state {}): use `capsulectl lab down --name {}` first",
+            opts.name,
+            dir.display(),
+            opts.name
+        );
+    }
+    let (accel, accel_reason) = qemu::choose_accel(&kernel, opts.accel)?;
+    let key = random_key()?;
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let vms = (0..opts.vms)
+        .map(|i| {
+            let (name, ip, mac) = vm_identity(i);
+            VmRecord {
+                serial_log: dir.join(format!("{name}.serial.log")),
+                qemu_log: dir.join(format!("{name}.qemu.log")),
+                name,
+                ip,
+                prefix: LAB_PREFIX,
+                mac,
+                tap: netns::tap_name(i),
+                control_port: DEFAULT_CONTROL_PORT,
+                pid: None,
+            }
+        })
+        .collect();
+    let mut lab = LabState {
+        name: opts.name.clone(),
+        netns: ns.clone(),
+        bridge: netns::BRIDGE_NAME.into(),
+        gateway: LAB_GATEWAY,
+        key_hex: encode_hex(&key),
+        accel: accel.as_str().into(),
+        kernel: kernel.clone(),
+        kernel_build_id: encode_hex(&build_id),
+        mem_mib: opts.mem_mib,
+        vms,
+    };
+    // Saved before anything is created, so `lab down` can clean up whatever a
+    // failed or interrupted `lab up` leaves behind.
+    state::save(&dir, &lab)?;
+    match start_lab(&mut lab, &dir, accel, &build_id) {
+        Ok(()) => Ok(UpReport {
+            lab: opts.name.clone(),
+            accel_reason,
+            state: lab,
+        }),
+        Err(e) => {
+            if let Err(cleanup) = down_state(&lab, &dir) {
+                eprintln!("capsulectl: cleanup after failed lab up also failed: {cleanup:#}");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn start_lab(lab: &mut LabState, dir: &Path, accel: Accel, build_id: &[u8]) -> Result<()> {
+    netns::create_lab_network(&lab.netns, lab.gateway, LAB_PREFIX)?;
+    for vm in &lab.vms {
+        netns::add_tap(&lab.netns, &vm.tap)?;
+    }
+    let key = lab.key()?;
+    let _inside = NetnsGuard::enter(&lab.netns)?;
+    let mut children = Vec::new();
+    for i in 0..lab.vms.len() {
+        let vm = &lab.vms[i];
+        let spec = VmSpec {
+            kernel: lab.kernel.clone(),
+            cmdline: vm_cmdline(vm, lab.gateway, &key),
+            mem_mib: lab.mem_mib,
+            accel,
+            serial_log: vm.serial_log.clone(),
+            nic: Nic::Tap {
+                ifname: vm.tap.clone(),
+                mac: vm.mac.clone(),
+            },
+        };
+        let child = qemu::spawn_detached(&spec, &vm.qemu_log)?;
+        lab.vms[i].pid = Some(child.id());
+        state::save(dir, lab)?;
+        children.push(child);
+    }
+    wait_ready(lab, &mut children, &key, build_id, READY_TIMEOUT)
+}
+
+/// Polls every VM until its control service gives an authenticated Version
+/// with the expected build id; fails early when a QEMU process ends.
+pub fn wait_ready(
+    lab: &LabState,
+    children: &mut [Child],
+    key: &[u8],
+    build_id: &[u8],
+    timeout: Duration,
+) -> Result<()> {
+    let start = Instant::now();
+    let mut ready = vec![false; lab.vms.len()];
+    let mut last_error: Vec<String> = vec!["not tried yet".into(); lab.vms.len()];
+    while ready.iter().any(|r| !r) {
+        for (i, vm) in lab.vms.iter().enumerate() {
+            if ready[i] {
+                continue;
+            }
+            if let Some(status) = children[i].try_wait()? {
+                let why = match status
+                    .code()
+                    .and_then(capsules_wire::exit::KernelExit::from_qemu_status)
+                {
+                    Some(k) => format!(
+                        "QEMU exited during boot: kernel reported '{}'",
+                        k.describe()
+                    ),
+                    None => format!("QEMU exited during boot with {status}"),
+                };
+                bail!("{}", vm_failure_report(vm, &why));
+            }
+            match ask_version(vm, key) {
+                Ok((_, reported, _)) if reported == build_id => ready[i] = true,
+                Ok((_, reported, _)) => bail!(
+                    "{}",
+                    vm_failure_report(
+                        vm,
+                        &format!(
+                            "reports build id {} but the kernel file has {}",
+                            encode_hex(&reported),
+                            encode_hex(build_id)
+                        )
+                    )
+                ),
+                Err(e) => last_error[i] = format!("{e:#}"),
+            }
+        }
+        if ready.iter().all(|r| *r) {
+            break;
+        }
+        if start.elapsed() > timeout {
+            let reports: Vec<String> = lab
+                .vms
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !ready[*i])
+                .map(|(i, vm)| {
+                    vm_failure_report(
+                        vm,
+                        &format!(
+                            "control port not answering after {} s (last error: {})",
+                            timeout.as_secs(),
+                            last_error[i]
+                        ),
+                    )
+                })
+                .collect();
+            bail!("{}", reports.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+fn control_addr(vm: &VmRecord) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(vm.ip, vm.control_port))
+}
+
+/// Connects to a VM's control port (the caller is inside the lab namespace).
+pub fn connect(vm: &VmRecord, key: &[u8]) -> Result<ControlClient> {
+    ControlClient::connect(control_addr(vm), key, CONTROL_TIMEOUT)
+}
+
+fn ask_version(vm: &VmRecord, key: &[u8]) -> Result<(u16, Vec<u8>, String)> {
+    connect(vm, key)?.version()
+}
+
+/// Loads a lab's state or explains that there is no such lab.
+pub fn load_lab(name: &str) -> Result<(LabState, PathBuf)> {
+    validate_lab_name(name)?;
+    let dir = state::lab_dir(name);
+    match state::load(&dir)? {
+        Some(lab) => Ok((lab, dir)),
+        None => bail!(
+            "no lab named '{name}' (no state in {}): start one with `capsulectl lab up --name {name}`",
+            dir.display()
+        ),
+    }
+}
+
+/// True when `pid` is a live QEMU started for this VM. Checked through its
+/// command line, so a recycled pid is never mistaken for ours.
+pub fn is_our_qemu(pid: u32, vm: &VmRecord) -> bool {
+    let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    cmdline_is_our_qemu(&raw, vm)
+}
+
+fn cmdline_is_our_qemu(raw: &[u8], vm: &VmRecord) -> bool {
+    let args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+    let serial = format!("file:{}", vm.serial_log.display());
+    args.first()
+        .is_some_and(|a0| a0.ends_with(qemu::QEMU_BINARY.as_bytes()))
+        && args.iter().any(|a| *a == serial.as_bytes())
+}
+
+fn wait_gone(pid: u32, vm: &VmRecord, timeout: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if !is_our_qemu(pid, vm) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    !is_our_qemu(pid, vm)
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill has no memory-safety preconditions; the pid was just checked
+    // to be our QEMU through /proc.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Stops one VM: authenticated Shutdown, then SIGTERM, then SIGKILL.
+fn stop_vm(vm: &VmRecord, key: &[u8], in_namespace: bool) -> Result<()> {
+    let Some(pid) = vm.pid else { return Ok(()) };
+    if !is_our_qemu(pid, vm) {
+        return Ok(());
+    }
+    if in_namespace
+        && connect(vm, key).and_then(|mut c| c.shutdown()).is_ok()
+        && wait_gone(pid, vm, Duration::from_secs(3))
+    {
+        return Ok(());
+    }
+    for (sig, grace) in [(libc::SIGTERM, 3), (libc::SIGKILL, 3)] {
+        if !is_our_qemu(pid, vm) {
+            return Ok(());
+        }
+        signal(pid, sig);
+        if wait_gone(pid, vm, Duration::from_secs(grace)) {
+            return Ok(());
+        }
+    }
+    bail!("QEMU pid {pid} of {} survived SIGKILL", vm.name)
+}
+
+/// Stops every VM of a lab and deletes its network and state.
+pub fn down_state(lab: &LabState, dir: &Path) -> Result<()> {
+    let key = lab.key()?;
+    {
+        let guard = if netns::exists(&lab.netns) {
+            Some(NetnsGuard::enter(&lab.netns)?)
+        } else {
+            None
+        };
+        for vm in &lab.vms {
+            stop_vm(vm, &key, guard.is_some())?;
+        }
+    }
+    let taps: Vec<String> = lab.vms.iter().map(|vm| vm.tap.clone()).collect();
+    netns::delete_lab_network(&lab.netns, &taps)?;
+    if dir.exists() {
+        fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// `lab down`: also cleans a namespace left without a state file.
+pub fn down(name: &str) -> Result<()> {
+    validate_lab_name(name)?;
+    netns::require_root_and_ip()?;
+    let dir = state::lab_dir(name);
+    let ns = netns::netns_name(name);
+    match state::load(&dir)? {
+        Some(lab) => down_state(&lab, &dir),
+        None if netns::exists(&ns) => {
+            netns::delete_lab_network(&ns, &[])?;
+            let _ = fs::remove_dir_all(&dir);
+            Ok(())
+        }
+        None => bail!(
+            "no lab named '{name}' (no state in {} and no namespace {ns})",
+            dir.display()
+        ),
+    }
+}
+
+/// What `vm ls` shows for one VM.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    pub pid: Option<u32>,
+    /// running (control service answers), unreachable (QEMU alive but not
+    /// answering) or dead.
+    pub state: String,
+    pub accel: String,
+    /// Build id the VM reports, hex.
+    pub build_id: Option<String>,
+    /// Whether it equals the build id of the lab's kernel file.
+    pub build_id_matches: Option<bool>,
+    pub uptime_ns: Option<u64>,
+    pub boot_ns: Option<u64>,
+    pub mem_used_bytes: Option<u64>,
+    pub mem_total_bytes: Option<u64>,
+    pub nic: Option<NicInfo>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NicInfo {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_dropped: u64,
+    pub interrupts: u64,
+}
+
+impl VmInfo {
+    fn base(lab: &LabState, vm: &VmRecord, state: &str) -> Self {
+        Self {
+            name: vm.name.clone(),
+            ip: vm.ip,
+            mac: vm.mac.clone(),
+            pid: vm.pid,
+            state: state.into(),
+            accel: lab.accel.clone(),
+            build_id: None,
+            build_id_matches: None,
+            uptime_ns: None,
+            boot_ns: None,
+            mem_used_bytes: None,
+            mem_total_bytes: None,
+            nic: None,
+            error: None,
+        }
+    }
+
+    fn with_status(mut self, build_id: &[u8], expected: &str, s: &Status) -> Self {
+        let hex = encode_hex(build_id);
+        self.build_id_matches = Some(hex == expected);
+        self.build_id = Some(hex);
+        self.uptime_ns = Some(s.uptime_ns);
+        self.boot_ns = Some(s.boot_ns);
+        self.mem_used_bytes = Some(s.mem_used_bytes);
+        self.mem_total_bytes = Some(s.mem_total_bytes);
+        self.nic = Some(NicInfo {
+            rx_packets: s.nic.rx_packets,
+            rx_bytes: s.nic.rx_bytes,
+            tx_packets: s.nic.tx_packets,
+            tx_bytes: s.nic.tx_bytes,
+            rx_dropped: s.nic.rx_dropped,
+            interrupts: s.nic.interrupts,
+        });
+        self
+    }
+}
+
+/// `vm ls`: asks every VM of the lab for its version and status.
+pub fn list(name: &str) -> Result<Vec<VmInfo>> {
+    netns::require_root_and_ip()?;
+    let (lab, _) = load_lab(name)?;
+    let key = lab.key()?;
+    let _inside = if netns::exists(&lab.netns) {
+        Some(NetnsGuard::enter(&lab.netns)?)
+    } else {
+        None
+    };
+    Ok(lab
+        .vms
+        .iter()
+        .map(|vm| {
+            let alive = vm.pid.is_some_and(|pid| is_our_qemu(pid, vm));
+            if !alive {
+                return VmInfo::base(&lab, vm, "dead");
+            }
+            let asked = connect(vm, &key).and_then(|mut c| {
+                let (_, build_id, _) = c.version()?;
+                Ok((build_id, c.status()?))
+            });
+            match asked {
+                Ok((build_id, status)) => VmInfo::base(&lab, vm, "running").with_status(
+                    &build_id,
+                    &lab.kernel_build_id,
+                    &status,
+                ),
+                Err(e) => {
+                    let mut info = VmInfo::base(&lab, vm, "unreachable");
+                    info.error = Some(format!("{e:#}"));
+                    info
+                }
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capsules_wire::control::NicCounters;
+
+    #[test]
+    fn vm_identities_follow_the_lab_plan() {
+        assert_eq!(
+            vm_identity(0),
+            (
+                "vm0".into(),
+                Ipv4Addr::new(192, 0, 2, 10),
+                "52:54:00:c5:00:00".into()
+            )
+        );
+        assert_eq!(
+            vm_identity(11),
+            (
+                "vm11".into(),
+                Ipv4Addr::new(192, 0, 2, 21),
+                "52:54:00:c5:00:0b".into()
+            )
+        );
+        assert_eq!(vm_identity(MAX_VMS - 1).1, Ipv4Addr::new(192, 0, 2, 73));
+    }
+
+    #[test]
+    fn lab_names_are_checked() {
+        for ok in ["default", "t-1_x", "a"] {
+            validate_lab_name(ok).unwrap();
+        }
+        for bad in ["", "a/b", "x y", "../etc", &"n".repeat(33)] {
+            assert!(validate_lab_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn cmdline_is_what_the_kernel_parses() {
+        let dir = Path::new("/tmp/x");
+        let lab = crate::state::tests::sample_state(dir);
+        let line = vm_cmdline(&lab.vms[0], lab.gateway, &[0xab; 32]);
+        let cfg = BootConfig::parse(&line).unwrap();
+        assert_eq!(cfg.ip.unwrap().addr, Ipv4Addr::new(192, 0, 2, 11));
+        assert_eq!(cfg.gateway, Some(LAB_GATEWAY));
+        assert_eq!(cfg.key.unwrap(), vec![0xab; 32]);
+        assert_eq!(cfg.name.as_deref(), Some("vm1"));
+        assert!(!cfg.probe);
+    }
+
+    #[test]
+    fn qemu_identity_check_reads_argv() {
+        let lab = crate::state::tests::sample_state(Path::new("/run/capsules/t"));
+        let vm = &lab.vms[0];
+        let ours = b"qemu-system-x86_64\0-serial\0file:/run/capsules/t/vm1.serial.log\0";
+        assert!(cmdline_is_our_qemu(ours, vm));
+        let other_lab = b"qemu-system-x86_64\0-serial\0file:/run/capsules/u/vm1.serial.log\0";
+        assert!(!cmdline_is_our_qemu(other_lab, vm));
+        let not_qemu = b"bash\0file:/run/capsules/t/vm1.serial.log\0";
+        assert!(!cmdline_is_our_qemu(not_qemu, vm));
+        assert!(!cmdline_is_our_qemu(b"", vm));
+        assert!(!is_our_qemu(std::process::id(), vm));
+    }
+
+    #[test]
+    fn info_carries_status() {
+        let lab = crate::state::tests::sample_state(Path::new("/tmp/x"));
+        let status = Status {
+            uptime_ns: 5,
+            boot_ns: 4,
+            mem_total_bytes: 3,
+            mem_used_bytes: 2,
+            heap_size_bytes: 1,
+            heap_used_bytes: 1,
+            nic: NicCounters {
+                rx_packets: 9,
+                ..NicCounters::default()
+            },
+            tsc_hz: 1,
+        };
+        let info =
+            VmInfo::base(&lab, &lab.vms[0], "running").with_status(&[0xab, 0xcd], "abcd", &status);
+        assert_eq!(info.build_id.as_deref(), Some("abcd"));
+        assert_eq!(info.build_id_matches, Some(true));
+        assert_eq!(info.nic.unwrap().rx_packets, 9);
+    }
+
+    #[test]
+    fn tail_shows_last_lines() {
+        let p = std::env::temp_dir().join(format!("capsulectl-tail-{}", std::process::id()));
+        fs::write(&p, "a\nb\nc\n").unwrap();
+        assert_eq!(tail(&p, 2), "b\nc");
+        fs::write(&p, "").unwrap();
+        assert_eq!(tail(&p, 2), "(empty)");
+        fs::remove_file(&p).unwrap();
+        assert!(tail(&p, 2).contains("cannot read"));
+    }
+}

@@ -1,0 +1,14 @@
+//! capsulectl: the host side of Capsules — labs of VMs in network namespaces,
+//! their QEMU processes, and the authenticated control client.
+//!
+//! `main.rs` is a thin shell over [`cli`]; everything else is usable as a
+//! library (the benchmarks and system tests do).
+
+pub mod cli;
+pub mod control;
+pub mod elf;
+pub mod lab;
+pub mod netns;
+pub mod qemu;
+pub mod render;
+pub mod state;

@@ -1,0 +1,179 @@
+//! Text tables and JSON for what capsulectl prints.
+
+use crate::lab::VmInfo;
+use crate::state::LabState;
+
+/// Left-aligned columns separated by two spaces, header first.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        padded.join("  ").trim_end().to_string()
+    };
+    let mut out = line(headers.to_vec());
+    out.push('\n');
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+        out.push('\n');
+    }
+    out
+}
+
+/// The table `lab up` prints.
+pub fn lab_table(lab: &LabState) -> String {
+    let rows: Vec<Vec<String>> = lab
+        .vms
+        .iter()
+        .map(|vm| {
+            vec![
+                vm.name.clone(),
+                format!("{}/{}", vm.ip, vm.prefix),
+                vm.mac.clone(),
+                vm.pid.map_or("-".into(), |p| p.to_string()),
+                lab.accel.clone(),
+            ]
+        })
+        .collect();
+    table(&["VM", "ADDRESS", "MAC", "PID", "ACCEL"], &rows)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn seconds(ns: u64) -> String {
+    format!("{:.1}s", ns as f64 / 1e9)
+}
+
+/// The table `vm ls` prints.
+pub fn vm_table(vms: &[VmInfo]) -> String {
+    let dash = || "-".to_string();
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.ip.to_string(),
+                v.mac.clone(),
+                v.pid.map_or_else(dash, |p| p.to_string()),
+                v.state.clone(),
+                v.accel.clone(),
+                v.uptime_ns.map_or_else(dash, seconds),
+                match (v.mem_used_bytes, v.mem_total_bytes) {
+                    (Some(u), Some(t)) => format!("{}/{} MiB", mib(u), mib(t)),
+                    _ => dash(),
+                },
+                v.nic
+                    .as_ref()
+                    .map_or_else(dash, |n| format!("{}/{}", n.rx_packets, n.tx_packets)),
+                match (&v.build_id, v.build_id_matches) {
+                    (Some(id), Some(false)) => format!("{id} (MISMATCH)"),
+                    (Some(id), _) => id.clone(),
+                    _ => dash(),
+                },
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "VM",
+            "ADDRESS",
+            "MAC",
+            "PID",
+            "STATE",
+            "ACCEL",
+            "UPTIME",
+            "MEMORY",
+            "RX/TX PKTS",
+            "BUILD ID",
+        ],
+        &rows,
+    );
+    for v in vms {
+        if let Some(e) = &v.error {
+            out.push_str(&format!("{}: {e}\n", v.name));
+        }
+    }
+    out
+}
+
+pub fn vm_json(vms: &[VmInfo]) -> String {
+    serde_json::to_string_pretty(vms).expect("VmInfo always serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(
+            &["A", "LONGER"],
+            &[
+                vec!["xyz".into(), "1".into()],
+                vec!["q".into(), "22".into()],
+            ],
+        );
+        assert_eq!(t, "A    LONGER\nxyz  1\nq    22\n");
+    }
+
+    #[test]
+    fn lab_table_shows_every_vm() {
+        let lab = crate::state::tests::sample_state(Path::new("/tmp/x"));
+        let t = lab_table(&lab);
+        assert!(t.starts_with("VM   ADDRESS"));
+        assert!(t.contains("vm1  192.0.2.11/24  52:54:00:c5:00:01  1234  tcg"));
+    }
+
+    fn info(state: &str, build_id: Option<&str>) -> VmInfo {
+        VmInfo {
+            name: "vm0".into(),
+            ip: "192.0.2.10".parse().unwrap(),
+            mac: "52:54:00:c5:00:00".into(),
+            pid: Some(7),
+            state: state.into(),
+            accel: "tcg".into(),
+            build_id: build_id.map(Into::into),
+            build_id_matches: build_id.map(|_| true),
+            uptime_ns: build_id.map(|_| 2_500_000_000),
+            boot_ns: None,
+            mem_used_bytes: Some(1024 * 1024),
+            mem_total_bytes: Some(256 * 1024 * 1024),
+            nic: None,
+            error: (state == "unreachable").then(|| "timed out".into()),
+        }
+    }
+
+    #[test]
+    fn vm_table_and_json() {
+        let vms = [info("running", Some("ab01")), info("unreachable", None)];
+        let t = vm_table(&vms);
+        let first = t.lines().nth(1).unwrap();
+        let cells: Vec<&str> = first.split_whitespace().collect();
+        assert_eq!(
+            cells[4..],
+            ["running", "tcg", "2.5s", "1.0/256.0", "MiB", "-", "ab01"]
+        );
+        assert!(t.contains("ab01"));
+        assert!(t.contains("vm0: timed out"));
+        let v: serde_json::Value = serde_json::from_str(&vm_json(&vms)).unwrap();
+        let arr = v.as_array().unwrap();
+        assert_eq!(arr.len(), 2);
+        for key in ["name", "ip", "state", "pid", "build_id"] {
+            assert!(arr[0].get(key).is_some(), "{key} missing");
+        }
+        assert_eq!(arr[0]["build_id"], "ab01");
+        assert_eq!(arr[0]["ip"], "192.0.2.10");
+        assert_eq!(arr[1]["build_id"], serde_json::Value::Null);
+    }
+}

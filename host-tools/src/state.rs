@@ -1,0 +1,167 @@
+//! The lab state file, so that separate `capsulectl` invocations cooperate.
+//!
+//! `lab up` writes everything later commands need (namespace, pids, addresses,
+//! MACs, the cluster key, accelerator, kernel) to `STATE_ROOT/LAB/lab.json`,
+//! where STATE_ROOT is `$CAPSULES_STATE_DIR` or `/run/capsules`. The serial and
+//! QEMU logs of each VM live beside it. The file holds the cluster key, so it is
+//! written with mode 0600.
+
+use std::fs;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// Environment variable that moves the state root away from `/run/capsules`.
+pub const STATE_DIR_ENV: &str = "CAPSULES_STATE_DIR";
+const DEFAULT_STATE_ROOT: &str = "/run/capsules";
+const STATE_FILE: &str = "lab.json";
+
+/// One VM of a lab, as started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub mac: String,
+    pub tap: String,
+    pub control_port: u16,
+    /// QEMU's pid; `None` until it was spawned.
+    pub pid: Option<u32>,
+    pub serial_log: PathBuf,
+    pub qemu_log: PathBuf,
+}
+
+/// A lab: one network namespace with a bridge, taps and VMs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabState {
+    pub name: String,
+    pub netns: String,
+    pub bridge: String,
+    pub gateway: Ipv4Addr,
+    /// The cluster key as hex (as on the kernel command line).
+    pub key_hex: String,
+    /// The accelerator the VMs run on: "kvm" or "tcg".
+    pub accel: String,
+    pub kernel: PathBuf,
+    /// Build id of `kernel` as hex, read from its ELF note at `lab up`.
+    pub kernel_build_id: String,
+    pub mem_mib: u32,
+    pub vms: Vec<VmRecord>,
+}
+
+impl LabState {
+    pub fn key(&self) -> Result<Vec<u8>> {
+        capsules_wire::bootcfg::decode_hex(&self.key_hex)
+            .context("the lab state file holds a malformed cluster key")
+    }
+
+    pub fn vm(&self, name: &str) -> Result<&VmRecord> {
+        match self.vms.iter().find(|vm| vm.name == name) {
+            Some(vm) => Ok(vm),
+            None => bail!("lab '{}' has no VM named '{name}'", self.name),
+        }
+    }
+}
+
+/// The directory all labs' state lives under.
+pub fn state_root() -> PathBuf {
+    std::env::var_os(STATE_DIR_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_ROOT))
+}
+
+/// The state directory of one lab.
+pub fn lab_dir(lab: &str) -> PathBuf {
+    state_root().join(lab)
+}
+
+pub fn state_file(dir: &Path) -> PathBuf {
+    dir.join(STATE_FILE)
+}
+
+/// Writes the state atomically (temporary file + rename), readable by root only.
+pub fn save(dir: &Path, state: &LabState) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    let json = serde_json::to_vec_pretty(state)?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(&json)?;
+    f.sync_all()?;
+    fs::rename(&tmp, state_file(dir))
+        .with_context(|| format!("cannot replace {}", state_file(dir).display()))?;
+    Ok(())
+}
+
+/// Reads a lab's state; `Ok(None)` when the lab has no state file.
+pub fn load(dir: &Path) -> Result<Option<LabState>> {
+    let path = state_file(dir);
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .with_context(|| format!("corrupt lab state file {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample_state(dir: &Path) -> LabState {
+        LabState {
+            name: "t".into(),
+            netns: "capsules-t".into(),
+            bridge: "br0".into(),
+            gateway: Ipv4Addr::new(192, 0, 2, 1),
+            key_hex: "00".repeat(32),
+            accel: "tcg".into(),
+            kernel: "/k/capsules-kernel".into(),
+            kernel_build_id: "abcd".into(),
+            mem_mib: 256,
+            vms: vec![VmRecord {
+                name: "vm1".into(),
+                ip: Ipv4Addr::new(192, 0, 2, 11),
+                prefix: 24,
+                mac: "52:54:00:c5:00:01".into(),
+                tap: "tap1".into(),
+                control_port: 7070,
+                pid: Some(1234),
+                serial_log: dir.join("vm1.serial.log"),
+                qemu_log: dir.join("vm1.qemu.log"),
+            }],
+        }
+    }
+
+    #[test]
+    fn state_file_round_trips_and_is_private() {
+        let dir = std::env::temp_dir().join(format!("capsulectl-state-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        assert_eq!(load(&dir).unwrap(), None);
+        let state = sample_state(&dir);
+        save(&dir, &state).unwrap();
+        assert_eq!(load(&dir).unwrap(), Some(state.clone()));
+        let mode = fs::metadata(state_file(&dir)).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        assert_eq!(state.key().unwrap(), vec![0u8; 32]);
+        assert!(state.vm("vm1").is_ok());
+        assert!(state.vm("vm9").is_err());
+        fs::write(state_file(&dir), b"{not json").unwrap();
+        assert!(load(&dir).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
