@@ -381,7 +381,7 @@ fn cmdline_is_our_qemu(raw: &[u8], vm: &VmRecord) -> bool {
     let serial = format!("file:{}", vm.serial_log.display());
     args.first()
         .is_some_and(|a0| a0.ends_with(qemu::QEMU_BINARY.as_bytes()))
-        && args.iter().any(|a| *a == serial.as_bytes())
+        && args.contains(&serial.as_bytes())
 }
 
 fn wait_gone(pid: u32, vm: &VmRecord, timeout: Duration) -> bool {
