@@ -1,1 +1,231 @@
+//! Helpers for the system tests: they drive the real `capsulectl` binary
+//! against real QEMU VMs in a lab namespace, with real clients (ping).
+//!
+//! Prerequisites (root, QEMU, iproute2, ping, a built kernel) are checked up
+//! front and a missing one FAILS the test with a message saying what to do:
+//! these tests never skip silently. `.ci/run` installs everything.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub use capsulectl as host;
+
+/// The workspace root (this crate lives in `<root>/tests`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The `capsulectl` binary under test: `$CAPSULECTL`, else built now.
+///
+/// The build uses its own target directory: the `cargo test` that runs us
+/// holds the lock on the workspace's, so building there would deadlock.
+pub fn capsulectl_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("CAPSULECTL").filter(|p| !p.is_empty()) {
+            let path = PathBuf::from(path);
+            assert!(
+                path.is_file(),
+                "CAPSULECTL={} does not exist",
+                path.display()
+            );
+            return path;
+        }
+        let target = repo_root().join("target").join("system-tests");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(repo_root())
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "capsulectl",
+                "--bin",
+                "capsulectl",
+            ])
+            .env("CARGO_TARGET_DIR", &target)
+            .status()
+            .expect("cannot run cargo to build capsulectl");
+        assert!(status.success(), "building capsulectl failed");
+        target.join("debug").join("capsulectl")
+    })
+    .clone()
+}
+
+/// The kernel the labs boot: `$CAPSULES_KERNEL` or the release build.
+pub fn kernel_elf() -> PathBuf {
+    let path = std::env::var_os("CAPSULES_KERNEL")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(capsulectl::lab::KERNEL_RELATIVE_PATH));
+    assert!(
+        path.is_file(),
+        "kernel ELF {} is missing: build it with `cd kernel && cargo build --release` \
+         (tests/run-all.sh does this first)",
+        path.display()
+    );
+    path
+}
+
+/// Fails the test, with what to do, when the machine cannot run labs.
+pub fn require_lab_prerequisites() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "system tests need root (network namespaces, taps): run them as root; .ci/run does"
+    );
+    for (program, package) in [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("ip", "iproute2"),
+        ("ping", "iputils-ping"),
+    ] {
+        assert!(
+            capsulectl::netns::on_path(program),
+            "{program} not found: apt-get install {package} (or run .ci/run)"
+        );
+    }
+    kernel_elf();
+}
+
+/// Runs `capsulectl ARGS…` and returns its output.
+pub fn capsulectl(args: &[&str]) -> Output {
+    Command::new(capsulectl_bin())
+        .args(args)
+        .output()
+        .expect("cannot run capsulectl")
+}
+
+/// Like [`capsulectl`], but fails the test unless it exits 0; returns stdout.
+pub fn capsulectl_ok(args: &[&str]) -> String {
+    let out = capsulectl(args);
+    assert!(
+        out.status.success(),
+        "capsulectl {} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A lab name no other test (or run) uses.
+pub fn unique_lab_name(tag: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "st{}-{tag}{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A running lab that is torn down when dropped, also when the test panics.
+pub struct Lab {
+    pub name: String,
+    pub up_output: String,
+    down: bool,
+}
+
+impl Lab {
+    pub fn up(tag: &str, vms: usize) -> Self {
+        require_lab_prerequisites();
+        let name = unique_lab_name(tag);
+        let vms = vms.to_string();
+        // Build the guard before `lab up` finishes so a half-built lab is
+        // cleaned too.
+        let mut lab = Lab {
+            name,
+            up_output: String::new(),
+            down: false,
+        };
+        lab.up_output = capsulectl_ok(&["lab", "up", "--name", &lab.name, "--vms", &vms]);
+        lab
+    }
+
+    /// Runs a command inside the lab namespace through `capsulectl lab exec`.
+    pub fn exec(&self, argv: &[&str]) -> Output {
+        let mut args = vec!["lab", "exec", "--name", &self.name, "--"];
+        args.extend_from_slice(argv);
+        capsulectl(&args)
+    }
+
+    /// `vm ls --json`, parsed.
+    pub fn vm_ls(&self) -> Vec<serde_json::Value> {
+        let out = capsulectl_ok(&["vm", "ls", "--name", &self.name, "--json"]);
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("vm ls --json: {e}: {out}"));
+        v.as_array().expect("vm ls --json is an array").clone()
+    }
+
+    /// A protocol check through the hidden `debug control` command.
+    pub fn control_check(&self, vm: &str, check: &str) -> serde_json::Value {
+        let out = capsulectl_ok(&[
+            "debug", "control", "--name", &self.name, "--vm", vm, "--check", check,
+        ]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("debug control: {e}: {out}"))
+    }
+
+    /// `lab down`, asserting success.
+    pub fn down(&mut self) {
+        self.down = true;
+        capsulectl_ok(&["lab", "down", "--name", &self.name]);
+    }
+
+    pub fn netns(&self) -> String {
+        capsulectl::netns::netns_name(&self.name)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.down {
+            let out = capsulectl(&["lab", "down", "--name", &self.name]);
+            if !out.status.success() {
+                eprintln!(
+                    "teardown of lab {} failed: {}",
+                    self.name,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+}
+
+/// Pids of processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if text.contains(needle) && text.contains("qemu-system") {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// Network namespaces as `ip netns list` shows them.
+pub fn netns_list() -> String {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("cannot run ip netns list");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
