@@ -37,10 +37,22 @@ pub fn read_frame(stream: &mut TcpStream) -> Result<Vec<u8>> {
 impl ControlClient {
     /// Connects, reads the server's Hello and starts a session with `key`.
     pub fn connect(addr: SocketAddr, key: &[u8], timeout: Duration) -> Result<Self> {
-        let mut stream = TcpStream::connect_timeout(&addr, timeout)
+        Self::connect_with(addr, key, timeout, timeout)
+    }
+
+    /// Like [`Self::connect`] with separate timeouts for the TCP handshake and
+    /// for each read or write (pollers want a short handshake timeout so that
+    /// a SYN lost before the guest is up costs little).
+    pub fn connect_with(
+        addr: SocketAddr,
+        key: &[u8],
+        connect_timeout: Duration,
+        io_timeout: Duration,
+    ) -> Result<Self> {
+        let mut stream = TcpStream::connect_timeout(&addr, connect_timeout)
             .with_context(|| format!("cannot connect to control port {addr}"))?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
+        stream.set_read_timeout(Some(io_timeout))?;
+        stream.set_write_timeout(Some(io_timeout))?;
         stream.set_nodelay(true)?;
         let hello = read_frame(&mut stream).context("no Hello from the control service")?;
         let session =
