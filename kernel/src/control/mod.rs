@@ -1,0 +1,205 @@
+//! The control service: the VM's authenticated request port (TCP on the
+//! machine address). Framing, authentication and message formats come from
+//! `capsules_wire::control`; this module moves bytes between smoltcp sockets
+//! and a `ServerSession` per connection and carries out the requests.
+
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use capsules_wire::control::{
+    FrameDecoder, Incoming, MAX_FRAME_LEN, PROTOCOL_VERSION, Request, Response, ServerSession,
+    Status, frame,
+};
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::tcp;
+
+use crate::net::machine::MachineStack;
+
+/// Connections served at the same time; more wait in the peer's SYN retries.
+const MAX_CONNECTIONS: usize = 4;
+const RX_BUFFER: usize = 16 * 1024;
+const TX_BUFFER: usize = MAX_FRAME_LEN + 16 * 1024;
+
+static READY_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Nanoseconds from the first instruction until the control port opened.
+pub fn boot_ns() -> u64 {
+    READY_NS.load(Ordering::Relaxed)
+}
+
+struct Connection {
+    handle: SocketHandle,
+    session: Option<ServerSession>,
+    decoder: FrameDecoder,
+    outbox: Vec<u8>,
+    close_when_flushed: bool,
+}
+
+pub struct ControlService {
+    key: Vec<u8>,
+    port: u16,
+    vm_name: String,
+    connections: Vec<Connection>,
+    shutdown_requested: bool,
+}
+
+impl ControlService {
+    pub fn new(stack: &mut MachineStack, key: &[u8], port: u16, vm_name: &str) -> Self {
+        let connections = (0..MAX_CONNECTIONS)
+            .map(|_| {
+                let socket = tcp::Socket::new(
+                    tcp::SocketBuffer::new(vec![0; RX_BUFFER]),
+                    tcp::SocketBuffer::new(vec![0; TX_BUFFER]),
+                );
+                Connection {
+                    handle: stack.sockets.add(socket),
+                    session: None,
+                    decoder: FrameDecoder::new(),
+                    outbox: Vec::new(),
+                    close_when_flushed: false,
+                }
+            })
+            .collect();
+        READY_NS.store(crate::time::since_boot_ns(), Ordering::Relaxed);
+        Self {
+            key: key.to_vec(),
+            port,
+            vm_name: vm_name.into(),
+            connections,
+            shutdown_requested: false,
+        }
+    }
+
+    pub fn shutdown_requested(&self) -> bool {
+        self.shutdown_requested
+    }
+
+    /// Whether every reply has been handed to TCP and acknowledged.
+    pub fn flushed(&self, stack: &MachineStack) -> bool {
+        self.connections.iter().all(|c| {
+            let socket = stack.sockets.get::<tcp::Socket>(c.handle);
+            c.outbox.is_empty() && socket.send_queue() == 0
+        })
+    }
+
+    /// Serves every connection once. Returns whether anything happened.
+    pub fn poll(&mut self, stack: &mut MachineStack) -> bool {
+        let mut busy = false;
+        for index in 0..self.connections.len() {
+            busy |= self.poll_connection(index, stack);
+        }
+        busy
+    }
+
+    fn poll_connection(&mut self, index: usize, stack: &mut MachineStack) -> bool {
+        let mut busy = false;
+        let handle = self.connections[index].handle;
+        let socket = stack.sockets.get_mut::<tcp::Socket>(handle);
+        let conn = &mut self.connections[index];
+        if !socket.is_open() {
+            conn.session = None;
+            conn.decoder = FrameDecoder::new();
+            conn.outbox.clear();
+            conn.close_when_flushed = false;
+            if let Err(e) = socket.listen(self.port) {
+                log::error!("control: cannot listen on port {}: {e:?}", self.port);
+            }
+            return false;
+        }
+        if socket.state() == tcp::State::Established && conn.session.is_none() {
+            let session = ServerSession::new(&self.key, crate::random::bytes32());
+            conn.outbox
+                .extend(frame(&session.hello(crate::build_id(), &self.vm_name)));
+            conn.session = Some(session);
+            log::debug!("control: connection from {:?}", socket.remote_endpoint());
+            busy = true;
+        }
+        if socket.can_recv() && !conn.close_when_flushed {
+            let _ = socket.recv(|data| {
+                conn.decoder.push(data);
+                (data.len(), ())
+            });
+            busy = true;
+        }
+        let mut replies: Vec<Vec<u8>> = Vec::new();
+        let mut shutdown = false;
+        if let Some(session) = conn.session.as_mut() {
+            while !conn.close_when_flushed {
+                match conn.decoder.next_frame() {
+                    Ok(Some(payload)) => match session.handle(&payload) {
+                        Incoming::Request { seq, request } => {
+                            let response = handle_request(&request, &self.vm_name, &stack.nic);
+                            shutdown |= request == Request::Shutdown;
+                            replies.push(session.reply(seq, &response));
+                        }
+                        Incoming::Refused { reply, code } => {
+                            log::warn!("control: refused a request ({})", code.as_str());
+                            replies.push(reply);
+                        }
+                    },
+                    Ok(None) => break,
+                    Err(oversized) => {
+                        log::warn!(
+                            "control: oversized frame ({} bytes); closing",
+                            oversized.declared
+                        );
+                        replies.push(session.oversized_reply(oversized.declared));
+                        conn.close_when_flushed = true;
+                    }
+                }
+            }
+        }
+        self.shutdown_requested |= shutdown;
+        let socket = stack.sockets.get_mut::<tcp::Socket>(handle);
+        let conn = &mut self.connections[index];
+        for reply in replies {
+            conn.outbox.extend(frame(&reply));
+        }
+        if !conn.outbox.is_empty() && socket.can_send() {
+            if let Ok(sent) = socket.send_slice(&conn.outbox) {
+                conn.outbox.drain(..sent);
+                busy |= sent > 0;
+            }
+        }
+        let peer_done = socket.state() == tcp::State::CloseWait && !socket.can_recv();
+        if (conn.close_when_flushed && conn.outbox.is_empty())
+            || (peer_done && conn.outbox.is_empty())
+        {
+            socket.close();
+        }
+        busy
+    }
+}
+
+fn handle_request(
+    request: &Request,
+    vm_name: &str,
+    nic: &crate::drivers::virtio::net::VirtioNet,
+) -> Response {
+    match request {
+        Request::Version => Response::Version {
+            protocol_version: PROTOCOL_VERSION,
+            build_id: crate::build_id().to_vec(),
+            vm_name: vm_name.into(),
+        },
+        Request::Status => {
+            let mem = crate::mm::stats();
+            Response::Status(Status {
+                uptime_ns: crate::time::since_boot_ns(),
+                boot_ns: boot_ns(),
+                mem_total_bytes: mem.total_bytes,
+                mem_used_bytes: mem.used_bytes,
+                heap_size_bytes: mem.heap_size_bytes,
+                heap_used_bytes: mem.heap_used_bytes,
+                nic: nic.counters(),
+                tsc_hz: crate::time::tsc_hz(),
+            })
+        }
+        Request::Shutdown => {
+            log::info!("control: shutdown requested");
+            Response::ShuttingDown
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Device drivers. They know nothing of the network stack above them.
+
+pub mod pci;
+pub mod serial;
+pub mod virtio;

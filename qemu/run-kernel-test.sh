@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Cargo runner for kernel images (kernel/.cargo/config.toml): boots the ELF in
+# QEMU with the serial console on stdout, and maps the isa-debug-exit status
+# to a process status cargo understands (0 = pass). A hanging kernel is ended
+# after KERNEL_TEST_TIMEOUT seconds (default 120) and fails.
+set -u
+elf="$1"
+shift
+timeout_s="${KERNEL_TEST_TIMEOUT:-120}"
+cmdline="${KERNEL_TEST_CMDLINE:-log=info}"
+accel="${KERNEL_TEST_ACCEL:-tcg}"
+
+if ! command -v qemu-system-x86_64 >/dev/null; then
+    echo "run-kernel-test: qemu-system-x86_64 not found (apt-get install qemu-system-x86)" >&2
+    exit 2
+fi
+
+# Two virtio-net devices joined by a QEMU-internal hub: the NIC tests send on
+# one and receive on the other, with no host network involved.
+timeout --foreground -k 5 "$timeout_s" qemu-system-x86_64 \
+    -machine q35 -cpu max -m 256 -smp 1 -accel "$accel" \
+    -nodefaults -no-user-config -display none -no-reboot \
+    -kernel "$elf" -append "$cmdline" \
+    -serial stdio \
+    -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
+    -netdev hubport,id=port0,hubid=0 -device virtio-net-pci,netdev=port0,mac=52:54:00:00:00:01 \
+    -netdev hubport,id=port1,hubid=0 -device virtio-net-pci,netdev=port1,mac=52:54:00:00:00:02 \
+    </dev/null
+status=$?
+case $status in
+    33) exit 0 ;;
+    35) echo "run-kernel-test: FAILED: a test failed ($elf)" >&2 ;;
+    37) echo "run-kernel-test: FAILED: kernel panic ($elf)" >&2 ;;
+    39) echo "run-kernel-test: FAILED: CPU exception ($elf)" >&2 ;;
+    41) echo "run-kernel-test: FAILED: bad kernel command line ($elf)" >&2 ;;
+    124|137) echo "run-kernel-test: FAILED: timed out after ${timeout_s}s ($elf)" >&2 ;;
+    *) echo "run-kernel-test: FAILED: QEMU exited with status $status ($elf)" >&2 ;;
+esac
+exit 1
