@@ -139,11 +139,18 @@ pub fn start(start_info: u64) -> ! {
     drivers::serial::init();
     diag::set_running("boot");
     let mut info = read_start_info(start_info);
+    logger::init(capsules_wire::bootcfg::LogLevel::Info);
+    gdt::init();
+    idt::init();
+    // The command line is parsed into heap-allocated values, so memory comes first.
+    mm::init(&info);
     match BootConfig::parse(info.cmdline()) {
         Ok(config) => info.config = config,
         Err(e) => {
-            logger::init(capsules_wire::bootcfg::LogLevel::Info);
-            log::error!("kernel command line '{}' refused: {e}", info.cmdline());
+            log::error!(
+                "kernel command line '{}' refused: {e}",
+                Redacted(info.cmdline())
+            );
             log::error!("usage: ip=ADDR/PREFIX gw=ADDR ctl=PORT log=LEVEL key=HEX name=NAME probe");
             crate::arch::exit_qemu(KernelExit::BadConfig);
         }
@@ -156,9 +163,6 @@ pub fn start(start_info: u64) -> ! {
         core::str::from_utf8(&cpu::vendor()).unwrap_or("?"),
         Redacted(info.cmdline())
     );
-    gdt::init();
-    idt::init();
-    mm::init(info);
     apic::init();
     time::init();
     log::info!(

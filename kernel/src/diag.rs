@@ -34,7 +34,7 @@ pub fn print_backtrace(out: &mut impl Write, mut rbp: u64) {
         (lo..hi).contains(&addr)
     };
     for _ in 0..16 {
-        if rbp == 0 || rbp % 8 != 0 || !in_stack(rbp) {
+        if rbp == 0 || !rbp.is_multiple_of(8) || !in_stack(rbp) {
             break;
         }
         // SAFETY: `rbp` lies inside the boot stack (checked above) and is aligned.

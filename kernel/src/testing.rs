@@ -22,3 +22,13 @@ pub fn run(suite: &'static str, tests: &'static [Test]) -> ! {
     crate::println!("{} passed, 0 failed", tests.len());
     crate::arch::exit_qemu(KernelExit::Success)
 }
+
+/// Declares that this test image is meant to end with `reason` and print each
+/// of `lines` (e.g. a fault report). The runner then passes the image only if
+/// both happen, so fault handling itself is tested.
+pub fn expect_exit(reason: KernelExit, lines: &[&str]) {
+    crate::println!("KERNEL-TEST expect-exit={}", reason.qemu_status());
+    for line in lines {
+        crate::println!("KERNEL-TEST expect-output={line}");
+    }
+}

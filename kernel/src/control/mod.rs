@@ -157,11 +157,12 @@ impl ControlService {
         for reply in replies {
             conn.outbox.extend(frame(&reply));
         }
-        if !conn.outbox.is_empty() && socket.can_send() {
-            if let Ok(sent) = socket.send_slice(&conn.outbox) {
-                conn.outbox.drain(..sent);
-                busy |= sent > 0;
-            }
+        if !conn.outbox.is_empty()
+            && socket.can_send()
+            && let Ok(sent) = socket.send_slice(&conn.outbox)
+        {
+            conn.outbox.drain(..sent);
+            busy |= sent > 0;
         }
         let peer_done = socket.state() == tcp::State::CloseWait && !socket.can_recv();
         if (conn.close_when_flushed && conn.outbox.is_empty())

@@ -128,7 +128,7 @@ pub fn init(info: &BootInfo) {
     }
     log::info!(
         "frames: {} MiB usable, kernel image {:#x}-{:#x}",
-        bitmap.total * PAGE_SIZE >> 20,
+        (bitmap.total * PAGE_SIZE) >> 20,
         image_start,
         image_end
     );

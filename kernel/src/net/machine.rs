@@ -3,7 +3,7 @@
 
 use capsules_wire::bootcfg::Ipv4Cidr;
 use smoltcp::iface::{Config, Interface, SocketSet};
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 
 use super::device::NicDevice;
 use crate::drivers::virtio::net::VirtioNet;
@@ -22,7 +22,7 @@ impl MachineStack {
             u64::from_le_bytes(crate::random::bytes32()[..8].try_into().expect("8 bytes"));
         let mut iface = Interface::new(config, &mut NicDevice { nic: &mut nic }, super::now());
         iface.update_ip_addrs(|addrs| {
-            let addr = IpAddress::Ipv4(Ipv4Address::from(ip.addr));
+            let addr = IpAddress::Ipv4(ip.addr);
             addrs
                 .push(IpCidr::new(addr, ip.prefix))
                 .expect("room for one address");
@@ -30,7 +30,7 @@ impl MachineStack {
         if let Some(gw) = gateway {
             iface
                 .routes_mut()
-                .add_default_ipv4_route(Ipv4Address::from(gw))
+                .add_default_ipv4_route(gw)
                 .expect("room for a route");
         }
         log::info!(

@@ -128,3 +128,8 @@ pub fn set_irq_masked(gsi: u32, masked: bool) {
     };
     ioapic_write(0x10 + 2 * gsi, low);
 }
+
+/// Raw redirection entry, for diagnostics.
+pub fn ioapic_entry(gsi: u32) -> u64 {
+    (ioapic_read(0x11 + 2 * gsi) as u64) << 32 | ioapic_read(0x10 + 2 * gsi) as u64
+}

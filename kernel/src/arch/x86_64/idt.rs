@@ -57,15 +57,15 @@ pub fn init() {
     // SAFETY: runs once during single-threaded boot before interrupts are
     // enabled; the stubs are code emitted by the assembler.
     unsafe {
-        let idt = &mut *(&raw mut IDT);
-        for (vector, gate) in idt.0.iter_mut().enumerate() {
+        let idt = &raw mut IDT;
+        for vector in 0..256 {
             let ist = match vector {
                 8 => IST_DOUBLE_FAULT,
                 2 | 18 => IST_NMI_MCE,
                 0..=31 => IST_EXCEPTION,
                 _ => IST_IRQ,
             };
-            *gate = Gate::interrupt(super::trap::stub_address(vector as u8), ist);
+            (*idt).0[vector] = Gate::interrupt(super::trap::stub_address(vector as u8), ist);
         }
         let idtr = Idtr {
             limit: (size_of::<Idt>() - 1) as u16,
