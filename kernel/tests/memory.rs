@@ -104,7 +104,7 @@ fn heap_grows_on_demand() {
     assert!(used_after >= 8 << 20);
     assert!(big.iter().all(|b| *b == 0xa5));
     let addr = big.as_ptr() as u64;
-    assert!(addr >= heap::HEAP_START && addr < heap::HEAP_START + heap::HEAP_MAX);
+    assert!((heap::HEAP_START..heap::HEAP_START + heap::HEAP_MAX).contains(&addr));
     drop(big);
     assert!(heap::usage().1 < used_after - (8 << 20) + 4096);
 }
