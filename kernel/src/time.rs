@@ -36,20 +36,50 @@ fn on_tick(_vector: u8) {
     TICKS.fetch_add(1, Ordering::Relaxed);
 }
 
-pub fn init() {
-    // Take the median of three 10 ms windows: one slow window (the host
-    // descheduling the vCPU) must not skew the clock.
+/// Length of one PIT calibration window.
+const CALIBRATION_MS: u64 = 4;
+/// Below this the PIT reading is not believable (no PIT, as on `microvm`).
+const MIN_PLAUSIBLE_HZ: u64 = 50_000_000;
+/// Assumed when nothing can measure the TSC; logged as a warning.
+const FALLBACK_HZ: u64 = 2_000_000_000;
+
+fn calibrate_tsc() -> u64 {
+    // Median of three short windows: one slow window (the host descheduling
+    // the vCPU) must not skew the clock.
     let mut samples = [0u64; 3];
     for s in samples.iter_mut() {
-        *s = pit::measure_tsc_ticks(10) * 100;
+        *s = pit::measure_tsc_ticks(CALIBRATION_MS) * (1000 / CALIBRATION_MS);
     }
     samples.sort_unstable();
-    TSC_HZ.store(samples[1], Ordering::Relaxed);
+    if samples[1] >= MIN_PLAUSIBLE_HZ {
+        return samples[1];
+    }
+    match cpu::tsc_hz_from_cpuid() {
+        Some(hz) => {
+            log::warn!(
+                "time: no usable PIT; TSC frequency {} MHz from CPUID",
+                hz / 1_000_000
+            );
+            hz
+        }
+        None => {
+            log::warn!(
+                "time: no PIT and no CPUID frequency; assuming {} MHz",
+                FALLBACK_HZ / 1_000_000
+            );
+            FALLBACK_HZ
+        }
+    }
+}
+
+pub fn init() {
+    let hz = calibrate_tsc();
+    TSC_HZ.store(hz, Ordering::Relaxed);
     trap::set_irq_handler(TIMER_VECTOR, on_tick);
-    let apic_hz = apic::start_periodic_timer(TIMER_VECTOR, TICK_NS, samples[1]);
+    let apic_hz = apic::start_periodic_timer(TIMER_VECTOR, TICK_NS, hz);
     log::info!(
         "time: TSC {} MHz, APIC timer {} kHz (/16), tick {} ms",
-        samples[1] / 1_000_000,
+        hz / 1_000_000,
         apic_hz / 1000,
         TICK_NS / 1_000_000
     );

@@ -18,7 +18,10 @@ use smoltcp::socket::tcp;
 use crate::net::machine::MachineStack;
 
 /// Connections served at the same time; more wait in the peer's SYN retries.
-const MAX_CONNECTIONS: usize = 4;
+const MAX_CONNECTIONS: usize = 8;
+/// A connection with no request for this long is closed, so that silent
+/// clients cannot hold every slot.
+const IDLE_TIMEOUT_NS: u64 = 60_000_000_000;
 const RX_BUFFER: usize = 16 * 1024;
 const TX_BUFFER: usize = MAX_FRAME_LEN + 16 * 1024;
 
@@ -35,6 +38,7 @@ struct Connection {
     decoder: FrameDecoder,
     outbox: Vec<u8>,
     close_when_flushed: bool,
+    last_activity_ns: u64,
 }
 
 pub struct ControlService {
@@ -59,6 +63,7 @@ impl ControlService {
                     decoder: FrameDecoder::new(),
                     outbox: Vec::new(),
                     close_when_flushed: false,
+                    last_activity_ns: 0,
                 }
             })
             .collect();
@@ -113,10 +118,23 @@ impl ControlService {
             conn.outbox
                 .extend(frame(&session.hello(crate::build_id(), &self.vm_name)));
             conn.session = Some(session);
+            conn.last_activity_ns = crate::time::since_boot_ns();
             log::debug!("control: connection from {:?}", socket.remote_endpoint());
             busy = true;
         }
+        if conn.session.is_some()
+            && crate::time::since_boot_ns().saturating_sub(conn.last_activity_ns) > IDLE_TIMEOUT_NS
+        {
+            log::info!(
+                "control: closing idle connection from {:?}",
+                socket.remote_endpoint()
+            );
+            socket.abort();
+            conn.session = None;
+            return true;
+        }
         if socket.can_recv() && !conn.close_when_flushed {
+            conn.last_activity_ns = crate::time::since_boot_ns();
             let _ = socket.recv(|data| {
                 conn.decoder.push(data);
                 (data.len(), ())

@@ -76,12 +76,12 @@ pub fn start_periodic_timer(vector: u8, period_ns: u64, tsc_hz: u64) -> u64 {
     lapic_write(LAPIC_LVT_TIMER, 1 << 16); // masked, one-shot
     lapic_write(LAPIC_TIMER_INITIAL, u32::MAX);
     let start = cpu::rdtsc();
-    let window = tsc_hz / 100; // 10 ms
+    let window = tsc_hz / 200; // 5 ms
     while cpu::rdtsc().wrapping_sub(start) < window {
         core::hint::spin_loop();
     }
     let elapsed = u32::MAX - lapic_read(LAPIC_TIMER_CURRENT);
-    let counts_per_sec = elapsed as u64 * 100;
+    let counts_per_sec = elapsed as u64 * 200;
     let initial = (counts_per_sec * period_ns / 1_000_000_000).clamp(1, u32::MAX as u64);
     lapic_write(LAPIC_LVT_TIMER, vector as u32 | (1 << 17)); // periodic
     lapic_write(LAPIC_TIMER_INITIAL, initial as u32);

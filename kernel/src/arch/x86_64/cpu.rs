@@ -34,6 +34,25 @@ pub fn hardware_random() -> Option<u64> {
     }
 }
 
+/// The TSC frequency the CPU reports (leaf 0x15, else the base frequency of
+/// leaf 0x16), if it reports one.
+pub fn tsc_hz_from_cpuid() -> Option<u64> {
+    let max_leaf = __cpuid(0).eax;
+    if max_leaf >= 0x15 {
+        let l = __cpuid(0x15);
+        if l.eax != 0 && l.ebx != 0 && l.ecx != 0 {
+            return Some(l.ecx as u64 * l.ebx as u64 / l.eax as u64);
+        }
+    }
+    if max_leaf >= 0x16 {
+        let mhz = __cpuid(0x16).eax & 0xffff;
+        if mhz != 0 {
+            return Some(mhz as u64 * 1_000_000);
+        }
+    }
+    None
+}
+
 /// A short description of the CPU for the boot log.
 pub fn vendor() -> [u8; 12] {
     let leaf0 = __cpuid(0);

@@ -19,7 +19,9 @@ pub fn measure_tsc_ticks(ms: u64) -> u64 {
         outb(0x42, count as u8);
         outb(0x42, (count >> 8) as u8);
         let start = super::cpu::rdtsc();
-        while inb(0x61) & 0x20 == 0 {
+        // Bounded: without a PIT the status bit may never rise. 2^33 TSC
+        // ticks is seconds on any CPU; the caller rejects the result.
+        while inb(0x61) & 0x20 == 0 && super::cpu::rdtsc().wrapping_sub(start) < 1 << 33 {
             core::hint::spin_loop();
         }
         let end = super::cpu::rdtsc();
