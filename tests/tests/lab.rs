@@ -32,6 +32,7 @@ fn assert_nothing_left(lab: &Lab) {
 
 #[test]
 fn two_vm_lab_serves_ping_and_control_and_leaves_nothing_behind() {
+    let root_before = root_namespace_addresses();
     let mut lab = Lab::up("two", 2);
     for expected in [
         "vm0",
@@ -58,15 +59,7 @@ fn two_vm_lab_serves_ping_and_control_and_leaves_nothing_behind() {
         );
     }
     // Nothing of the lab is configured in the root namespace.
-    let root_addrs = std::process::Command::new("ip")
-        .args(["-o", "addr", "show"])
-        .output()
-        .unwrap();
-    let root_addrs = String::from_utf8_lossy(&root_addrs.stdout);
-    assert!(
-        !root_addrs.contains("192.0.2."),
-        "root namespace: {root_addrs}"
-    );
+    assert_eq!(root_namespace_addresses(), root_before);
     // `lab exec` passes the exit status through.
     let out = lab.exec(&["sh", "-c", "exit 7"]);
     assert_eq!(out.status.code(), Some(7));
@@ -172,6 +165,22 @@ fn bad_command_lines_are_usage_errors() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
     }
     assert!(capsulectl_ok(&["--help"]).contains("lab"));
+}
+
+/// Interface names and addresses of the root namespace (the namespace this
+/// test runs in), one "IFNAME ADDR" per entry.
+fn root_namespace_addresses() -> std::collections::BTreeSet<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-o", "addr", "show"])
+        .output()
+        .expect("cannot run ip addr");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 3).then(|| format!("{} {}", f[1], f[3]))
+        })
+        .collect()
 }
 
 fn capsules_wire_hex(bytes: &[u8]) -> String {
