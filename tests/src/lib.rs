@@ -148,6 +148,16 @@ impl Lab {
         lab
     }
 
+    /// A guard for a lab that a test tries to create itself (for instance
+    /// one expected to fail): it is torn down on drop if anything remains.
+    pub fn guard(name: &str) -> Self {
+        Lab {
+            name: name.to_string(),
+            up_output: String::new(),
+            down: false,
+        }
+    }
+
     /// Runs a command inside the lab namespace through `capsulectl lab exec`.
     pub fn exec(&self, argv: &[&str]) -> Output {
         let mut args = vec!["lab", "exec", "--name", &self.name, "--"];
@@ -184,7 +194,9 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        if !self.down {
+        let exists = capsulectl::netns::exists(&self.netns())
+            || capsulectl::state::lab_dir(&self.name).exists();
+        if !self.down && exists {
             let out = capsulectl(&["lab", "down", "--name", &self.name]);
             if !out.status.success() {
                 eprintln!(

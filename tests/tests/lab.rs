@@ -186,3 +186,35 @@ fn root_namespace_addresses() -> std::collections::BTreeSet<String> {
 fn capsules_wire_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[test]
+fn failed_lab_up_shows_the_logs_and_removes_everything() {
+    require_lab_prerequisites();
+    // A real ELF with a build id but no PVH note: QEMU refuses to boot it.
+    let not_a_kernel = "/bin/sh";
+    let name = unique_lab_name("fail");
+    let _cleanup = Lab::guard(&name);
+    let out = capsulectl(&[
+        "lab",
+        "up",
+        "--name",
+        &name,
+        "--vms",
+        "1",
+        "--accel",
+        "tcg",
+        "--kernel",
+        not_a_kernel,
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("QEMU exited during boot"), "{err}");
+    assert!(err.contains("last lines of"), "{err}");
+    assert!(
+        err.contains("PVH"),
+        "QEMU's own complaint should be shown: {err}"
+    );
+    let ns = capsules_system_tests::host::netns::netns_name(&name);
+    assert!(!netns_list().contains(&ns), "{}", netns_list());
+    assert!(!state::lab_dir(&name).exists());
+}
