@@ -2,6 +2,7 @@
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -395,14 +396,35 @@ fn wait_gone(pid: u32, vm: &VmRecord, timeout: Duration) -> bool {
     !is_our_qemu(pid, vm)
 }
 
-fn signal(pid: u32, sig: libc::c_int) {
+/// Sends `sig` to our QEMU. The process is pinned with a pidfd first and
+/// checked through /proc afterwards, so the signal cannot reach a process that
+/// reused the pid in between.
+fn signal(pid: u32, sig: libc::c_int, vm: &VmRecord) {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return;
     };
-    // SAFETY: kill has no memory-safety preconditions; the pid was just checked
-    // to be our QEMU through /proc.
-    unsafe {
-        libc::kill(pid, sig);
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
+    // or -1; no memory is shared with the kernel.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let Ok(fd) = libc::c_int::try_from(fd) else {
+        return;
+    };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
+    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    if is_our_qemu(pid as u32, vm) {
+        // SAFETY: a valid pidfd, a signal number and no siginfo (null is allowed).
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd.as_raw_fd(),
+                sig,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            );
+        }
     }
 }
 
@@ -422,7 +444,7 @@ fn stop_vm(vm: &VmRecord, key: &[u8], in_namespace: bool) -> Result<()> {
         if !is_our_qemu(pid, vm) {
             return Ok(());
         }
-        signal(pid, sig);
+        signal(pid, sig, vm);
         if wait_gone(pid, vm, Duration::from_secs(grace)) {
             return Ok(());
         }

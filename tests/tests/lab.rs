@@ -218,3 +218,16 @@ fn failed_lab_up_shows_the_logs_and_removes_everything() {
     assert!(!netns_list().contains(&ns), "{}", netns_list());
     assert!(!state::lab_dir(&name).exists());
 }
+
+#[test]
+fn lab_down_kills_a_vm_that_does_not_answer() {
+    let mut lab = Lab::up("hung", 1);
+    let pid = lab.vm_ls()[0]["pid"].as_u64().expect("pid") as i32;
+    // Freeze our own VM: it can neither answer Shutdown nor handle SIGTERM,
+    // so only the SIGKILL step of `lab down` can end it.
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    assert_eq!(lab.vm_ls()[0]["state"], "unreachable");
+    lab.down();
+    assert_nothing_left(&lab);
+}
