@@ -61,15 +61,15 @@ impl BenchLab {
         let ns = format!("{}bench{}", netns::NETNS_PREFIX, std::process::id());
         let dir = std::env::temp_dir().join(format!("capsules-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let (name, ip, mac) = lab::vm_identity(0);
+        let (name, ip, mac) = lab::vm_identity(1);
         let vm = VmRecord {
-            serial_log: dir.join("vm0.serial.log"),
-            qemu_log: dir.join("vm0.qemu.log"),
+            serial_log: dir.join("vm1.serial.log"),
+            qemu_log: dir.join("vm1.qemu.log"),
             name,
             ip,
             prefix: LAB_PREFIX,
             mac: mac.clone(),
-            tap: netns::tap_name(0),
+            tap: netns::tap_name(1),
             control_port: capsules_wire::bootcfg::DEFAULT_CONTROL_PORT,
             pid: None,
         };

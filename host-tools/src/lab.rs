@@ -19,7 +19,8 @@ use crate::netns::{self, NetnsGuard};
 use crate::qemu::{self, Accel, AccelChoice, Nic, VmSpec};
 use crate::state::{self, LabState, VmRecord};
 
-/// The lab LAN: bridge (gateway) address and prefix; VM i gets .(10+i).
+/// The lab LAN: bridge (gateway) address and prefix; VM i (counted from 1)
+/// gets .(10+i), so a two-VM lab is 192.0.2.11 and .12.
 pub const LAB_GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub const LAB_PREFIX: u8 = 24;
 const FIRST_VM_HOST: u8 = 10;
@@ -57,7 +58,7 @@ pub fn validate_lab_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Address, MAC and names of VM `index`.
+/// Name, address and MAC of VM `index` (1..=MAX_VMS).
 pub fn vm_identity(index: usize) -> (String, Ipv4Addr, String) {
     let host = FIRST_VM_HOST + u8::try_from(index).expect("VM index below MAX_VMS");
     let ip = Ipv4Addr::new(192, 0, 2, host);
@@ -194,7 +195,7 @@ pub fn up(opts: &UpOptions) -> Result<UpReport> {
     let (accel, accel_reason) = qemu::choose_accel(&kernel, opts.accel)?;
     let key = random_key()?;
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let vms = (0..opts.vms)
+    let vms = (1..=opts.vms)
         .map(|i| {
             let (name, ip, mac) = vm_identity(i);
             VmRecord {
@@ -612,11 +613,11 @@ mod tests {
     #[test]
     fn vm_identities_follow_the_lab_plan() {
         assert_eq!(
-            vm_identity(0),
+            vm_identity(1),
             (
-                "vm0".into(),
-                Ipv4Addr::new(192, 0, 2, 10),
-                "52:54:00:c5:00:00".into()
+                "vm1".into(),
+                Ipv4Addr::new(192, 0, 2, 11),
+                "52:54:00:c5:00:01".into()
             )
         );
         assert_eq!(
@@ -627,7 +628,7 @@ mod tests {
                 "52:54:00:c5:00:0b".into()
             )
         );
-        assert_eq!(vm_identity(MAX_VMS - 1).1, Ipv4Addr::new(192, 0, 2, 73));
+        assert_eq!(vm_identity(MAX_VMS).1, Ipv4Addr::new(192, 0, 2, 74));
     }
 
     #[test]

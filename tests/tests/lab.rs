@@ -35,9 +35,9 @@ fn two_vm_lab_serves_ping_and_control_and_leaves_nothing_behind() {
     let root_before = root_namespace_addresses();
     let mut lab = Lab::up("two", 2);
     for expected in [
-        "vm0",
         "vm1",
-        "192.0.2.10/24",
+        "vm2",
+        "192.0.2.12/24",
         "192.0.2.11/24",
         "52:54:00:c5:00:01",
     ] {
@@ -49,7 +49,7 @@ fn two_vm_lab_serves_ping_and_control_and_leaves_nothing_behind() {
     }
 
     // The real ping, from inside the lab namespace, reaches both VMs.
-    for ip in ["192.0.2.10", "192.0.2.11"] {
+    for ip in ["192.0.2.11", "192.0.2.12"] {
         let out = lab.exec(&["ping", "-c3", "-W2", ip]);
         assert!(
             out.status.success(),
@@ -74,8 +74,8 @@ fn two_vm_lab_serves_ping_and_control_and_leaves_nothing_behind() {
         assert!(vm["pid"].as_u64().is_some(), "{vm}");
         assert!(vm["uptime_ns"].as_u64().unwrap() > 0, "{vm}");
     }
-    assert_eq!(vms[0]["ip"], "192.0.2.10");
-    assert_eq!(vms[1]["ip"], "192.0.2.11");
+    assert_eq!(vms[0]["ip"], "192.0.2.11");
+    assert_eq!(vms[1]["ip"], "192.0.2.12");
 
     // A wrong key, a malformed frame and an oversized frame are refused with
     // the right error, and the VM keeps serving an authenticated client.
@@ -84,12 +84,12 @@ fn two_vm_lab_serves_ping_and_control_and_leaves_nothing_behind() {
         ("malformed", "malformed"),
         ("oversized", "oversized"),
     ] {
-        let r = lab.control_check("vm1", check);
+        let r = lab.control_check("vm2", check);
         assert_eq!(r["outcome"], "refused", "{check}: {r}");
         assert_eq!(r["code"], code, "{check}: {r}");
         assert_eq!(r["still_serving"], true, "{check}: {r}");
     }
-    let r = lab.control_check("vm0", "version");
+    let r = lab.control_check("vm1", "version");
     assert_eq!(r["outcome"], "ok", "{r}");
 
     // A second lab of the same name is refused clearly.
