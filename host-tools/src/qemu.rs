@@ -191,7 +191,14 @@ pub enum AccelChoice {
 /// Picks the accelerator and explains the choice in one line.
 pub fn choose_accel(kernel: &Path, choice: AccelChoice) -> Result<(Accel, String)> {
     Ok(match choice {
-        AccelChoice::Kvm => (Accel::Kvm, "kvm (requested)".into()),
+        AccelChoice::Kvm => {
+            if !Path::new("/dev/kvm").exists() {
+                bail!(
+                    "--accel kvm: /dev/kvm does not exist on this machine (use --accel auto or tcg)"
+                );
+            }
+            (Accel::Kvm, "kvm (requested)".into())
+        }
         AccelChoice::Tcg => (Accel::Tcg, "tcg (requested)".into()),
         AccelChoice::Auto => {
             if !Path::new("/dev/kvm").exists() {
