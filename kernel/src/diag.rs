@@ -25,6 +25,44 @@ pub fn running() -> &'static str {
     unsafe { core::str::from_utf8_unchecked(core::slice::from_raw_parts(ptr, len)) }
 }
 
+/// Formats into a fixed buffer, for paths that must not allocate (panics).
+pub struct FixedText<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> FixedText<N> {
+    pub fn new() -> Self {
+        Self { buf: [0; N], len: 0 }
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only whole UTF-8 characters are ever copied in (see write_str).
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+impl<const N: usize> Default for FixedText<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const N: usize> Write for FixedText<N> {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        for c in s.chars() {
+            let mut utf8 = [0u8; 4];
+            let bytes = c.encode_utf8(&mut utf8).as_bytes();
+            if self.len + bytes.len() > N {
+                return Ok(()); // truncated, not failed
+            }
+            self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+            self.len += bytes.len();
+        }
+        Ok(())
+    }
+}
+
 /// Walks saved frame pointers starting at `rbp`, printing return addresses.
 pub fn print_backtrace(out: &mut impl Write, mut rbp: u64) {
     let _ = write!(out, "    backtrace:");

@@ -7,14 +7,17 @@ extern crate alloc;
 
 pub mod arch;
 pub mod boot;
+pub mod capsule;
 pub mod control;
 pub mod diag;
 pub mod drivers;
 pub mod logger;
 pub mod mm;
 pub mod net;
+pub mod programs;
 pub mod random;
 pub mod runtime;
+pub mod sched;
 pub mod testing;
 pub mod time;
 

@@ -92,6 +92,15 @@ pub extern "C" fn _Unwind_Resume() -> ! {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
+    // A panic in a capsule's task ends that capsule only.
+    if let Some(slot) = crate::sched::current_slot() {
+        let mut text = crate::diag::FixedText::<512>::new();
+        let _ = write!(text, "{}", info.message());
+        if let Some(loc) = info.location() {
+            let _ = write!(text, " (at {}:{})", loc.file(), loc.line());
+        }
+        crate::capsule::on_task_panic(slot, text.as_str());
+    }
     crate::arch::without_interrupts(|| {
         let mut out = crate::drivers::serial::emergency_writer();
         let _ = writeln!(

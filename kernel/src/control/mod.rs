@@ -15,7 +15,7 @@ use capsules_wire::control::{
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
 
-use crate::net::machine::MachineStack;
+use crate::net::Network;
 
 /// Connections served at the same time; more wait in the peer's SYN retries.
 const MAX_CONNECTIONS: usize = 8;
@@ -50,7 +50,7 @@ pub struct ControlService {
 }
 
 impl ControlService {
-    pub fn new(stack: &mut MachineStack, key: &[u8], port: u16, vm_name: &str) -> Self {
+    pub fn new(net: &mut Network, key: &[u8], port: u16, vm_name: &str) -> Self {
         let connections = (0..MAX_CONNECTIONS)
             .map(|_| {
                 let socket = tcp::Socket::new(
@@ -58,7 +58,7 @@ impl ControlService {
                     tcp::SocketBuffer::new(vec![0; TX_BUFFER]),
                 );
                 Connection {
-                    handle: stack.sockets.add(socket),
+                    handle: net.machine.sockets.add(socket),
                     session: None,
                     decoder: FrameDecoder::new(),
                     outbox: Vec::new(),
@@ -82,26 +82,26 @@ impl ControlService {
     }
 
     /// Whether every reply has been handed to TCP and acknowledged.
-    pub fn flushed(&self, stack: &MachineStack) -> bool {
+    pub fn flushed(&self, net: &Network) -> bool {
         self.connections.iter().all(|c| {
-            let socket = stack.sockets.get::<tcp::Socket>(c.handle);
+            let socket = net.machine.sockets.get::<tcp::Socket>(c.handle);
             c.outbox.is_empty() && socket.send_queue() == 0
         })
     }
 
     /// Serves every connection once. Returns whether anything happened.
-    pub fn poll(&mut self, stack: &mut MachineStack) -> bool {
+    pub fn poll(&mut self, net: &mut Network) -> bool {
         let mut busy = false;
         for index in 0..self.connections.len() {
-            busy |= self.poll_connection(index, stack);
+            busy |= self.poll_connection(index, net);
         }
         busy
     }
 
-    fn poll_connection(&mut self, index: usize, stack: &mut MachineStack) -> bool {
+    fn poll_connection(&mut self, index: usize, net: &mut Network) -> bool {
         let mut busy = false;
         let handle = self.connections[index].handle;
-        let socket = stack.sockets.get_mut::<tcp::Socket>(handle);
+        let socket = net.machine.sockets.get_mut::<tcp::Socket>(handle);
         let conn = &mut self.connections[index];
         if !socket.is_open() {
             conn.session = None;
@@ -148,7 +148,7 @@ impl ControlService {
                 match conn.decoder.next_frame() {
                     Ok(Some(payload)) => match session.handle(&payload) {
                         Incoming::Request { seq, request } => {
-                            let response = handle_request(&request, &self.vm_name, &stack.nic);
+                            let response = handle_request(&request, &self.vm_name, &net.nic);
                             shutdown |= request == Request::Shutdown;
                             replies.push(session.reply(seq, &response));
                         }
@@ -170,7 +170,7 @@ impl ControlService {
             }
         }
         self.shutdown_requested |= shutdown;
-        let socket = stack.sockets.get_mut::<tcp::Socket>(handle);
+        let socket = net.machine.sockets.get_mut::<tcp::Socket>(handle);
         let conn = &mut self.connections[index];
         for reply in replies {
             conn.outbox.extend(frame(&reply));

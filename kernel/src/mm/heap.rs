@@ -72,6 +72,9 @@ static KERNEL_HEAP: KernelHeap = KernelHeap {
 unsafe impl GlobalAlloc for KernelHeap {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         crate::arch::without_interrupts(|| {
+            if let Some(slot) = super::arena::domain() {
+                return super::arena::alloc(slot, layout);
+            }
             let mut state = self.state.lock();
             loop {
                 if let Ok(ptr) = state.heap.allocate_first_fit(layout) {
@@ -87,6 +90,13 @@ unsafe impl GlobalAlloc for KernelHeap {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         crate::arch::without_interrupts(|| {
+            // Memory goes back to whichever arena contains it, whatever the
+            // current domain: objects may be freed by other code than their
+            // allocator's (e.g. the kernel dropping a capsule's packet).
+            if let Some(slot) = super::arena::slot_of(ptr as u64) {
+                // SAFETY: addresses in arena windows come from `arena::alloc`.
+                return unsafe { super::arena::dealloc(slot, ptr, layout) };
+            }
             // SAFETY: `ptr` came from `alloc` with this layout (GlobalAlloc contract).
             unsafe {
                 self.state

@@ -5,6 +5,7 @@
 //! chosen address (the heap now, capsule arenas later) lives in windows far
 //! above that, backed page by page.
 
+pub mod arena;
 pub mod frame;
 pub mod heap;
 pub mod paging;

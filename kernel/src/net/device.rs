@@ -1,49 +1,57 @@
-//! smoltcp `Device` over the virtio-net driver. A received frame is copied
-//! into the receive token (on the stack, no allocation), which frees the
-//! driver buffer at once and keeps the token independent of the driver.
+//! smoltcp devices over the switch's queues. Received frames or packets are
+//! owned buffers popped from a queue; transmitted ones go to the NIC (machine
+//! stack, Ethernet) or to a callback that hands them to the switch (capsule
+//! stacks, bare IP). Tokens own their data, so they never borrow the driver.
+
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
 
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
 use crate::drivers::virtio::net::{MAX_FRAME, VirtioNet};
 
-pub struct NicDevice<'a> {
-    pub nic: &'a mut VirtioNet,
-}
+/// Largest IP packet a capsule stack sends (Ethernet payload).
+pub const IP_MTU: usize = MAX_FRAME - 14;
 
 pub struct RxToken {
-    frame: [u8; MAX_FRAME],
-    len: usize,
+    data: Vec<u8>,
 }
 
-pub struct TxToken<'a> {
+impl phy::RxToken for RxToken {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.data)
+    }
+}
+
+/// The machine stack's device: Ethernet frames queued by the switch in,
+/// frames straight to the NIC out.
+pub struct MachineDevice<'a> {
+    pub nic: &'a mut VirtioNet,
+    pub rx: &'a mut VecDeque<Vec<u8>>,
+}
+
+pub struct NicTxToken<'a> {
     nic: &'a mut VirtioNet,
 }
 
-impl phy::Device for NicDevice<'_> {
+impl phy::Device for MachineDevice<'_> {
     type RxToken<'b>
         = RxToken
     where
         Self: 'b;
     type TxToken<'b>
-        = TxToken<'b>
+        = NicTxToken<'b>
     where
         Self: 'b;
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-        let mut token = RxToken {
-            frame: [0; MAX_FRAME],
-            len: 0,
-        };
-        self.nic.receive(|frame| {
-            token.frame[..frame.len()].copy_from_slice(frame);
-            token.len = frame.len();
-        })?;
-        Some((token, TxToken { nic: self.nic }))
+        let data = self.rx.pop_front()?;
+        Some((RxToken { data }, NicTxToken { nic: self.nic }))
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<Self::TxToken<'_>> {
-        self.nic.can_transmit().then_some(TxToken { nic: self.nic })
+        self.nic.can_transmit().then_some(NicTxToken { nic: self.nic })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -55,25 +63,65 @@ impl phy::Device for NicDevice<'_> {
     }
 }
 
-impl phy::RxToken for RxToken {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.frame[..self.len])
+impl phy::TxToken for NicTxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut f = Some(f);
+        if let Some(r) = self.nic.transmit(len, |buf| (f.take().expect("called once"))(buf)) {
+            return r;
+        }
+        // No room after all: build the frame in scratch space and drop it;
+        // TCP retransmits.
+        let mut scratch = [0u8; MAX_FRAME];
+        (f.take().expect("called once"))(&mut scratch[..len.min(MAX_FRAME)])
     }
 }
 
-impl phy::TxToken for TxToken<'_> {
+/// A capsule stack's device: IP packets from the capsule's inbound queue in,
+/// IP packets to `send` (the switch) out.
+pub struct CapsuleDevice<'a> {
+    pub rx: &'a mut VecDeque<Vec<u8>>,
+    pub send: &'a mut dyn FnMut(&[u8]),
+}
+
+pub struct CapsuleTxToken<'a> {
+    send: &'a mut dyn FnMut(&[u8]),
+}
+
+impl phy::Device for CapsuleDevice<'_> {
+    type RxToken<'b>
+        = RxToken
+    where
+        Self: 'b;
+    type TxToken<'b>
+        = CapsuleTxToken<'b>
+    where
+        Self: 'b;
+
+    fn receive(&mut self, _timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let data = self.rx.pop_front()?;
+        Some((RxToken { data }, CapsuleTxToken { send: self.send }))
+    }
+
+    fn transmit(&mut self, _timestamp: Instant) -> Option<Self::TxToken<'_>> {
+        Some(CapsuleTxToken { send: self.send })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = IP_MTU;
+        caps.max_burst_size = Some(16);
+        caps
+    }
+}
+
+impl phy::TxToken for CapsuleTxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut f = Some(f);
-        if let Some(r) = self
-            .nic
-            .transmit(len, |buf| (f.take().expect("called once"))(buf))
-        {
-            return r;
-        }
-        // No room (checked just before, so only under a race): build the
-        // frame in scratch space and drop it; TCP retransmits.
-        let mut scratch = [0u8; MAX_FRAME];
-        let len = len.min(MAX_FRAME);
-        (f.take().expect("called once"))(&mut scratch[..len])
+        // Built on the stack: no allocation on the transmit path.
+        let mut packet = [0u8; IP_MTU];
+        let len = len.min(IP_MTU);
+        let r = f(&mut packet[..len]);
+        (self.send)(&packet[..len]);
+        r
     }
 }

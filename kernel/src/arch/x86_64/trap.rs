@@ -3,6 +3,7 @@
 //! number, then joins `trap_common`, which saves every general register and the
 //! SSE state, calls [`trap_dispatch`], and returns with `iretq`.
 
+use core::fmt::Write as _;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use capsules_wire::exit::KernelExit;
@@ -10,7 +11,8 @@ use capsules_wire::exit::KernelExit;
 use super::{apic, cpu};
 
 /// The interrupted state, as laid out on the interrupt stack by the stubs.
-#[derive(Debug)]
+/// A context switch replaces it (and the SSE area) with another task's.
+#[derive(Debug, Clone, Copy, Default)]
 #[repr(C)]
 pub struct TrapFrame {
     pub r15: u64,
@@ -77,6 +79,7 @@ trap_common:
     and rsp, -16
     sub rsp, 512
     fxsave64 [rsp]
+    mov rsi, rsp
     cld
     call {dispatch}
     fxrstor64 [rsp]
@@ -126,12 +129,80 @@ pub fn set_irq_handler(vector: u8, handler: fn(u8)) {
     IRQ_HANDLERS[vector as usize].store(handler as usize, Ordering::Release);
 }
 
-extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
+/// The SSE/x87 state saved by `fxsave64` next to the trap frame.
+#[derive(Clone, Copy)]
+#[repr(C, align(16))]
+pub struct FxArea(pub [u8; 512]);
+
+impl FxArea {
+    /// The state of a fresh task: default x87 control word and MXCSR, all
+    /// exceptions masked, registers zero.
+    pub fn initial() -> Self {
+        let mut area = [0u8; 512];
+        area[0..2].copy_from_slice(&0x037fu16.to_le_bytes()); // FCW
+        area[24..28].copy_from_slice(&0x1f80u32.to_le_bytes()); // MXCSR
+        area[28..32].copy_from_slice(&0xffffu32.to_le_bytes()); // MXCSR mask
+        FxArea(area)
+    }
+}
+
+/// Vector of the software interrupt a context uses to give up the CPU.
+pub const YIELD_VECTOR: u8 = 0x81;
+
+/// Called on every trap that may switch contexts (yield, timer, device
+/// interrupts, and faults in capsule code). It may overwrite `frame` and `fx`
+/// with another context's, which the stub then resumes.
+pub type SwitchHook = fn(&mut TrapFrame, &mut FxArea, SwitchCause);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwitchCause {
+    Yield,
+    Timer,
+    Device,
+    /// A CPU exception; the hook returns only if it could contain it.
+    Fault,
+}
+
+static SWITCH_HOOK: AtomicUsize = AtomicUsize::new(0);
+
+/// Installs the scheduler's switch hook.
+pub fn set_switch_hook(hook: SwitchHook) {
+    SWITCH_HOOK.store(hook as usize, Ordering::Release);
+}
+
+fn switch_hook() -> Option<SwitchHook> {
+    let hook = SWITCH_HOOK.load(Ordering::Acquire);
+    // SAFETY: only `set_switch_hook` stores into it, always a `SwitchHook`.
+    (hook != 0).then(|| unsafe { core::mem::transmute::<usize, SwitchHook>(hook) })
+}
+
+/// Whether the last fault was contained by the switch hook (set by the hook).
+static FAULT_CONTAINED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// The scheduler calls this when it has taken a faulting context off the CPU.
+pub fn mark_fault_contained() {
+    FAULT_CONTAINED.store(true, Ordering::Relaxed);
+}
+
+extern "C" fn trap_dispatch(frame: &mut TrapFrame, fx: &mut FxArea) {
     let vector = frame.vector as u8;
     if vector < IRQ_BASE {
+        if let Some(hook) = switch_hook() {
+            FAULT_CONTAINED.store(false, Ordering::Relaxed);
+            hook(frame, fx, SwitchCause::Fault);
+            if FAULT_CONTAINED.load(Ordering::Relaxed) {
+                return;
+            }
+        }
         exception(frame);
     }
     if vector == SPURIOUS_VECTOR {
+        return;
+    }
+    if vector == YIELD_VECTOR {
+        if let Some(hook) = switch_hook() {
+            hook(frame, fx, SwitchCause::Yield);
+        }
         return;
     }
     let handler = IRQ_HANDLERS[vector as usize].load(Ordering::Acquire);
@@ -143,6 +214,20 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         log::warn!("unexpected interrupt on vector {vector}");
     }
     apic::end_of_interrupt();
+    if let Some(hook) = switch_hook() {
+        let cause = if vector == IRQ_BASE { SwitchCause::Timer } else { SwitchCause::Device };
+        hook(frame, fx, cause);
+    }
+}
+
+/// Prints the fault report for `frame` to `out` (used for kernel faults, and
+/// by the scheduler for faults it contains in a capsule).
+pub fn write_fault_report(out: &mut impl core::fmt::Write, frame: &TrapFrame, running: &str) {
+    let vector = frame.vector as u8;
+    let _ = writeln!(out, "{} (vector {vector}) while running: {running}", exception_name(vector));
+    let _ = writeln!(out, "    error code: {:#x}", frame.error_code);
+    let _ = writeln!(out, "    rip: {:#018x}  rsp: {:#018x}  rflags: {:#x}", frame.rip, frame.rsp, frame.rflags);
+    write_page_fault_line(out, frame);
 }
 
 const EXCEPTION_NAMES: [&str; 32] = [
@@ -187,11 +272,30 @@ pub fn exception_name(vector: u8) -> &'static str {
         .unwrap_or("not an exception")
 }
 
+/// For page faults: the faulting address and what the access was.
+fn write_page_fault_line(out: &mut impl core::fmt::Write, frame: &TrapFrame) {
+    if frame.vector != 14 {
+        return;
+    }
+    let cr2 = cpu::read_cr2();
+    let e = frame.error_code;
+    let access = if e & 2 != 0 {
+        "write to"
+    } else if e & 16 != 0 {
+        "instruction fetch from"
+    } else {
+        "read from"
+    };
+    let page = if e & 1 != 0 { "a protected" } else { "an unmapped" };
+    let mode = if e & 4 != 0 { "user" } else { "kernel" };
+    let reserved = if e & 8 != 0 { ", reserved bit set" } else { "" };
+    let _ = writeln!(out, "    cr2 (fault address): {cr2:#018x} ({access} {page} page, {mode} mode{reserved})");
+}
+
 /// Prints a report of a CPU exception in kernel code and ends the VM.
 fn exception(frame: &TrapFrame) -> ! {
     let vector = frame.vector as u8;
     let mut out = crate::drivers::serial::emergency_writer();
-    use core::fmt::Write;
     let _ = writeln!(
         out,
         "\n*** KERNEL FAULT: {} (vector {vector})",
@@ -205,28 +309,7 @@ fn exception(frame: &TrapFrame) -> ! {
         frame.rip, frame.cs, frame.rflags
     );
     let _ = writeln!(out, "    rsp: {:#018x}  ss: {:#x}", frame.rsp, frame.ss);
-    if vector == 14 {
-        let cr2 = cpu::read_cr2();
-        let e = frame.error_code;
-        let _ = writeln!(
-            out,
-            "    cr2 (fault address): {cr2:#018x} ({} {} page, {} mode{})",
-            if e & 2 != 0 {
-                "write to"
-            } else if e & 16 != 0 {
-                "instruction fetch from"
-            } else {
-                "read from"
-            },
-            if e & 1 != 0 {
-                "a protected"
-            } else {
-                "an unmapped"
-            },
-            if e & 4 != 0 { "user" } else { "kernel" },
-            if e & 8 != 0 { ", reserved bit set" } else { "" },
-        );
-    }
+    write_page_fault_line(&mut out, frame);
     let _ = writeln!(
         out,
         "    rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x}\n    rsi {:#x} rdi {:#x} rbp {:#x}\n    r8 {:#x} r9 {:#x} r10 {:#x} r11 {:#x}\n    r12 {:#x} r13 {:#x} r14 {:#x} r15 {:#x}",

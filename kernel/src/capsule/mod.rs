@@ -1,0 +1,574 @@
+//! Compute capsules: groups of tasks with a private arena, a network stack
+//! with their own locator address, a clock and a log.
+//!
+//! Everything a capsule owns that must move with it lives in its arena and is
+//! reached from its [`CapsuleRoot`] (tasks with their stacks and contexts, the
+//! smoltcp interface and sockets). The kernel keeps a small [`Capsule`] record
+//! per capsule: name, locator, slot, state, the inbound packet queue and the log.
+//!
+//! Only the kernel loop creates, polls, wakes and ends capsules; tasks reach
+//! their own capsule through [`api`] with preemption disabled. Since the
+//! kernel loop is never preempted and tasks are switched out only at safe
+//! points, the two never touch a capsule at the same time.
+
+pub mod api;
+pub mod log;
+pub mod net;
+
+use alloc::boxed::Box;
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt::Write as _;
+use core::net::Ipv4Addr;
+
+use spin::Mutex;
+
+use crate::arch::x86_64::trap::TrapFrame;
+use crate::mm::arena;
+use crate::net::Network;
+use crate::net::switch::{LocalDelivery, MAX_QUEUED};
+use crate::sched::{self, Task, TaskState};
+use log::LogRing;
+use net::CapsuleStack;
+
+/// Most capsules one VM runs at once.
+pub const MAX_CAPSULES: usize = 1024;
+/// Most tasks in one capsule.
+pub const MAX_TASKS: usize = 64;
+/// Default arena limit (heap, stacks, socket buffers).
+pub const DEFAULT_MEMORY_LIMIT: u64 = 64 << 20;
+pub const MAX_NAME_LEN: usize = 63;
+
+/// A program compiled into the kernel image.
+pub struct Program {
+    pub name: &'static str,
+    pub description: &'static str,
+    /// Runs as the capsule's first task.
+    pub main: fn(&[String]) -> Result<(), String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CapsuleState {
+    Running,
+    /// Every task returned; the capsule's memory is gone.
+    Exited,
+    /// A task panicked or faulted; the reason is kept.
+    Faulted(String),
+    /// Killed on request.
+    Killed,
+}
+
+impl CapsuleState {
+    pub fn is_running(&self) -> bool {
+        *self == CapsuleState::Running
+    }
+}
+
+/// The part of a capsule that lives in its arena.
+pub struct CapsuleRoot {
+    pub tasks: Vec<Box<Task>>,
+    pub next_task_id: u32,
+    pub stack: CapsuleStack,
+    /// Closed streams whose sockets are removed once TCP is done with them.
+    pub closing: Vec<smoltcp::iface::SocketHandle>,
+    /// Round-robin position among the tasks.
+    rr: usize,
+}
+
+/// The kernel's record of a capsule.
+pub struct Capsule {
+    pub name: String,
+    pub program: &'static Program,
+    pub args: Vec<String>,
+    pub locator: Ipv4Addr,
+    pub slot: u32,
+    pub state: CapsuleState,
+    root: Option<*mut CapsuleRoot>,
+    /// IP packets waiting for the capsule's stack.
+    pub inbound: VecDeque<Vec<u8>>,
+    pub log: LogRing,
+    /// Capsule time = kernel time − offset (set on restore so time resumes).
+    clock_offset_ns: u64,
+    started_ns: u64,
+    /// A task changed socket state; poll the stack soon.
+    net_dirty: bool,
+    /// The stack reported news; wake tasks waiting on the network.
+    net_news: bool,
+    poll_at_ns: Option<u64>,
+}
+
+// SAFETY: the root pointer is only used on the one CPU under the rules above.
+unsafe impl Send for Capsule {}
+
+impl Capsule {
+    pub fn clock_ns(&self) -> u64 {
+        crate::time::since_boot_ns().saturating_sub(self.clock_offset_ns)
+    }
+
+    pub fn uptime_ns(&self) -> u64 {
+        crate::time::since_boot_ns().saturating_sub(self.started_ns)
+    }
+
+    fn root(&mut self) -> Option<&mut CapsuleRoot> {
+        // SAFETY: the root lives in the capsule's arena, which stays mapped
+        // until `reap` clears this pointer; see the module rules on access.
+        self.root.map(|r| unsafe { &mut *r })
+    }
+}
+
+/// What `list` reports per capsule.
+#[derive(Debug, Clone)]
+pub struct CapsuleInfo {
+    pub name: String,
+    pub program: &'static str,
+    pub locator: Ipv4Addr,
+    pub slot: u32,
+    pub state: CapsuleState,
+    pub tasks: u32,
+    pub memory_bytes: u64,
+    pub memory_limit: u64,
+    pub sockets: u32,
+    pub uptime_ns: u64,
+}
+
+/// Why a capsule could not be started or found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CapsuleError {
+    UnknownProgram(String),
+    NameTaken(String),
+    LocatorTaken(Ipv4Addr),
+    SlotTaken(u32),
+    BadName,
+    NotFound(String),
+    LimitReached(&'static str),
+    OutOfMemory,
+}
+
+impl core::fmt::Display for CapsuleError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::UnknownProgram(p) => write!(f, "unknown program '{p}'"),
+            Self::NameTaken(n) => write!(f, "a capsule named '{n}' already exists on this VM"),
+            Self::LocatorTaken(l) => write!(f, "locator {l} is already used on this VM"),
+            Self::SlotTaken(s) => write!(f, "arena slot {s} is already used on this VM"),
+            Self::BadName => write!(f, "capsule names are 1-{MAX_NAME_LEN} characters of [A-Za-z0-9_.-]"),
+            Self::NotFound(n) => write!(f, "no capsule named '{n}' on this VM"),
+            Self::LimitReached(what) => write!(f, "limit reached: {what}"),
+            Self::OutOfMemory => write!(f, "out of memory for a new capsule"),
+        }
+    }
+}
+
+struct Registry {
+    capsules: BTreeMap<u32, Capsule>,
+    /// Slot that ran last, for round robin between capsules.
+    cursor: u32,
+}
+
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry { capsules: BTreeMap::new(), cursor: 0 });
+static PROGRAMS: Mutex<&'static [Program]> = Mutex::new(&[]);
+static VM_NAME: Mutex<Option<String>> = Mutex::new(None);
+
+/// Runs `f` on the registry with interrupts off (the scheduler reads it from
+/// trap context). `f` runs in the kernel allocation domain.
+fn registry<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
+    crate::arch::without_interrupts(|| {
+        let prev = arena::set_domain(None);
+        let r = f(&mut REGISTRY.lock());
+        arena::set_domain(prev);
+        r
+    })
+}
+
+/// Sets up the capsule machinery: the scheduler hooks and the program table.
+pub fn init(programs: &'static [Program], vm_name: &str) {
+    *PROGRAMS.lock() = programs;
+    *VM_NAME.lock() = Some(vm_name.to_string());
+    sched::init(pick_next, on_task_fault);
+}
+
+pub fn programs() -> &'static [Program] {
+    *PROGRAMS.lock()
+}
+
+pub fn vm_name() -> String {
+    VM_NAME.lock().clone().unwrap_or_default()
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+/// What a new capsule is.
+pub struct CapsuleConfig {
+    pub name: String,
+    pub program: String,
+    pub args: Vec<String>,
+    pub locator: Ipv4Addr,
+    pub slot: u32,
+    pub memory_limit: u64,
+}
+
+/// Starts a capsule: arena, stack, first task; announces its locator.
+/// Nothing is left behind when it fails.
+pub fn start(config: CapsuleConfig, net: &mut Network) -> Result<(), CapsuleError> {
+    let program = programs()
+        .iter()
+        .find(|p| p.name == config.program)
+        .ok_or_else(|| CapsuleError::UnknownProgram(config.program.clone()))?;
+    if !valid_name(&config.name) {
+        return Err(CapsuleError::BadName);
+    }
+    registry(|r| {
+        if r.capsules.len() >= MAX_CAPSULES {
+            return Err(CapsuleError::LimitReached("capsules per VM"));
+        }
+        if r.capsules.values().any(|c| c.name == config.name) {
+            return Err(CapsuleError::NameTaken(config.name.clone()));
+        }
+        if r.capsules.values().any(|c| c.locator == config.locator && c.state.is_running()) {
+            return Err(CapsuleError::LocatorTaken(config.locator));
+        }
+        if r.capsules.contains_key(&config.slot) {
+            return Err(CapsuleError::SlotTaken(config.slot));
+        }
+        Ok(())
+    })?;
+    if net.switch.resident(config.locator).is_some() || config.locator == net.machine_addr() {
+        return Err(CapsuleError::LocatorTaken(config.locator));
+    }
+    arena::create(config.slot, config.memory_limit).map_err(|e| match e {
+        arena::ArenaError::SlotInUse => CapsuleError::SlotTaken(config.slot),
+        arena::ArenaError::SlotOutOfRange => CapsuleError::LimitReached("arena slot number"),
+        _ => CapsuleError::OutOfMemory,
+    })?;
+    let now = crate::time::since_boot_ns();
+    let seed = u64::from_le_bytes(crate::random::bytes32()[..8].try_into().expect("8 bytes"));
+    let main = program.main;
+    let args = config.args.clone();
+    let slot = config.slot;
+    let root = arena::with_domain(slot, || {
+        let first = Task::new(0, program.name.to_string(), sched::task::DEFAULT_STACK_SIZE, {
+            let args: Vec<String> = args.clone();
+            Box::new(move || api::run_main(main, &args))
+        });
+        let mut tasks = Vec::with_capacity(4);
+        tasks.push(first);
+        Box::into_raw(Box::new(CapsuleRoot {
+            tasks,
+            next_task_id: 1,
+            stack: CapsuleStack::new(config.locator, 0, seed),
+            closing: Vec::new(),
+            rr: 0,
+        }))
+    });
+    arena::set_root(slot, root as usize);
+    let mut capsule = Capsule {
+        name: config.name,
+        program,
+        args: config.args,
+        locator: config.locator,
+        slot,
+        state: CapsuleState::Running,
+        root: Some(root),
+        inbound: VecDeque::new(),
+        log: LogRing::new(),
+        clock_offset_ns: now,
+        started_ns: now,
+        net_dirty: true,
+        net_news: false,
+        poll_at_ns: None,
+    };
+    let _ = writeln!(capsule.log, "capsule {} started: program {} on {}", capsule.name, program.name, vm_name());
+    ::log::info!("capsule {} ({}) started at {} in slot {slot}", capsule.name, program.name, capsule.locator);
+    net.switch.attach(capsule.locator, slot);
+    net.switch.announce(&mut net.nic, capsule.locator);
+    registry(|r| r.capsules.insert(slot, capsule));
+    Ok(())
+}
+
+fn find_slot(r: &Registry, name: &str) -> Option<u32> {
+    r.capsules.values().find(|c| c.name == name).map(|c| c.slot)
+}
+
+/// Ends a capsule by name (kernel loop only). A capsule that already ended is
+/// removed from the list.
+pub fn kill(name: &str, net: &mut Network) -> Result<(), CapsuleError> {
+    let slot = registry(|r| find_slot(r, name)).ok_or_else(|| CapsuleError::NotFound(name.to_string()))?;
+    let running = registry(|r| {
+        let c = r.capsules.get_mut(&slot).expect("slot just found");
+        let running = c.state.is_running();
+        if running {
+            c.state = CapsuleState::Killed;
+            let _ = writeln!(c.log, "capsule killed on request");
+        }
+        running
+    });
+    if running {
+        reap(net);
+    }
+    registry(|r| r.capsules.remove(&slot));
+    Ok(())
+}
+
+pub fn list() -> Vec<CapsuleInfo> {
+    registry(|r| {
+        r.capsules
+            .values_mut()
+            .map(|c| {
+                let (memory_bytes, memory_limit) =
+                    arena::usage(c.slot).map(|(mapped, _, limit)| (mapped, limit)).unwrap_or((0, 0));
+                let uptime_ns = c.uptime_ns();
+                let (tasks, sockets) = c
+                    .root()
+                    .map(|root| {
+                        let live = root.tasks.iter().filter(|t| t.state != TaskState::Exited).count();
+                        (live as u32, root.stack.sockets.iter().count() as u32)
+                    })
+                    .unwrap_or((0, 0));
+                CapsuleInfo {
+                    name: c.name.clone(),
+                    program: c.program.name,
+                    locator: c.locator,
+                    slot: c.slot,
+                    state: c.state.clone(),
+                    tasks,
+                    memory_bytes,
+                    memory_limit,
+                    sockets,
+                    uptime_ns,
+                }
+            })
+            .collect()
+    })
+}
+
+/// Log bytes of capsule `name` from `offset`; see [`LogRing::read_from`].
+pub fn read_log(name: &str, offset: u64, max: usize) -> Result<(Vec<u8>, u64), CapsuleError> {
+    registry(|r| {
+        let slot = find_slot(r, name).ok_or_else(|| CapsuleError::NotFound(name.to_string()))?;
+        Ok(r.capsules[&slot].log.read_from(offset, max))
+    })
+}
+
+/// Whether any task of any capsule can run now.
+pub fn any_runnable() -> bool {
+    registry(|r| {
+        r.capsules.values_mut().any(|c| {
+            c.state.is_running()
+                && c.root().is_some_and(|root| root.tasks.iter().any(|t| t.state == TaskState::Runnable))
+        })
+    })
+}
+
+/// The kernel loop's capsule work: deliver queued packets, poll stacks that
+/// need it, wake tasks, end capsules whose tasks are done. Returns whether
+/// anything happened.
+pub fn service(net: &mut Network) -> bool {
+    let now = crate::time::since_boot_ns();
+    let slots: Vec<u32> = registry(|r| r.capsules.keys().copied().collect());
+    let mut busy = false;
+    let mut local: Vec<LocalDelivery> = Vec::new();
+    for slot in slots {
+        busy |= poll_capsule(slot, now, net, &mut local);
+    }
+    // Packets between capsules of this VM: delivered now, polled next round.
+    for delivery in local {
+        deliver(delivery);
+        busy = true;
+    }
+    busy |= wake(now);
+    busy |= reap(net);
+    busy
+}
+
+/// Queues an inbound packet for a capsule (from the switch).
+pub fn deliver(delivery: LocalDelivery) {
+    registry(|r| {
+        if let Some(c) = r.capsules.get_mut(&delivery.slot)
+            && c.state.is_running()
+            && c.inbound.len() < MAX_QUEUED
+        {
+            c.inbound.push_back(delivery.packet);
+        }
+    });
+}
+
+fn poll_capsule(slot: u32, now: u64, net: &mut Network, local: &mut Vec<LocalDelivery>) -> bool {
+    let taken = registry(|r| {
+        let c = r.capsules.get_mut(&slot)?;
+        if !c.state.is_running() {
+            return None;
+        }
+        let due = c.net_dirty || !c.inbound.is_empty() || c.poll_at_ns.is_some_and(|at| at <= c.clock_ns());
+        if !due {
+            return None;
+        }
+        c.net_dirty = false;
+        Some((c.root?, core::mem::take(&mut c.inbound), c.clock_ns()))
+    });
+    let Some((root, mut inbound, clock)) = taken else { return false };
+    let had_packets = !inbound.is_empty();
+    // SAFETY: see the module rules: no task of this capsule is inside the
+    // stack now, and the arena stays mapped until `reap`, which runs later in
+    // this same loop.
+    let root = unsafe { &mut *root };
+    let Network { nic, switch, .. } = net;
+    let mut send = |packet: &[u8]| {
+        // The switch's queues are kernel memory.
+        let prev = arena::set_domain(None);
+        if let Some(d) = switch.egress(packet, nic, now) {
+            local.push(d);
+        }
+        arena::set_domain(prev);
+    };
+    let (changed, poll_at) = arena::with_domain(slot, || {
+        let changed = root.stack.poll(clock, &mut inbound, &mut send);
+        let sockets = &mut root.stack.sockets;
+        root.closing.retain(|h| {
+            let done = !sockets.get::<smoltcp::socket::tcp::Socket>(*h).is_open();
+            if done {
+                sockets.remove(*h);
+            }
+            !done
+        });
+        (changed, root.stack.poll_at_ns(clock))
+    });
+    registry(|r| {
+        if let Some(c) = r.capsules.get_mut(&slot) {
+            c.poll_at_ns = poll_at;
+            c.net_news |= changed || had_packets;
+            // Packets that arrived while we polled keep their order behind any
+            // the stack did not take.
+            inbound.extend(c.inbound.drain(..));
+            c.inbound = inbound;
+        }
+    });
+    true
+}
+
+fn wake(now: u64) -> bool {
+    registry(|r| {
+        let mut woke = false;
+        for c in r.capsules.values_mut() {
+            if !c.state.is_running() {
+                continue;
+            }
+            let news = core::mem::take(&mut c.net_news);
+            let Some(root) = c.root() else { continue };
+            let exited: Vec<u32> =
+                root.tasks.iter().filter(|t| t.state == TaskState::Exited).map(|t| t.id).collect();
+            let all_exited = root.tasks.iter().all(|t| t.state == TaskState::Exited);
+            for task in root.tasks.iter_mut() {
+                let ready = match task.state {
+                    TaskState::Sleeping { until_ns } => until_ns <= now,
+                    TaskState::WaitingNet => news,
+                    TaskState::Joining { task } => exited.contains(&task),
+                    TaskState::Runnable | TaskState::Exited => false,
+                };
+                if ready {
+                    task.state = TaskState::Runnable;
+                    woke = true;
+                }
+            }
+            if all_exited {
+                c.state = CapsuleState::Exited;
+                let _ = writeln!(c.log, "capsule exited: every task returned");
+            }
+        }
+        woke
+    })
+}
+
+/// Frees the memory and locator of capsules that ended.
+fn reap(net: &mut Network) -> bool {
+    let ended: Vec<(u32, Ipv4Addr, String)> = registry(|r| {
+        r.capsules
+            .values_mut()
+            .filter(|c| !c.state.is_running() && c.root.is_some())
+            .map(|c| {
+                c.root = None;
+                c.inbound.clear();
+                (c.slot, c.locator, c.name.clone())
+            })
+            .collect()
+    });
+    for (slot, locator, name) in &ended {
+        net.switch.detach(*locator);
+        // Nothing in the arena is dropped one by one: unmapping it frees
+        // everything at once, including what a crashed task left half-done.
+        arena::destroy(*slot);
+        ::log::info!("capsule {name}: memory and locator {locator} released");
+    }
+    !ended.is_empty()
+}
+
+/// Round robin over capsules, then over each capsule's tasks.
+fn pick_next() -> Option<(u32, *mut Task)> {
+    let mut r = REGISTRY.lock();
+    let cursor = r.cursor;
+    let order: Vec<u32> = {
+        let after = r.capsules.range(cursor.saturating_add(1)..).map(|(s, _)| *s);
+        let before = r.capsules.range(..=cursor).map(|(s, _)| *s);
+        after.chain(before).collect()
+    };
+    for slot in order {
+        let c = r.capsules.get_mut(&slot).expect("slot listed");
+        if !c.state.is_running() {
+            continue;
+        }
+        let Some(root) = c.root() else { continue };
+        let n = root.tasks.len();
+        for i in 1..=n {
+            let index = (root.rr + i) % n;
+            if root.tasks[index].state == TaskState::Runnable {
+                root.rr = index;
+                let task: *mut Task = &mut *root.tasks[index];
+                r.cursor = slot;
+                return Some((slot, task));
+            }
+        }
+    }
+    None
+}
+
+/// A CPU exception in a task's code: the capsule dies, the kernel goes on.
+fn on_task_fault(slot: u32, frame: &TrapFrame) {
+    // SAFETY: a fault while the registry lock was held can only come from the
+    // faulting task itself (one CPU, tasks hold it with interrupts off);
+    // that task will never run again.
+    if REGISTRY.is_locked() {
+        unsafe { REGISTRY.force_unlock() };
+    }
+    let mut report = String::new();
+    let running = registry(|r| r.capsules.get(&slot).map(|c| c.name.clone())).unwrap_or_default();
+    crate::arch::x86_64::trap::write_fault_report(&mut report, frame, &alloc::format!("capsule {running}"));
+    fail(slot, "CPU exception", &report);
+}
+
+/// A panic in a task: the capsule dies, the kernel goes on. Never returns.
+pub fn on_task_panic(slot: u32, message: &str) -> ! {
+    if REGISTRY.is_locked() {
+        // SAFETY: as in `on_task_fault`: only the panicking task can hold it.
+        unsafe { REGISTRY.force_unlock() };
+    }
+    arena::set_domain(None);
+    fail(slot, "panic", message);
+    sched::reset_after_task_death();
+    sched::yield_now();
+    unreachable!("a dead capsule's task was scheduled");
+}
+
+fn fail(slot: u32, kind: &str, detail: &str) {
+    let name = registry(|r| {
+        let c = r.capsules.get_mut(&slot)?;
+        c.state = CapsuleState::Faulted(alloc::format!("{kind}: {}", detail.lines().next().unwrap_or("")));
+        let _ = writeln!(c.log, "capsule ended by {kind}:\n{detail}");
+        Some(c.name.clone())
+    })
+    .unwrap_or_default();
+    crate::println!("*** capsule {name} ended by {kind}; the kernel and other capsules go on:\n{detail}");
+}

@@ -1,0 +1,232 @@
+//! Capsule arenas: each capsule owns a 1 GiB virtual window ("slot") at a
+//! fixed address, the same on every VM of a cluster, so that a byte-for-byte
+//! copy of its mapped pages is valid on another VM. The window begins with a
+//! header page that holds the arena's allocator state, so the allocator moves
+//! with the bytes it manages; the rest is the capsule's heap (its objects,
+//! task stacks, smoltcp sockets), mapped on demand up to a per-capsule limit.
+//!
+//! While a capsule's code runs, the global allocator serves it from its arena
+//! (the *allocation domain*); memory is always returned to the arena that
+//! contains its address.
+
+use core::alloc::Layout;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use linked_list_allocator::Heap;
+use spin::Mutex;
+use x86_64::VirtAddr;
+use x86_64::structures::paging::PageTableFlags;
+
+use super::{PAGE_SIZE, frame, paging};
+
+pub const ARENA_BASE: u64 = 0x0000_4000_0000_0000;
+pub const SLOT_SIZE: u64 = 1 << 30;
+pub const MAX_SLOTS: u32 = 4096;
+/// The header page at the start of each window.
+pub const HEADER_SIZE: u64 = PAGE_SIZE;
+const MAGIC: u64 = u64::from_le_bytes(*b"CPSARENA");
+/// Smallest growth step of an arena heap.
+const GROWTH_STEP: u64 = 64 * 1024;
+const KERNEL_DOMAIN: u32 = u32::MAX;
+
+/// Lives at the start of the window; moves with the arena.
+#[repr(C)]
+pub struct ArenaHeader {
+    magic: u64,
+    slot: u32,
+    state: Mutex<ArenaHeap>,
+    /// The capsule's root object, set once by its owner.
+    root: core::sync::atomic::AtomicUsize,
+}
+
+struct ArenaHeap {
+    heap: Heap,
+    /// Bytes of the window that are mapped, header included.
+    mapped: u64,
+    limit: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArenaError {
+    SlotOutOfRange,
+    SlotInUse,
+    OutOfMemory,
+    LimitTooSmall,
+}
+
+static ACTIVE: [AtomicBool; MAX_SLOTS as usize] = [const { AtomicBool::new(false) }; MAX_SLOTS as usize];
+static DOMAIN: AtomicU32 = AtomicU32::new(KERNEL_DOMAIN);
+
+pub fn window_base(slot: u32) -> u64 {
+    ARENA_BASE + slot as u64 * SLOT_SIZE
+}
+
+/// The slot whose window contains `addr`.
+pub fn slot_of(addr: u64) -> Option<u32> {
+    if !(ARENA_BASE..ARENA_BASE + MAX_SLOTS as u64 * SLOT_SIZE).contains(&addr) {
+        return None;
+    }
+    Some(((addr - ARENA_BASE) / SLOT_SIZE) as u32)
+}
+
+fn header(slot: u32) -> Option<&'static ArenaHeader> {
+    if slot >= MAX_SLOTS || !ACTIVE[slot as usize].load(Ordering::Acquire) {
+        return None;
+    }
+    // SAFETY: an active slot has its header page mapped and initialised, and
+    // it stays so until `destroy`, which only the owner calls.
+    Some(unsafe { &*(window_base(slot) as *const ArenaHeader) })
+}
+
+fn map_range(start: u64, len: u64) -> Result<(), ArenaError> {
+    let flags = PageTableFlags::WRITABLE | PageTableFlags::NO_EXECUTE;
+    let mut offset = 0;
+    while offset < len {
+        if paging::map_new(VirtAddr::new(start + offset), flags).is_err() {
+            unmap_range(start, offset);
+            return Err(ArenaError::OutOfMemory);
+        }
+        offset += PAGE_SIZE;
+    }
+    Ok(())
+}
+
+fn unmap_range(start: u64, len: u64) {
+    let mut offset = 0;
+    while offset < len {
+        if let Ok(phys) = paging::unmap(VirtAddr::new(start + offset)) {
+            // SAFETY: the frame was mapped only here and is now unmapped.
+            unsafe { frame::free(phys, 1) };
+        }
+        offset += PAGE_SIZE;
+    }
+}
+
+impl ArenaHeap {
+    fn grow(&mut self, base: u64, need: u64) -> bool {
+        let step = need.max(GROWTH_STEP).next_multiple_of(PAGE_SIZE);
+        if self.mapped + step > self.limit {
+            return false;
+        }
+        if map_range(base + self.mapped, step).is_err() {
+            return false;
+        }
+        // SAFETY: the new pages directly follow the heap's end.
+        unsafe { self.heap.extend(step as usize) };
+        self.mapped += step;
+        true
+    }
+}
+
+/// Creates the arena of `slot` with room for `limit` bytes (header included).
+pub fn create(slot: u32, limit: u64) -> Result<(), ArenaError> {
+    if slot >= MAX_SLOTS {
+        return Err(ArenaError::SlotOutOfRange);
+    }
+    let limit = limit.min(SLOT_SIZE);
+    let initial = HEADER_SIZE + GROWTH_STEP;
+    if limit < initial {
+        return Err(ArenaError::LimitTooSmall);
+    }
+    if ACTIVE[slot as usize].swap(true, Ordering::AcqRel) {
+        return Err(ArenaError::SlotInUse);
+    }
+    let base = window_base(slot);
+    if let Err(e) = map_range(base, initial) {
+        ACTIVE[slot as usize].store(false, Ordering::Release);
+        return Err(e);
+    }
+    let heap_start = (base + HEADER_SIZE) as *mut u8;
+    // SAFETY: the header page was just mapped; the heap area after it too.
+    unsafe {
+        (base as *mut ArenaHeader).write(ArenaHeader {
+            magic: MAGIC,
+            slot,
+            state: Mutex::new(ArenaHeap {
+                heap: Heap::new(heap_start, GROWTH_STEP as usize),
+                mapped: initial,
+                limit,
+            }),
+            root: core::sync::atomic::AtomicUsize::new(0),
+        });
+    }
+    Ok(())
+}
+
+/// Unmaps the whole arena and returns its frames. Every object in it is gone.
+pub fn destroy(slot: u32) {
+    let Some(h) = header(slot) else { return };
+    let mapped = crate::arch::without_interrupts(|| h.state.lock().mapped);
+    ACTIVE[slot as usize].store(false, Ordering::Release);
+    unmap_range(window_base(slot), mapped);
+}
+
+pub fn set_root(slot: u32, root: usize) {
+    if let Some(h) = header(slot) {
+        h.root.store(root, Ordering::Release);
+    }
+}
+
+pub fn root(slot: u32) -> Option<usize> {
+    header(slot).map(|h| h.root.load(Ordering::Acquire)).filter(|r| *r != 0)
+}
+
+/// (bytes mapped including the header, bytes allocated, limit).
+pub fn usage(slot: u32) -> Option<(u64, u64, u64)> {
+    let h = header(slot)?;
+    Some(crate::arch::without_interrupts(|| {
+        let s = h.state.lock();
+        (s.mapped, s.heap.used() as u64, s.limit)
+    }))
+}
+
+/// Whether the header at `slot` is intact (used to check arenas received from elsewhere).
+pub fn is_valid(slot: u32) -> bool {
+    header(slot).is_some_and(|h| h.magic == MAGIC && h.slot == slot)
+}
+
+pub fn alloc(slot: u32, layout: Layout) -> *mut u8 {
+    let Some(h) = header(slot) else { return core::ptr::null_mut() };
+    let mut state = h.state.lock();
+    loop {
+        if let Ok(ptr) = state.heap.allocate_first_fit(layout) {
+            return ptr.as_ptr();
+        }
+        let need = (layout.size() + layout.align()) as u64 + 64;
+        if !state.grow(window_base(slot), need) {
+            return core::ptr::null_mut();
+        }
+    }
+}
+
+/// # Safety
+/// `ptr` must come from [`alloc`] on the same slot with this layout.
+pub unsafe fn dealloc(slot: u32, ptr: *mut u8, layout: Layout) {
+    let Some(h) = header(slot) else {
+        // The arena is gone (capsule ended): its memory went with it.
+        return;
+    };
+    // SAFETY: forwarded to the caller.
+    unsafe { h.state.lock().heap.deallocate(NonNull::new_unchecked(ptr), layout) };
+}
+
+/// The slot whose arena serves allocations now, or `None` for the kernel heap.
+pub fn domain() -> Option<u32> {
+    let d = DOMAIN.load(Ordering::Relaxed);
+    (d != KERNEL_DOMAIN).then_some(d)
+}
+
+/// Switches the allocation domain; returns the previous one.
+pub fn set_domain(slot: Option<u32>) -> Option<u32> {
+    let prev = DOMAIN.swap(slot.unwrap_or(KERNEL_DOMAIN), Ordering::Relaxed);
+    (prev != KERNEL_DOMAIN).then_some(prev)
+}
+
+/// Runs `f` with allocations going to `slot`'s arena.
+pub fn with_domain<R>(slot: u32, f: impl FnOnce() -> R) -> R {
+    let prev = set_domain(Some(slot));
+    let r = f();
+    set_domain(prev);
+    r
+}
