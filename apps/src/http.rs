@@ -21,7 +21,7 @@
 //! loop {
 //!     send(out); out.clear();
 //!     while session.pending_body() > 0 { n = session.fill_body(&mut chunk); send(&chunk[..n]); }
-//!     if flow == Close || !session.has_buffered_input() { break; }
+//!     if flow == Close || !session.needs_feed() { break; }
 //!     flow = session.feed(&[], info, &mut out);   // answer what was pipelined behind the body
 //! }
 //! if flow == Close { close } else { read more }
@@ -84,6 +84,8 @@ pub struct Session {
     body: PatternBody,
     /// No further requests will be answered; close once output is sent.
     closing: bool,
+    /// Requests arrived while a body was pending and wait for a `feed`.
+    parked_behind_body: bool,
     served: u64,
 }
 
@@ -129,8 +131,10 @@ impl Session {
         let mut served_in_call = 0;
         let flow = loop {
             if self.body.remaining > 0 {
+                self.parked_behind_body = pos < self.input.len();
                 break Flow::Continue;
             }
+            self.parked_behind_body = false;
             if self.discard > 0 {
                 let available = (self.input.len() - pos) as u64;
                 let skipped = available.min(self.discard);
@@ -146,6 +150,8 @@ impl Session {
                 .find(|eol| self.input[pos..].starts_with(eol))
             {
                 pos += line_break.len();
+                // The resume offset was relative to where the skipped bytes began.
+                self.head_scan = 0;
             }
             let rest = &self.input[pos..];
             let head_len = match find_head_end(rest, self.head_scan) {
@@ -226,10 +232,11 @@ impl Session {
         count
     }
 
-    /// Whether received bytes are waiting for a [`Session::feed`] call (e.g.
-    /// requests pipelined behind a streamed body).
-    pub fn has_buffered_input(&self) -> bool {
-        !self.closing && !self.input.is_empty()
+    /// Whether requests pipelined behind a streamed body are waiting: once
+    /// the body is pumped, call [`Session::feed`] with no new input to answer
+    /// them.
+    pub fn needs_feed(&self) -> bool {
+        !self.closing && self.parked_behind_body && self.body.remaining == 0
     }
 
     /// Requests answered by this session so far (any status).

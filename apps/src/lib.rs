@@ -28,3 +28,13 @@ pub enum Flow {
     /// Send what is queued (including any pending streamed body), then close.
     Close,
 }
+
+/// How many sessions the never-panic tests run: `APPS_FUZZ_ROUNDS` raises it
+/// for a longer soak than the default quick pass.
+#[cfg(test)]
+fn fuzz_rounds(default: usize) -> usize {
+    std::env::var("APPS_FUZZ_ROUNDS")
+        .ok()
+        .and_then(|rounds| rounds.parse().ok())
+        .unwrap_or(default)
+}

@@ -496,8 +496,8 @@ fn append(args: &Args<'_>, ctx: &mut Context<'_, '_>, out: &mut Vec<u8>) -> Flow
         resp::error(out, b"ERR internal error");
         return Flow::Continue;
     };
-    // The store's values are bounded by what clients can send in one command
-    // only per call; repeated APPENDs must not grow a value without limit.
+    // One request is capped at 64 MiB, but repeated APPENDs could otherwise
+    // grow a value until the capsule's arena is exhausted; 512 MiB is Redis's cap.
     if entry.value.len().saturating_add(addition.len()) > resp::MAX_BULK_LEN * 8 {
         resp::error(out, b"ERR string exceeds maximum allowed size");
         return Flow::Continue;

@@ -121,8 +121,7 @@ impl Session {
         flow
     }
 
-    /// Commands run by this session so far (including rejected ones, as
-    /// Redis counts them).
+    /// Commands answered by this session so far, rejected ones included.
     pub fn commands_executed(&self) -> u64 {
         self.commands_executed
     }

@@ -121,7 +121,9 @@ impl Parser {
                         self.state = State::Inline;
                         continue;
                     }
-                    let Some((digits, next)) = line_at(buf, self.cursor + 1)? else {
+                    let Some((digits, next)) =
+                        line_at(buf, self.cursor + 1, ProtocolError::InvalidMultibulkLength)?
+                    else {
                         return Ok(None);
                     };
                     let count =
@@ -147,7 +149,9 @@ impl Parser {
                     if marker != b'$' {
                         return Err(ProtocolError::ExpectedDollar(marker));
                     }
-                    let Some((digits, next)) = line_at(buf, self.cursor + 1)? else {
+                    let Some((digits, next)) =
+                        line_at(buf, self.cursor + 1, ProtocolError::InvalidBulkLength)?
+                    else {
                         return Ok(None);
                     };
                     let len = match parse_i64(&buf[digits]) {
@@ -230,7 +234,11 @@ impl Default for Parser {
 
 /// Finds a `\r\n`-terminated line starting at `from`: the line's range and the
 /// position after its terminator.
-fn line_at(buf: &[u8], from: usize) -> Result<Option<(Range<usize>, usize)>, ProtocolError> {
+fn line_at(
+    buf: &[u8],
+    from: usize,
+    malformed: ProtocolError,
+) -> Result<Option<(Range<usize>, usize)>, ProtocolError> {
     let rest = buf.get(from..).unwrap_or(&[]);
     match rest.iter().position(|&b| b == b'\r') {
         None if rest.len() > MAX_LINE_LEN => Err(ProtocolError::TooBigCountString),
@@ -239,7 +247,7 @@ fn line_at(buf: &[u8], from: usize) -> Result<Option<(Range<usize>, usize)>, Pro
             None => Ok(None),
             Some(b'\n') => Ok(Some((from..from + offset, from + offset + 2))),
             // A lone CR inside a length line cannot be a number either.
-            Some(_) => Err(ProtocolError::InvalidBulkLength),
+            Some(_) => Err(malformed),
         },
     }
 }
