@@ -33,7 +33,10 @@ pub struct FixedText<const N: usize> {
 
 impl<const N: usize> FixedText<N> {
     pub fn new() -> Self {
-        Self { buf: [0; N], len: 0 }
+        Self {
+            buf: [0; N],
+            len: 0,
+        }
     }
 
     pub fn as_str(&self) -> &str {

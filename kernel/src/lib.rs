@@ -11,6 +11,7 @@ pub mod capsule;
 pub mod control;
 pub mod diag;
 pub mod drivers;
+pub mod kloop;
 pub mod logger;
 pub mod mm;
 pub mod net;

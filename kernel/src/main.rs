@@ -8,7 +8,7 @@ use capsules_kernel::boot::BootInfo;
 use capsules_kernel::control::ControlService;
 use capsules_kernel::drivers::virtio::net::VirtioNet;
 use capsules_kernel::net::Network;
-use capsules_kernel::{arch, capsule, diag, println, programs, sched, time};
+use capsules_kernel::{arch, capsule, diag, kloop, println, programs, time};
 use capsules_wire::bootcfg::Ipv4Cidr;
 use capsules_wire::exit::KernelExit;
 
@@ -16,13 +16,19 @@ use capsules_wire::exit::KernelExit;
 const SHUTDOWN_FLUSH_NS: u64 = 200_000_000;
 
 /// Capsule locators are reached on-link (they answer ARP themselves).
-const LOCATOR_RANGE: Ipv4Cidr = Ipv4Cidr { addr: core::net::Ipv4Addr::new(198, 18, 0, 0), prefix: 16 };
+const LOCATOR_RANGE: Ipv4Cidr = Ipv4Cidr {
+    addr: core::net::Ipv4Addr::new(198, 18, 0, 0),
+    prefix: 16,
+};
 
 #[unsafe(no_mangle)]
 fn kernel_main(info: &'static BootInfo) -> ! {
     let config = &info.config;
     if config.probe {
-        println!("capsules: probe boot complete after {} us", time::since_boot_ns() / 1000);
+        println!(
+            "capsules: probe boot complete after {} us",
+            time::since_boot_ns() / 1000
+        );
         arch::exit_qemu(KernelExit::Success);
     }
     arch::enable_interrupts();
@@ -43,7 +49,12 @@ fn kernel_main(info: &'static BootInfo) -> ! {
     let name = config.name.as_deref().unwrap_or("vm");
     capsule::init(programs::ALL, name);
     let mut control = match &config.key {
-        Some(key) => Some(ControlService::new(&mut net, key, config.control_port, name)),
+        Some(key) => Some(ControlService::new(
+            &mut net,
+            key,
+            config.control_port,
+            name,
+        )),
         None => {
             log::warn!("no key= on the command line: control service disabled");
             None
@@ -58,34 +69,19 @@ fn kernel_main(info: &'static BootInfo) -> ! {
     diag::set_running("kernel loop");
     let mut shutdown_deadline = None;
     loop {
-        let mut busy = net.pump(&mut capsule::deliver);
-        busy |= net.poll_machine();
-        if let Some(control) = control.as_mut() {
-            busy |= control.poll(&mut net);
-            if control.shutdown_requested() {
-                let deadline = *shutdown_deadline.get_or_insert(time::since_boot_ns() + SHUTDOWN_FLUSH_NS);
-                if control.flushed(&net) || time::since_boot_ns() > deadline {
-                    log::info!("shutting down");
-                    arch::exit_qemu(KernelExit::Success);
-                }
+        let busy = kloop::step(&mut net, control.as_mut());
+        if let Some(control) = control.as_ref()
+            && control.shutdown_requested()
+        {
+            let deadline =
+                *shutdown_deadline.get_or_insert(time::since_boot_ns() + SHUTDOWN_FLUSH_NS);
+            if control.flushed(&net) || time::since_boot_ns() > deadline {
+                log::info!("shutting down");
+                arch::exit_qemu(KernelExit::Success);
             }
-        }
-        busy |= capsule::service(&mut net);
-        if capsule::any_runnable() {
-            // Let one task run a slice (or until it blocks); we are back after it.
-            sched::yield_now();
-            continue;
         }
         if !busy {
-            // Nothing left to do: sleep until a packet or the next tick. The
-            // interrupt flag is cleared first so that an interrupt arriving
-            // between the check and the halt is not lost.
-            arch::disable_interrupts();
-            if net.has_work() {
-                arch::enable_interrupts();
-            } else {
-                arch::wait_for_interrupt();
-            }
+            kloop::idle(&net);
         }
     }
 }

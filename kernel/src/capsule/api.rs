@@ -57,7 +57,10 @@ fn with_current<R>(f: impl FnOnce(&mut Capsule, &mut CapsuleRoot) -> R) -> R {
     let _guard = sched::preempt_disable();
     crate::arch::without_interrupts(|| {
         let mut registry = REGISTRY.lock();
-        let capsule = registry.capsules.get_mut(&slot).expect("running capsule is registered");
+        let capsule = registry
+            .capsules
+            .get_mut(&slot)
+            .expect("running capsule is registered");
         let root = capsule.root.expect("running capsule has its arena");
         // SAFETY: this task's capsule is live while the task runs; nothing
         // else touches it now (preemption is off, the kernel loop is parked).
@@ -123,15 +126,21 @@ pub fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<TaskId, &'
     let name = String::from(name);
     let entry: Box<dyn FnOnce() + Send> = Box::new(f);
     with_current(move |_, root| {
-        let live = root.tasks.iter().filter(|t| t.state != TaskState::Exited).count();
+        let live = root
+            .tasks
+            .iter()
+            .filter(|t| t.state != TaskState::Exited)
+            .count();
         if live >= MAX_TASKS {
             return Err("too many tasks in this capsule");
         }
         // Exited tasks' slots are reused so a long-lived server does not grow.
-        root.tasks.retain(|t| t.state != TaskState::Exited || is_current(t));
+        root.tasks
+            .retain(|t| t.state != TaskState::Exited || is_current(t));
         let id = root.next_task_id;
         root.next_task_id += 1;
-        root.tasks.push(Task::new(id, name, sched::task::DEFAULT_STACK_SIZE, entry));
+        root.tasks
+            .push(Task::new(id, name, sched::task::DEFAULT_STACK_SIZE, entry));
         Ok(TaskId(id))
     })
 }
@@ -144,7 +153,10 @@ fn is_current(task: &Task) -> bool {
 pub fn join(id: TaskId) {
     loop {
         let done = with_current(|_, root| {
-            root.tasks.iter().find(|t| t.id == id.0).is_none_or(|t| t.state == TaskState::Exited)
+            root.tasks
+                .iter()
+                .find(|t| t.id == id.0)
+                .is_none_or(|t| t.state == TaskState::Exited)
         });
         if done {
             return;
@@ -181,7 +193,9 @@ impl TcpListener {
         }
         with_current(|c, root| {
             let in_use = root.stack.sockets.iter().any(|(_, s)| match s {
-                smoltcp::socket::Socket::Tcp(t) => t.state() == tcp::State::Listen && t.listen_endpoint().port == port,
+                smoltcp::socket::Socket::Tcp(t) => {
+                    t.state() == tcp::State::Listen && t.listen_endpoint().port == port
+                }
                 _ => false,
             });
             if in_use {
@@ -198,7 +212,11 @@ impl TcpListener {
                         return Err(e);
                     }
                 };
-                root.stack.sockets.get_mut::<tcp::Socket>(handle).listen(port).map_err(|_| NetError::AddrInUse)?;
+                root.stack
+                    .sockets
+                    .get_mut::<tcp::Socket>(handle)
+                    .listen(port)
+                    .map_err(|_| NetError::AddrInUse)?;
                 ready.push(handle);
             }
             c.net_dirty = true;
@@ -223,7 +241,13 @@ impl TcpListener {
                 // Keep the backlog full; if that fails the port just has fewer
                 // ready sockets until a later accept.
                 if let Ok(fresh) = new_tcp_socket(root) {
-                    if root.stack.sockets.get_mut::<tcp::Socket>(fresh).listen(port).is_ok() {
+                    if root
+                        .stack
+                        .sockets
+                        .get_mut::<tcp::Socket>(fresh)
+                        .listen(port)
+                        .is_ok()
+                    {
                         self.ready.push(fresh);
                     } else {
                         root.stack.sockets.remove(fresh);
@@ -233,7 +257,11 @@ impl TcpListener {
                 Some(handle)
             });
             match accepted {
-                Some(handle) => return Ok(TcpStream { handle: Some(handle) }),
+                Some(handle) => {
+                    return Ok(TcpStream {
+                        handle: Some(handle),
+                    });
+                }
                 None => wait_net(),
             }
         }
@@ -263,7 +291,11 @@ impl TcpStream {
             let local = root.stack.ephemeral_port();
             let remote = IpEndpoint::new(IpAddress::Ipv4(addr), port);
             let cx = root.stack.iface.context();
-            let result = root.stack.sockets.get_mut::<tcp::Socket>(handle).connect(cx, remote, IpListenEndpoint::from(local));
+            let result = root.stack.sockets.get_mut::<tcp::Socket>(handle).connect(
+                cx,
+                remote,
+                IpListenEndpoint::from(local),
+            );
             if result.is_err() {
                 root.stack.sockets.remove(handle);
                 return Err(NetError::InvalidInput);
@@ -271,7 +303,9 @@ impl TcpStream {
             c.net_dirty = true;
             Ok(handle)
         })?;
-        let stream = TcpStream { handle: Some(handle) };
+        let stream = TcpStream {
+            handle: Some(handle),
+        };
         loop {
             let state = stream.with_socket(|s| s.state());
             match state {
@@ -305,7 +339,11 @@ impl TcpStream {
                     return Some(s.recv_slice(buf).map_err(|_| NetError::ConnectionReset));
                 }
                 if !s.may_recv() {
-                    return Some(if s.state() == tcp::State::Closed { Err(NetError::ConnectionReset) } else { Ok(0) });
+                    return Some(if s.state() == tcp::State::Closed {
+                        Err(NetError::ConnectionReset)
+                    } else {
+                        Ok(0)
+                    });
                 }
                 None
             });
@@ -366,7 +404,9 @@ impl TcpStream {
 
 impl Drop for TcpStream {
     fn drop(&mut self) {
-        let Some(handle) = self.handle.take() else { return };
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
         with_current(|c, root| {
             let socket = root.stack.sockets.get_mut::<tcp::Socket>(handle);
             socket.close();
@@ -387,13 +427,29 @@ impl UdpSocket {
             if root.stack.sockets.iter().count() >= MAX_SOCKETS {
                 return Err(NetError::TooManySockets);
             }
-            let port = if port == 0 { root.stack.ephemeral_port() } else { port };
+            let port = if port == 0 {
+                root.stack.ephemeral_port()
+            } else {
+                port
+            };
             let socket = udp::Socket::new(
-                udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; UDP_PACKETS], vec![0; UDP_BUFFER]),
-                udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; UDP_PACKETS], vec![0; UDP_BUFFER]),
+                udp::PacketBuffer::new(
+                    vec![udp::PacketMetadata::EMPTY; UDP_PACKETS],
+                    vec![0; UDP_BUFFER],
+                ),
+                udp::PacketBuffer::new(
+                    vec![udp::PacketMetadata::EMPTY; UDP_PACKETS],
+                    vec![0; UDP_BUFFER],
+                ),
             );
             let handle = root.stack.sockets.add(socket);
-            if root.stack.sockets.get_mut::<udp::Socket>(handle).bind(port).is_err() {
+            if root
+                .stack
+                .sockets
+                .get_mut::<udp::Socket>(handle)
+                .bind(port)
+                .is_err()
+            {
                 root.stack.sockets.remove(handle);
                 return Err(NetError::AddrInUse);
             }

@@ -15,7 +15,10 @@ pub struct LogRing {
 
 impl LogRing {
     pub fn new() -> Self {
-        Self { buf: vec![0; LOG_CAPACITY], written: 0 }
+        Self {
+            buf: vec![0; LOG_CAPACITY],
+            written: 0,
+        }
     }
 
     /// Appends without allocating (the buffer is sized once).
@@ -37,7 +40,9 @@ impl LogRing {
         let oldest = self.written.saturating_sub(LOG_CAPACITY as u64);
         let start = offset.clamp(oldest, self.written);
         let end = (start + max as u64).min(self.written);
-        let out = (start..end).map(|i| self.buf[(i % LOG_CAPACITY as u64) as usize]).collect();
+        let out = (start..end)
+            .map(|i| self.buf[(i % LOG_CAPACITY as u64) as usize])
+            .collect();
         (out, end)
     }
 }

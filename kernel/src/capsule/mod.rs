@@ -152,7 +152,10 @@ impl core::fmt::Display for CapsuleError {
             Self::NameTaken(n) => write!(f, "a capsule named '{n}' already exists on this VM"),
             Self::LocatorTaken(l) => write!(f, "locator {l} is already used on this VM"),
             Self::SlotTaken(s) => write!(f, "arena slot {s} is already used on this VM"),
-            Self::BadName => write!(f, "capsule names are 1-{MAX_NAME_LEN} characters of [A-Za-z0-9_.-]"),
+            Self::BadName => write!(
+                f,
+                "capsule names are 1-{MAX_NAME_LEN} characters of [A-Za-z0-9_.-]"
+            ),
             Self::NotFound(n) => write!(f, "no capsule named '{n}' on this VM"),
             Self::LimitReached(what) => write!(f, "limit reached: {what}"),
             Self::OutOfMemory => write!(f, "out of memory for a new capsule"),
@@ -166,7 +169,10 @@ struct Registry {
     cursor: u32,
 }
 
-static REGISTRY: Mutex<Registry> = Mutex::new(Registry { capsules: BTreeMap::new(), cursor: 0 });
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
+    capsules: BTreeMap::new(),
+    cursor: 0,
+});
 static PROGRAMS: Mutex<&'static [Program]> = Mutex::new(&[]);
 static VM_NAME: Mutex<Option<String>> = Mutex::new(None);
 
@@ -199,7 +205,9 @@ pub fn vm_name() -> String {
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
 /// What a new capsule is.
@@ -229,7 +237,10 @@ pub fn start(config: CapsuleConfig, net: &mut Network) -> Result<(), CapsuleErro
         if r.capsules.values().any(|c| c.name == config.name) {
             return Err(CapsuleError::NameTaken(config.name.clone()));
         }
-        if r.capsules.values().any(|c| c.locator == config.locator && c.state.is_running()) {
+        if r.capsules
+            .values()
+            .any(|c| c.locator == config.locator && c.state.is_running())
+        {
             return Err(CapsuleError::LocatorTaken(config.locator));
         }
         if r.capsules.contains_key(&config.slot) {
@@ -251,10 +262,15 @@ pub fn start(config: CapsuleConfig, net: &mut Network) -> Result<(), CapsuleErro
     let args = config.args.clone();
     let slot = config.slot;
     let root = arena::with_domain(slot, || {
-        let first = Task::new(0, program.name.to_string(), sched::task::DEFAULT_STACK_SIZE, {
-            let args: Vec<String> = args.clone();
-            Box::new(move || api::run_main(main, &args))
-        });
+        let first = Task::new(
+            0,
+            program.name.to_string(),
+            sched::task::DEFAULT_STACK_SIZE,
+            {
+                let args: Vec<String> = args.clone();
+                Box::new(move || api::run_main(main, &args))
+            },
+        );
         let mut tasks = Vec::with_capacity(4);
         tasks.push(first);
         Box::into_raw(Box::new(CapsuleRoot {
@@ -282,8 +298,19 @@ pub fn start(config: CapsuleConfig, net: &mut Network) -> Result<(), CapsuleErro
         net_news: false,
         poll_at_ns: None,
     };
-    let _ = writeln!(capsule.log, "capsule {} started: program {} on {}", capsule.name, program.name, vm_name());
-    ::log::info!("capsule {} ({}) started at {} in slot {slot}", capsule.name, program.name, capsule.locator);
+    let _ = writeln!(
+        capsule.log,
+        "capsule {} started: program {} on {}",
+        capsule.name,
+        program.name,
+        vm_name()
+    );
+    ::log::info!(
+        "capsule {} ({}) started at {} in slot {slot}",
+        capsule.name,
+        program.name,
+        capsule.locator
+    );
     net.switch.attach(capsule.locator, slot);
     net.switch.announce(&mut net.nic, capsule.locator);
     registry(|r| r.capsules.insert(slot, capsule));
@@ -297,7 +324,8 @@ fn find_slot(r: &Registry, name: &str) -> Option<u32> {
 /// Ends a capsule by name (kernel loop only). A capsule that already ended is
 /// removed from the list.
 pub fn kill(name: &str, net: &mut Network) -> Result<(), CapsuleError> {
-    let slot = registry(|r| find_slot(r, name)).ok_or_else(|| CapsuleError::NotFound(name.to_string()))?;
+    let slot =
+        registry(|r| find_slot(r, name)).ok_or_else(|| CapsuleError::NotFound(name.to_string()))?;
     let running = registry(|r| {
         let c = r.capsules.get_mut(&slot).expect("slot just found");
         let running = c.state.is_running();
@@ -319,13 +347,18 @@ pub fn list() -> Vec<CapsuleInfo> {
         r.capsules
             .values_mut()
             .map(|c| {
-                let (memory_bytes, memory_limit) =
-                    arena::usage(c.slot).map(|(mapped, _, limit)| (mapped, limit)).unwrap_or((0, 0));
+                let (memory_bytes, memory_limit) = arena::usage(c.slot)
+                    .map(|(mapped, _, limit)| (mapped, limit))
+                    .unwrap_or((0, 0));
                 let uptime_ns = c.uptime_ns();
                 let (tasks, sockets) = c
                     .root()
                     .map(|root| {
-                        let live = root.tasks.iter().filter(|t| t.state != TaskState::Exited).count();
+                        let live = root
+                            .tasks
+                            .iter()
+                            .filter(|t| t.state != TaskState::Exited)
+                            .count();
                         (live as u32, root.stack.sockets.iter().count() as u32)
                     })
                     .unwrap_or((0, 0));
@@ -359,7 +392,8 @@ pub fn any_runnable() -> bool {
     registry(|r| {
         r.capsules.values_mut().any(|c| {
             c.state.is_running()
-                && c.root().is_some_and(|root| root.tasks.iter().any(|t| t.state == TaskState::Runnable))
+                && c.root()
+                    .is_some_and(|root| root.tasks.iter().any(|t| t.state == TaskState::Runnable))
         })
     })
 }
@@ -403,14 +437,18 @@ fn poll_capsule(slot: u32, now: u64, net: &mut Network, local: &mut Vec<LocalDel
         if !c.state.is_running() {
             return None;
         }
-        let due = c.net_dirty || !c.inbound.is_empty() || c.poll_at_ns.is_some_and(|at| at <= c.clock_ns());
+        let due = c.net_dirty
+            || !c.inbound.is_empty()
+            || c.poll_at_ns.is_some_and(|at| at <= c.clock_ns());
         if !due {
             return None;
         }
         c.net_dirty = false;
         Some((c.root?, core::mem::take(&mut c.inbound), c.clock_ns()))
     });
-    let Some((root, mut inbound, clock)) = taken else { return false };
+    let Some((root, mut inbound, clock)) = taken else {
+        return false;
+    };
     let had_packets = !inbound.is_empty();
     // SAFETY: see the module rules: no task of this capsule is inside the
     // stack now, and the arena stays mapped until `reap`, which runs later in
@@ -459,8 +497,12 @@ fn wake(now: u64) -> bool {
             }
             let news = core::mem::take(&mut c.net_news);
             let Some(root) = c.root() else { continue };
-            let exited: Vec<u32> =
-                root.tasks.iter().filter(|t| t.state == TaskState::Exited).map(|t| t.id).collect();
+            let exited: Vec<u32> = root
+                .tasks
+                .iter()
+                .filter(|t| t.state == TaskState::Exited)
+                .map(|t| t.id)
+                .collect();
             let all_exited = root.tasks.iter().all(|t| t.state == TaskState::Exited);
             for task in root.tasks.iter_mut() {
                 let ready = match task.state {
@@ -511,7 +553,10 @@ fn pick_next() -> Option<(u32, *mut Task)> {
     let mut r = REGISTRY.lock();
     let cursor = r.cursor;
     let order: Vec<u32> = {
-        let after = r.capsules.range(cursor.saturating_add(1)..).map(|(s, _)| *s);
+        let after = r
+            .capsules
+            .range(cursor.saturating_add(1)..)
+            .map(|(s, _)| *s);
         let before = r.capsules.range(..=cursor).map(|(s, _)| *s);
         after.chain(before).collect()
     };
@@ -545,7 +590,11 @@ fn on_task_fault(slot: u32, frame: &TrapFrame) {
     }
     let mut report = String::new();
     let running = registry(|r| r.capsules.get(&slot).map(|c| c.name.clone())).unwrap_or_default();
-    crate::arch::x86_64::trap::write_fault_report(&mut report, frame, &alloc::format!("capsule {running}"));
+    crate::arch::x86_64::trap::write_fault_report(
+        &mut report,
+        frame,
+        &alloc::format!("capsule {running}"),
+    );
     fail(slot, "CPU exception", &report);
 }
 
@@ -565,10 +614,15 @@ pub fn on_task_panic(slot: u32, message: &str) -> ! {
 fn fail(slot: u32, kind: &str, detail: &str) {
     let name = registry(|r| {
         let c = r.capsules.get_mut(&slot)?;
-        c.state = CapsuleState::Faulted(alloc::format!("{kind}: {}", detail.lines().next().unwrap_or("")));
+        c.state = CapsuleState::Faulted(alloc::format!(
+            "{kind}: {}",
+            detail.lines().next().unwrap_or("")
+        ));
         let _ = writeln!(c.log, "capsule ended by {kind}:\n{detail}");
         Some(c.name.clone())
     })
     .unwrap_or_default();
-    crate::println!("*** capsule {name} ended by {kind}; the kernel and other capsules go on:\n{detail}");
+    crate::println!(
+        "*** capsule {name} ended by {kind}; the kernel and other capsules go on:\n{detail}"
+    );
 }

@@ -55,7 +55,8 @@ pub enum ArenaError {
     LimitTooSmall,
 }
 
-static ACTIVE: [AtomicBool; MAX_SLOTS as usize] = [const { AtomicBool::new(false) }; MAX_SLOTS as usize];
+static ACTIVE: [AtomicBool; MAX_SLOTS as usize] =
+    [const { AtomicBool::new(false) }; MAX_SLOTS as usize];
 static DOMAIN: AtomicU32 = AtomicU32::new(KERNEL_DOMAIN);
 
 pub fn window_base(slot: u32) -> u64 {
@@ -169,7 +170,9 @@ pub fn set_root(slot: u32, root: usize) {
 }
 
 pub fn root(slot: u32) -> Option<usize> {
-    header(slot).map(|h| h.root.load(Ordering::Acquire)).filter(|r| *r != 0)
+    header(slot)
+        .map(|h| h.root.load(Ordering::Acquire))
+        .filter(|r| *r != 0)
 }
 
 /// (bytes mapped including the header, bytes allocated, limit).
@@ -187,7 +190,9 @@ pub fn is_valid(slot: u32) -> bool {
 }
 
 pub fn alloc(slot: u32, layout: Layout) -> *mut u8 {
-    let Some(h) = header(slot) else { return core::ptr::null_mut() };
+    let Some(h) = header(slot) else {
+        return core::ptr::null_mut();
+    };
     let mut state = h.state.lock();
     loop {
         if let Ok(ptr) = state.heap.allocate_first_fit(layout) {
@@ -208,7 +213,12 @@ pub unsafe fn dealloc(slot: u32, ptr: *mut u8, layout: Layout) {
         return;
     };
     // SAFETY: forwarded to the caller.
-    unsafe { h.state.lock().heap.deallocate(NonNull::new_unchecked(ptr), layout) };
+    unsafe {
+        h.state
+            .lock()
+            .heap
+            .deallocate(NonNull::new_unchecked(ptr), layout)
+    };
 }
 
 /// The slot whose arena serves allocations now, or `None` for the kernel heap.

@@ -51,7 +51,9 @@ impl phy::Device for MachineDevice<'_> {
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<Self::TxToken<'_>> {
-        self.nic.can_transmit().then_some(NicTxToken { nic: self.nic })
+        self.nic
+            .can_transmit()
+            .then_some(NicTxToken { nic: self.nic })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -66,7 +68,10 @@ impl phy::Device for MachineDevice<'_> {
 impl phy::TxToken for NicTxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut f = Some(f);
-        if let Some(r) = self.nic.transmit(len, |buf| (f.take().expect("called once"))(buf)) {
+        if let Some(r) = self
+            .nic
+            .transmit(len, |buf| (f.take().expect("called once"))(buf))
+        {
             return r;
         }
         // No room after all: build the frame in scratch space and drop it;

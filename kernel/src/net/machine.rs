@@ -20,22 +20,40 @@ pub struct MachineStack {
 impl MachineStack {
     pub fn new(nic: &mut VirtioNet, ip: Ipv4Cidr, gateway: Option<Ipv4Addr>) -> Self {
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(nic.mac())));
-        config.random_seed = u64::from_le_bytes(crate::random::bytes32()[..8].try_into().expect("8 bytes"));
+        config.random_seed =
+            u64::from_le_bytes(crate::random::bytes32()[..8].try_into().expect("8 bytes"));
         let mut empty = VecDeque::new();
-        let mut iface = Interface::new(config, &mut MachineDevice { nic, rx: &mut empty }, super::now());
+        let mut iface = Interface::new(
+            config,
+            &mut MachineDevice {
+                nic,
+                rx: &mut empty,
+            },
+            super::now(),
+        );
         iface.update_ip_addrs(|addrs| {
-            addrs.push(IpCidr::new(IpAddress::Ipv4(ip.addr), ip.prefix)).expect("room for one address");
+            addrs
+                .push(IpCidr::new(IpAddress::Ipv4(ip.addr), ip.prefix))
+                .expect("room for one address");
         });
         if let Some(gw) = gateway {
-            iface.routes_mut().add_default_ipv4_route(gw).expect("room for a route");
+            iface
+                .routes_mut()
+                .add_default_ipv4_route(gw)
+                .expect("room for a route");
         }
-        Self { iface, sockets: SocketSet::new(Vec::new()) }
+        Self {
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+        }
     }
 
     /// Processes queued frames and socket timers; sends what is due.
     /// Returns whether any socket may have changed.
     pub fn poll(&mut self, nic: &mut VirtioNet, rx: &mut VecDeque<Vec<u8>>) -> bool {
         let mut device = MachineDevice { nic, rx };
-        self.iface.poll(super::now(), &mut device, &mut self.sockets) == PollResult::SocketStateChanged
+        self.iface
+            .poll(super::now(), &mut device, &mut self.sockets)
+            == PollResult::SocketStateChanged
     }
 }

@@ -27,14 +27,23 @@ pub struct Network {
 }
 
 impl Network {
-    pub fn new(mut nic: VirtioNet, ip: Ipv4Cidr, gateway: Option<Ipv4Addr>, locators: Ipv4Cidr) -> Self {
+    pub fn new(
+        mut nic: VirtioNet,
+        ip: Ipv4Cidr,
+        gateway: Option<Ipv4Addr>,
+        locators: Ipv4Cidr,
+    ) -> Self {
         let machine = MachineStack::new(&mut nic, ip, gateway);
         let switch = Switch::new(nic.mac(), ip, gateway, locators);
         log::info!(
             "network: machine {ip} on {}, capsule locators {locators} on-link",
             crate::drivers::virtio::net::MacDisplay(nic.mac())
         );
-        Self { nic, switch, machine }
+        Self {
+            nic,
+            switch,
+            machine,
+        }
     }
 
     /// Moves every received frame through the switch. Packets for capsules are
@@ -59,7 +68,11 @@ impl Network {
 
     /// Polls the machine stack. Returns whether a socket may have changed.
     pub fn poll_machine(&mut self) -> bool {
-        let Network { nic, switch, machine } = self;
+        let Network {
+            nic,
+            switch,
+            machine,
+        } = self;
         machine.poll(nic, &mut switch.machine_rx)
     }
 

@@ -12,8 +12,8 @@ use core::net::Ipv4Addr;
 
 use capsules_wire::bootcfg::Ipv4Cidr;
 use smoltcp::wire::{
-    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr,
-    Ipv4Packet,
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, Ipv4Packet,
 };
 
 use crate::drivers::virtio::net::{MAX_FRAME, VirtioNet};
@@ -80,7 +80,12 @@ pub struct LocalDelivery {
 }
 
 impl Switch {
-    pub fn new(mac: [u8; 6], machine: Ipv4Cidr, gateway: Option<Ipv4Addr>, on_link: Ipv4Cidr) -> Self {
+    pub fn new(
+        mac: [u8; 6],
+        machine: Ipv4Cidr,
+        gateway: Option<Ipv4Addr>,
+        on_link: Ipv4Cidr,
+    ) -> Self {
         Self {
             mac: EthernetAddress(mac),
             machine,
@@ -100,7 +105,8 @@ impl Switch {
 
     pub fn detach(&mut self, locator: Ipv4Addr) {
         self.locators.remove(&locator);
-        self.pending.retain(|p| ipv4_src(&p.packet) != Some(locator));
+        self.pending
+            .retain(|p| ipv4_src(&p.packet) != Some(locator));
     }
 
     pub fn resident(&self, locator: Ipv4Addr) -> Option<u32> {
@@ -109,12 +115,19 @@ impl Switch {
 
     /// Sorts one received Ethernet frame. Capsule packets are returned for the
     /// caller to queue at the capsule; machine frames are queued here.
-    pub fn ingress(&mut self, frame: &[u8], nic: &mut VirtioNet, now_ns: u64) -> (Delivery, Option<LocalDelivery>) {
+    pub fn ingress(
+        &mut self,
+        frame: &[u8],
+        nic: &mut VirtioNet,
+        now_ns: u64,
+    ) -> (Delivery, Option<LocalDelivery>) {
         let Ok(eth) = EthernetFrame::new_checked(frame) else {
             self.counters.malformed += 1;
             return (Delivery::Dropped, None);
         };
-        let for_us = eth.dst_addr() == self.mac || eth.dst_addr().is_broadcast() || eth.dst_addr().is_multicast();
+        let for_us = eth.dst_addr() == self.mac
+            || eth.dst_addr().is_broadcast()
+            || eth.dst_addr().is_multicast();
         if !for_us {
             return (Delivery::Ignored, None);
         }
@@ -135,7 +148,13 @@ impl Switch {
                 let len = (ip.total_len() as usize).min(payload.len());
                 if let Some(slot) = self.locators.get(&dst).copied() {
                     self.counters.to_capsules += 1;
-                    return (Delivery::Capsule(slot), Some(LocalDelivery { slot, packet: payload[..len].to_vec() }));
+                    return (
+                        Delivery::Capsule(slot),
+                        Some(LocalDelivery {
+                            slot,
+                            packet: payload[..len].to_vec(),
+                        }),
+                    );
                 }
                 if dst == self.machine.addr || dst.is_broadcast() || dst.is_multicast() {
                     return (self.queue_machine(frame), None);
@@ -157,15 +176,24 @@ impl Switch {
     }
 
     fn ingress_arp(&mut self, frame: &[u8], nic: &mut VirtioNet, now_ns: u64) -> Delivery {
-        let parsed = ArpPacket::new_checked(&frame[ETHERNET_HEADER..]).and_then(|p| ArpRepr::parse(&p));
-        let Ok(ArpRepr::EthernetIpv4 { operation, source_hardware_addr, source_protocol_addr, target_protocol_addr, .. }) =
-            parsed
+        let parsed =
+            ArpPacket::new_checked(&frame[ETHERNET_HEADER..]).and_then(|p| ArpRepr::parse(&p));
+        let Ok(ArpRepr::EthernetIpv4 {
+            operation,
+            source_hardware_addr,
+            source_protocol_addr,
+            target_protocol_addr,
+            ..
+        }) = parsed
         else {
             self.counters.malformed += 1;
             return Delivery::Dropped;
         };
         if source_hardware_addr.is_unicast() && !source_protocol_addr.is_unspecified() {
-            self.neighbours.insert(source_protocol_addr, (source_hardware_addr, now_ns + NEIGHBOUR_TTL_NS));
+            self.neighbours.insert(
+                source_protocol_addr,
+                (source_hardware_addr, now_ns + NEIGHBOUR_TTL_NS),
+            );
             self.flush_pending(source_protocol_addr, nic);
         }
         if operation == ArpOperation::Request && self.locators.contains_key(&target_protocol_addr) {
@@ -187,7 +215,11 @@ impl Switch {
 
     fn send_arp(&mut self, nic: &mut VirtioNet, dst: EthernetAddress, repr: &ArpRepr) {
         let len = ETHERNET_HEADER + repr.buffer_len();
-        let eth = EthernetRepr { src_addr: self.mac, dst_addr: dst, ethertype: EthernetProtocol::Arp };
+        let eth = EthernetRepr {
+            src_addr: self.mac,
+            dst_addr: dst,
+            ethertype: EthernetProtocol::Arp,
+        };
         nic.transmit(len, |buf| {
             let mut frame = EthernetFrame::new_unchecked(buf);
             eth.emit(&mut frame);
@@ -217,7 +249,12 @@ impl Switch {
 
     /// Sends an IPv4 packet from a resident capsule. Packets to another
     /// resident capsule come back as a local delivery instead of leaving.
-    pub fn egress(&mut self, packet: &[u8], nic: &mut VirtioNet, now_ns: u64) -> Option<LocalDelivery> {
+    pub fn egress(
+        &mut self,
+        packet: &[u8],
+        nic: &mut VirtioNet,
+        now_ns: u64,
+    ) -> Option<LocalDelivery> {
         let Ok(ip) = Ipv4Packet::new_checked(packet) else {
             self.counters.malformed += 1;
             return None;
@@ -230,7 +267,10 @@ impl Switch {
         }
         if let Some(slot) = self.locators.get(&dst).copied() {
             self.counters.hairpinned += 1;
-            return Some(LocalDelivery { slot, packet: packet.to_vec() });
+            return Some(LocalDelivery {
+                slot,
+                packet: packet.to_vec(),
+            });
         }
         let Some(hop) = self.next_hop(dst) else {
             self.counters.unroutable += 1;
@@ -239,7 +279,10 @@ impl Switch {
         let mac = if dst.is_broadcast() {
             Some(EthernetAddress::BROADCAST)
         } else {
-            self.neighbours.get(&hop).filter(|(_, expires)| *expires > now_ns).map(|(mac, _)| *mac)
+            self.neighbours
+                .get(&hop)
+                .filter(|(_, expires)| *expires > now_ns)
+                .map(|(mac, _)| *mac)
         };
         match mac {
             Some(mac) => self.transmit_ip(nic, mac, packet),
@@ -249,7 +292,11 @@ impl Switch {
                     self.counters.queue_full += 1;
                 } else {
                     let packet = packet.to_vec();
-                    self.pending.push(Pending { next_hop: hop, packet, deadline_ns: now_ns + ARP_TIMEOUT_NS });
+                    self.pending.push(Pending {
+                        next_hop: hop,
+                        packet,
+                        deadline_ns: now_ns + ARP_TIMEOUT_NS,
+                    });
                 }
                 if !already_asked {
                     let request = ArpRepr::EthernetIpv4 {
@@ -271,7 +318,11 @@ impl Switch {
             self.counters.malformed += 1;
             return;
         }
-        let eth = EthernetRepr { src_addr: self.mac, dst_addr: dst, ethertype: EthernetProtocol::Ipv4 };
+        let eth = EthernetRepr {
+            src_addr: self.mac,
+            dst_addr: dst,
+            ethertype: EthernetProtocol::Ipv4,
+        };
         let sent = nic.transmit(ETHERNET_HEADER + packet.len(), |buf| {
             let mut frame = EthernetFrame::new_unchecked(buf);
             eth.emit(&mut frame);
@@ -284,7 +335,9 @@ impl Switch {
     }
 
     fn flush_pending(&mut self, resolved: Ipv4Addr, nic: &mut VirtioNet) {
-        let Some((mac, _)) = self.neighbours.get(&resolved).copied() else { return };
+        let Some((mac, _)) = self.neighbours.get(&resolved).copied() else {
+            return;
+        };
         let mut i = 0;
         while i < self.pending.len() {
             if self.pending[i].next_hop == resolved {

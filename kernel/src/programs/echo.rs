@@ -12,7 +12,9 @@ pub fn main(args: &[String]) -> Result<(), String> {
     let mut listener = TcpListener::bind(port).map_err(|e| alloc::format!("bind {port}: {e}"))?;
     capsule_log!("echo listening on {}:{port}", api::locator());
     loop {
-        let stream = listener.accept().map_err(|e| alloc::format!("accept: {e}"))?;
+        let stream = listener
+            .accept()
+            .map_err(|e| alloc::format!("accept: {e}"))?;
         if api::spawn("echo-conn", move || serve(stream)).is_err() {
             capsule_log!("echo: too many connections; refusing one");
         }

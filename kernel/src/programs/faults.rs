@@ -24,7 +24,9 @@ pub fn divide_by_zero_after(args: &[String]) -> Result<(), String> {
     let zero = core::hint::black_box(0u64);
     // SAFETY: deliberately divides by zero in the CPU (not Rust's checked
     // division, which would panic instead of faulting).
-    unsafe { core::arch::asm!("xor edx, edx", "div {z}", z = in(reg) zero, inout("rax") 1u64 => _, out("rdx") _) };
+    unsafe {
+        core::arch::asm!("xor edx, edx", "div {z}", z = in(reg) zero, inout("rax") 1u64 => _, out("rdx") _)
+    };
     Ok(())
 }
 

@@ -10,14 +10,26 @@ use crate::capsule::Program;
 
 /// Everything `run` can start, with a one-line description each.
 pub static ALL: &[Program] = &[
-    Program { name: "echo", description: "TCP echo server (--port N, default 7)", main: echo::main },
+    Program {
+        name: "echo",
+        description: "TCP echo server (--port N, default 7)",
+        main: echo::main,
+    },
     Program {
         name: "ticker",
         description: "connects to ADDR:PORT and sends a numbered line every MS ms (ADDR:PORT [MS])",
         main: ticker::main,
     },
-    Program { name: "spin", description: "CPU-bound loop, to show preemption and fairness (--tasks N)", main: spin::main },
-    Program { name: "crash-panic", description: "test only: panics after ARG ms (default 0)", main: faults::panic_after },
+    Program {
+        name: "spin",
+        description: "CPU-bound loop, to show preemption and fairness (--tasks N)",
+        main: spin::main,
+    },
+    Program {
+        name: "crash-panic",
+        description: "test only: panics after ARG ms (default 0)",
+        main: faults::panic_after,
+    },
     Program {
         name: "crash-divide",
         description: "test only: divides by zero after ARG ms (default 0)",
@@ -31,12 +43,19 @@ pub static ALL: &[Program] = &[
 ];
 
 /// `--port N` or nothing.
-pub fn port_arg(args: &[alloc::string::String], default: u16) -> Result<u16, alloc::string::String> {
+pub fn port_arg(
+    args: &[alloc::string::String],
+    default: u16,
+) -> Result<u16, alloc::string::String> {
     match args {
         [] => Ok(default),
-        [flag, value] if flag == "--port" => {
-            value.parse().ok().filter(|p| *p != 0).ok_or_else(|| alloc::format!("bad port '{value}'"))
-        }
-        _ => Err(alloc::format!("unexpected arguments {args:?}; usage: [--port N]")),
+        [flag, value] if flag == "--port" => value
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| alloc::format!("bad port '{value}'")),
+        _ => Err(alloc::format!(
+            "unexpected arguments {args:?}; usage: [--port N]"
+        )),
     }
 }

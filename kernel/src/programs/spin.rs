@@ -13,7 +13,9 @@ pub static ITERATIONS: AtomicU64 = AtomicU64::new(0);
 pub fn main(args: &[String]) -> Result<(), String> {
     let tasks: u32 = match args {
         [] => 1,
-        [flag, n] if flag == "--tasks" => n.parse().map_err(|_| alloc::format!("bad task count '{n}'"))?,
+        [flag, n] if flag == "--tasks" => n
+            .parse()
+            .map_err(|_| alloc::format!("bad task count '{n}'"))?,
         _ => return Err(String::from("usage: [--tasks N]")),
     };
     for i in 1..tasks {

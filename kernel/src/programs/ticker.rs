@@ -38,10 +38,20 @@ fn parse(args: &[String]) -> Result<(Ipv4Addr, u16, u64), String> {
     let usage = || String::from("usage: ADDR:PORT [INTERVAL_MS]");
     let target = args.first().ok_or_else(usage)?;
     let (addr, port) = target.split_once(':').ok_or_else(usage)?;
-    let addr: Ipv4Addr = addr.parse().map_err(|_| alloc::format!("bad address '{addr}'"))?;
-    let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(|| alloc::format!("bad port '{port}'"))?;
+    let addr: Ipv4Addr = addr
+        .parse()
+        .map_err(|_| alloc::format!("bad address '{addr}'"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| alloc::format!("bad port '{port}'"))?;
     let interval = match args.get(1) {
-        Some(ms) => ms.parse().ok().filter(|m| *m > 0).ok_or_else(|| alloc::format!("bad interval '{ms}'"))?,
+        Some(ms) => ms
+            .parse()
+            .ok()
+            .filter(|m| *m > 0)
+            .ok_or_else(|| alloc::format!("bad interval '{ms}'"))?,
         None => 1000,
     };
     if args.len() > 2 {

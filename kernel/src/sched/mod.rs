@@ -131,7 +131,11 @@ pub fn switch_count() -> u64 {
 /// Gives up the CPU: a task lets the kernel loop run; the kernel loop lets
 /// the next runnable task run (or continues if there is none).
 pub fn yield_now() {
-    debug_assert_eq!(PREEMPT_DISABLED.load(Ordering::Relaxed), 0, "yield inside a preemption-free section");
+    debug_assert_eq!(
+        PREEMPT_DISABLED.load(Ordering::Relaxed),
+        0,
+        "yield inside a preemption-free section"
+    );
     // SAFETY: vector 0x81 is the scheduler's yield gate; the trap returns here
     // once this context is chosen again.
     unsafe { core::arch::asm!("int {v}", v = const YIELD_VECTOR) };
@@ -208,7 +212,11 @@ fn preempt(frame: &mut TrapFrame, fx: &mut FxArea, running: Running) {
 }
 
 fn save(frame: &TrapFrame, fx: &FxArea, running: Running) {
-    let ctx = Context { frame: *frame, fx: *fx, domain: arena::domain() };
+    let ctx = Context {
+        frame: *frame,
+        fx: *fx,
+        domain: arena::domain(),
+    };
     match running {
         Running::Kernel => *KERNEL_CONTEXT.lock() = ctx,
         // SAFETY: the running task is live; only this CPU touches it, with
@@ -226,7 +234,12 @@ fn load(frame: &mut TrapFrame, fx: &mut FxArea, next: Running) {
     };
     *frame = ctx.frame;
     *fx = ctx.fx;
-    arena::set_domain(ctx.domain);
+    // A task always allocates in its own capsule's arena.
+    let domain = match next {
+        Running::Kernel => ctx.domain,
+        Running::Task { slot, .. } => Some(slot),
+    };
+    arena::set_domain(domain);
     *RUNNING.lock() = next;
     SLICE_START.store(crate::time::ticks(), Ordering::Relaxed);
     SWITCHES.fetch_add(1, Ordering::Relaxed);

@@ -13,11 +13,15 @@ use crate::arch::x86_64::trap::{FxArea, TrapFrame};
 pub enum TaskState {
     Runnable,
     /// Until the capsule clock passes this many nanoseconds of kernel time.
-    Sleeping { until_ns: u64 },
+    Sleeping {
+        until_ns: u64,
+    },
     /// Until the capsule's network stack has news.
     WaitingNet,
     /// Until the task with this id has exited.
-    Joining { task: u32 },
+    Joining {
+        task: u32,
+    },
     Exited,
 }
 

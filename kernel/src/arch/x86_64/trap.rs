@@ -215,7 +215,11 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame, fx: &mut FxArea) {
     }
     apic::end_of_interrupt();
     if let Some(hook) = switch_hook() {
-        let cause = if vector == IRQ_BASE { SwitchCause::Timer } else { SwitchCause::Device };
+        let cause = if vector == IRQ_BASE {
+            SwitchCause::Timer
+        } else {
+            SwitchCause::Device
+        };
         hook(frame, fx, cause);
     }
 }
@@ -224,9 +228,17 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame, fx: &mut FxArea) {
 /// by the scheduler for faults it contains in a capsule).
 pub fn write_fault_report(out: &mut impl core::fmt::Write, frame: &TrapFrame, running: &str) {
     let vector = frame.vector as u8;
-    let _ = writeln!(out, "{} (vector {vector}) while running: {running}", exception_name(vector));
+    let _ = writeln!(
+        out,
+        "{} (vector {vector}) while running: {running}",
+        exception_name(vector)
+    );
     let _ = writeln!(out, "    error code: {:#x}", frame.error_code);
-    let _ = writeln!(out, "    rip: {:#018x}  rsp: {:#018x}  rflags: {:#x}", frame.rip, frame.rsp, frame.rflags);
+    let _ = writeln!(
+        out,
+        "    rip: {:#018x}  rsp: {:#018x}  rflags: {:#x}",
+        frame.rip, frame.rsp, frame.rflags
+    );
     write_page_fault_line(out, frame);
 }
 
@@ -286,10 +298,17 @@ fn write_page_fault_line(out: &mut impl core::fmt::Write, frame: &TrapFrame) {
     } else {
         "read from"
     };
-    let page = if e & 1 != 0 { "a protected" } else { "an unmapped" };
+    let page = if e & 1 != 0 {
+        "a protected"
+    } else {
+        "an unmapped"
+    };
     let mode = if e & 4 != 0 { "user" } else { "kernel" };
     let reserved = if e & 8 != 0 { ", reserved bit set" } else { "" };
-    let _ = writeln!(out, "    cr2 (fault address): {cr2:#018x} ({access} {page} page, {mode} mode{reserved})");
+    let _ = writeln!(
+        out,
+        "    cr2 (fault address): {cr2:#018x} ({access} {page} page, {mode} mode{reserved})"
+    );
 }
 
 /// Prints a report of a CPU exception in kernel code and ends the VM.

@@ -1,0 +1,600 @@
+//! In-kernel tests of capsules: the scheduler (preemption, fairness, sleep,
+//! join), arenas and allocation routing, fault containment, and the capsule
+//! switch (ARP, demultiplexing, framing, malformed frames). The VM has two
+//! NICs on a QEMU-internal hub: NIC 0 carries the capsules, NIC 1 plays a
+//! host on the same LAN.
+
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::string::{String, ToString};
+use alloc::vec;
+use alloc::vec::Vec;
+use core::net::Ipv4Addr;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use capsules_kernel::boot::BootInfo;
+use capsules_kernel::capsule::api::{self, UdpSocket};
+use capsules_kernel::capsule::{self, CapsuleConfig, CapsuleState, Program};
+use capsules_kernel::drivers::virtio::net::VirtioNet;
+use capsules_kernel::mm::arena;
+use capsules_kernel::net::Network;
+use capsules_kernel::testing::{Test, run};
+use capsules_kernel::{arch, kloop, programs, time};
+use capsules_wire::bootcfg::Ipv4Cidr;
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr,
+};
+use spin::Mutex;
+
+const MACHINE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const PEER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 99);
+
+static COUNTS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+static HEAP_ADDR: AtomicU64 = AtomicU64::new(0);
+static SLEPT_NS: AtomicU64 = AtomicU64::new(0);
+
+fn counter_index() -> usize {
+    api::locator().octets()[3] as usize % 8
+}
+
+fn count(_: &[String]) -> Result<(), String> {
+    let i = counter_index();
+    loop {
+        COUNTS[i].fetch_add(1, Ordering::Relaxed);
+        core::hint::black_box(&COUNTS);
+    }
+}
+
+fn two_tasks_count(_: &[String]) -> Result<(), String> {
+    let i = counter_index();
+    for _ in 0..3 {
+        api::spawn("extra", move || {
+            loop {
+                COUNTS[i].fetch_add(1, Ordering::Relaxed);
+            }
+        })
+        .map_err(String::from)?;
+    }
+    loop {
+        COUNTS[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn allocate(_: &[String]) -> Result<(), String> {
+    let data: Vec<u64> = vec![7; 100_000];
+    HEAP_ADDR.store(data.as_ptr() as u64, Ordering::Relaxed);
+    api::sleep_ms(1_000_000);
+    drop(data);
+    Ok(())
+}
+
+fn sleep_and_join(_: &[String]) -> Result<(), String> {
+    let start = time::since_boot_ns();
+    let worker = api::spawn("sleeper", || api::sleep_ms(50)).map_err(String::from)?;
+    api::join(worker);
+    SLEPT_NS.store(time::since_boot_ns() - start, Ordering::Relaxed);
+    Ok(())
+}
+
+fn udp_echo(_: &[String]) -> Result<(), String> {
+    let socket = UdpSocket::bind(5000).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 1500];
+    loop {
+        let (n, addr, port) = socket.recv_from(&mut buf).map_err(|e| e.to_string())?;
+        buf[..n].reverse();
+        socket
+            .send_to(&buf[..n], addr, port)
+            .map_err(|e| e.to_string())?;
+    }
+}
+
+static PROGRAMS: &[Program] = &[
+    Program {
+        name: "count",
+        description: "",
+        main: count,
+    },
+    Program {
+        name: "count4",
+        description: "",
+        main: two_tasks_count,
+    },
+    Program {
+        name: "allocate",
+        description: "",
+        main: allocate,
+    },
+    Program {
+        name: "sleep-join",
+        description: "",
+        main: sleep_and_join,
+    },
+    Program {
+        name: "udp-echo",
+        description: "",
+        main: udp_echo,
+    },
+    Program {
+        name: "crash-panic",
+        description: "",
+        main: programs::faults::panic_after,
+    },
+    Program {
+        name: "crash-divide",
+        description: "",
+        main: programs::faults::divide_by_zero_after,
+    },
+    Program {
+        name: "crash-pagefault",
+        description: "",
+        main: programs::faults::touch_unmapped_after,
+    },
+];
+
+struct Lab {
+    net: Network,
+    peer: VirtioNet,
+}
+
+static LAB: Mutex<Option<Lab>> = Mutex::new(None);
+
+fn with_lab<R>(f: impl FnOnce(&mut Lab) -> R) -> R {
+    f(LAB.lock().as_mut().expect("lab set up"))
+}
+
+fn start(lab: &mut Lab, name: &str, program: &str, last_octet: u8, slot: u32) {
+    capsule::start(
+        CapsuleConfig {
+            name: name.to_string(),
+            program: program.to_string(),
+            args: Vec::new(),
+            locator: Ipv4Addr::new(198, 18, 0, last_octet),
+            slot,
+            memory_limit: 16 << 20,
+        },
+        &mut lab.net,
+    )
+    .unwrap_or_else(|e| panic!("start {name}: {e}"));
+}
+
+fn state_of(name: &str) -> CapsuleState {
+    capsule::list()
+        .into_iter()
+        .find(|c| c.name == name)
+        .map(|c| c.state)
+        .expect("capsule listed")
+}
+
+fn setup() {
+    arch::enable_interrupts();
+    let nic = VirtioNet::init(0, true).expect("NIC 0");
+    let peer = VirtioNet::init(1, false).expect("NIC 1");
+    let net = Network::new(
+        nic,
+        Ipv4Cidr {
+            addr: MACHINE,
+            prefix: 24,
+        },
+        None,
+        Ipv4Cidr {
+            addr: Ipv4Addr::new(198, 18, 0, 0),
+            prefix: 16,
+        },
+    );
+    capsule::init(PROGRAMS, "test-vm");
+    *LAB.lock() = Some(Lab { net, peer });
+}
+
+fn preemption_shares_the_cpu_fairly_between_capsules() {
+    with_lab(|lab| {
+        // One capsule with one task, one with four: fairness is per capsule.
+        start(lab, "one", "count", 1, 1);
+        start(lab, "four", "count4", 2, 2);
+        kloop::run_for(&mut lab.net, None, 400_000_000);
+        let (a, b) = (
+            COUNTS[1].load(Ordering::Relaxed),
+            COUNTS[2].load(Ordering::Relaxed),
+        );
+        assert!(a > 0 && b > 0, "a capsule starved: {a} vs {b}");
+        let ratio = a as f64 / b as f64;
+        assert!((0.5..2.0).contains(&ratio), "unfair: {a} vs {b}");
+        let tasks: Vec<u32> = capsule::list().iter().map(|c| c.tasks).collect();
+        assert_eq!(tasks, [1, 4]);
+        capsule::kill("one", &mut lab.net).unwrap();
+        capsule::kill("four", &mut lab.net).unwrap();
+        assert!(capsule::list().is_empty());
+        let before = COUNTS[1].load(Ordering::Relaxed);
+        kloop::run_for(&mut lab.net, None, 50_000_000);
+        assert_eq!(
+            COUNTS[1].load(Ordering::Relaxed),
+            before,
+            "a killed capsule still runs"
+        );
+    });
+}
+
+fn allocations_land_in_the_capsule_arena() {
+    with_lab(|lab| {
+        start(lab, "alloc", "allocate", 3, 3);
+        kloop::run_for(&mut lab.net, None, 50_000_000);
+        let addr = HEAP_ADDR.load(Ordering::Relaxed);
+        assert_eq!(
+            arena::slot_of(addr),
+            Some(3),
+            "capsule data at {addr:#x} is not in its window"
+        );
+        let (mapped, used, limit) = arena::usage(3).expect("arena exists");
+        assert!(used >= 800_000 && mapped >= used && limit == 16 << 20);
+        // Kernel allocations stay out of arenas.
+        let kernel_box = alloc::boxed::Box::new(5u64);
+        assert_eq!(arena::slot_of(&*kernel_box as *const u64 as u64), None);
+        capsule::kill("alloc", &mut lab.net).unwrap();
+        assert!(arena::usage(3).is_none(), "arena survived its capsule");
+    });
+}
+
+fn sleep_and_join_work() {
+    with_lab(|lab| {
+        start(lab, "sleeper", "sleep-join", 4, 4);
+        kloop::run_for(&mut lab.net, None, 200_000_000);
+        let slept = SLEPT_NS.load(Ordering::Relaxed);
+        assert!(
+            (50_000_000..150_000_000).contains(&slept),
+            "slept {slept} ns for 50 ms"
+        );
+        assert_eq!(state_of("sleeper"), CapsuleState::Exited);
+        capsule::kill("sleeper", &mut lab.net).unwrap();
+    });
+}
+
+fn faults_end_only_their_capsule() {
+    with_lab(|lab| {
+        start(lab, "neighbour", "count", 5, 5);
+        start(lab, "panics", "crash-panic", 6, 6);
+        start(lab, "divides", "crash-divide", 7, 7);
+        start(lab, "touches", "crash-pagefault", 8, 8);
+        kloop::run_for(&mut lab.net, None, 200_000_000);
+        for (name, slot, why) in [
+            ("panics", 6, "panic"),
+            ("divides", 7, "CPU exception"),
+            ("touches", 8, "CPU exception"),
+        ] {
+            match state_of(name) {
+                CapsuleState::Faulted(reason) => {
+                    assert!(reason.starts_with(why), "{name}: {reason}")
+                }
+                other => panic!("{name} is {other:?}"),
+            }
+            assert!(
+                arena::usage(slot).is_none(),
+                "{name}'s memory was not freed"
+            );
+            let (log, _) = capsule::read_log(name, 0, 4096).unwrap();
+            assert!(
+                core::str::from_utf8(&log).unwrap().contains("ended by"),
+                "{name} log lacks the reason"
+            );
+        }
+        let (log, _) = capsule::read_log("divides", 0, 4096).unwrap();
+        assert!(core::str::from_utf8(&log).unwrap().contains("divide error"));
+        let (log, _) = capsule::read_log("touches", 0, 4096).unwrap();
+        assert!(
+            core::str::from_utf8(&log)
+                .unwrap()
+                .contains("0x00007fffdead0000")
+        );
+        let before = COUNTS[5].load(Ordering::Relaxed);
+        kloop::run_for(&mut lab.net, None, 50_000_000);
+        assert!(
+            COUNTS[5].load(Ordering::Relaxed) > before,
+            "the neighbour stopped"
+        );
+        assert_eq!(state_of("neighbour"), CapsuleState::Running);
+        for name in ["neighbour", "panics", "divides", "touches"] {
+            capsule::kill(name, &mut lab.net).unwrap();
+        }
+    });
+}
+
+fn send_frame(peer: &mut VirtioNet, frame: &[u8]) {
+    peer.transmit(frame.len(), |buf| buf.copy_from_slice(frame))
+        .expect("peer transmit");
+}
+
+/// Frames the peer receives within `ms`, besides its own broadcasts.
+fn peer_frames(lab: &mut Lab, ms: u64) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    let end = time::since_boot_ns() + ms * 1_000_000;
+    while time::since_boot_ns() < end {
+        kloop::step(&mut lab.net, None);
+        while let Some(f) = lab.peer.receive(|f| f.to_vec()) {
+            got.push(f);
+        }
+        kloop::idle(&lab.net);
+    }
+    got
+}
+
+fn arp_request(peer_mac: [u8; 6], target: Ipv4Addr) -> Vec<u8> {
+    let repr = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: EthernetAddress(peer_mac),
+        source_protocol_addr: PEER,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: target,
+    };
+    let mut frame = vec![0u8; 14 + repr.buffer_len()];
+    let mut eth = EthernetFrame::new_unchecked(&mut frame);
+    EthernetRepr {
+        src_addr: EthernetAddress(peer_mac),
+        dst_addr: EthernetAddress::BROADCAST,
+        ethertype: EthernetProtocol::Arp,
+    }
+    .emit(&mut eth);
+    repr.emit(&mut ArpPacket::new_unchecked(eth.payload_mut()));
+    frame
+}
+
+fn arp_replies_for(frames: &[Vec<u8>], ip: Ipv4Addr) -> Vec<EthernetAddress> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            let eth = EthernetFrame::new_checked(f).ok()?;
+            if eth.ethertype() != EthernetProtocol::Arp {
+                return None;
+            }
+            match ArpRepr::parse(&ArpPacket::new_checked(eth.payload()).ok()?).ok()? {
+                ArpRepr::EthernetIpv4 {
+                    operation: ArpOperation::Reply,
+                    source_protocol_addr,
+                    source_hardware_addr,
+                    ..
+                } if source_protocol_addr == ip => Some(source_hardware_addr),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+fn switch_answers_arp_only_for_resident_locators() {
+    with_lab(|lab| {
+        start(lab, "udp", "udp-echo", 20, 20);
+        let _ = peer_frames(lab, 50); // the capsule's gratuitous ARP
+        let peer_mac = lab.peer.mac();
+        let locator = Ipv4Addr::new(198, 18, 0, 20);
+        send_frame(&mut lab.peer, &arp_request(peer_mac, locator));
+        send_frame(
+            &mut lab.peer,
+            &arp_request(peer_mac, Ipv4Addr::new(198, 18, 0, 21)),
+        );
+        send_frame(&mut lab.peer, &arp_request(peer_mac, MACHINE));
+        let frames = peer_frames(lab, 100);
+        let vm_mac = EthernetAddress(lab.net.nic.mac());
+        assert_eq!(arp_replies_for(&frames, locator), [vm_mac], "locator ARP");
+        assert!(
+            arp_replies_for(&frames, Ipv4Addr::new(198, 18, 0, 21)).is_empty(),
+            "answered for a stranger"
+        );
+        assert_eq!(
+            arp_replies_for(&frames, MACHINE),
+            [vm_mac],
+            "machine ARP (smoltcp)"
+        );
+    });
+}
+
+fn udp_frame(peer_mac: [u8; 6], vm_mac: [u8; 6], dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    let udp = UdpRepr {
+        src_port: 4000,
+        dst_port: 5000,
+    };
+    let ip = Ipv4Repr {
+        src_addr: PEER,
+        dst_addr: dst,
+        next_header: IpProtocol::Udp,
+        payload_len: udp.header_len() + payload.len(),
+        hop_limit: 64,
+    };
+    let mut frame = vec![0u8; 14 + ip.buffer_len() + udp.header_len() + payload.len()];
+    let mut eth = EthernetFrame::new_unchecked(&mut frame);
+    EthernetRepr {
+        src_addr: EthernetAddress(peer_mac),
+        dst_addr: EthernetAddress(vm_mac),
+        ethertype: EthernetProtocol::Ipv4,
+    }
+    .emit(&mut eth);
+    let mut ipp = Ipv4Packet::new_unchecked(eth.payload_mut());
+    ip.emit(&mut ipp, &smoltcp::phy::ChecksumCapabilities::default());
+    let mut udpp = UdpPacket::new_unchecked(ipp.payload_mut());
+    udp.emit(
+        &mut udpp,
+        &PEER.into(),
+        &dst.into(),
+        payload.len(),
+        |buf| buf.copy_from_slice(payload),
+        &smoltcp::phy::ChecksumCapabilities::default(),
+    );
+    frame
+}
+
+fn udp_payloads(frames: &[Vec<u8>]) -> Vec<(Ipv4Addr, Vec<u8>)> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            let eth = EthernetFrame::new_checked(f).ok()?;
+            let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+            if ip.next_header() != IpProtocol::Udp {
+                return None;
+            }
+            let udp = UdpPacket::new_checked(ip.payload()).ok()?;
+            Some((ip.src_addr(), udp.payload().to_vec()))
+        })
+        .collect()
+}
+
+fn switch_delivers_to_the_capsule_and_frames_its_reply() {
+    with_lab(|lab| {
+        let (peer_mac, vm_mac) = (lab.peer.mac(), lab.net.nic.mac());
+        let locator = Ipv4Addr::new(198, 18, 0, 20);
+        send_frame(
+            &mut lab.peer,
+            &udp_frame(peer_mac, vm_mac, locator, b"hello capsule"),
+        );
+        let frames = peer_frames(lab, 200);
+        let replies = udp_payloads(&frames);
+        assert_eq!(
+            replies,
+            [(locator, b"eluspac olleh".to_vec())],
+            "capsule reply"
+        );
+        // To the machine address: not the capsule's business.
+        send_frame(
+            &mut lab.peer,
+            &udp_frame(peer_mac, vm_mac, MACHINE, b"for the machine"),
+        );
+        let frames = peer_frames(lab, 100);
+        assert!(udp_payloads(&frames).is_empty());
+    });
+}
+
+fn malformed_frames_are_dropped_and_counted() {
+    with_lab(|lab| {
+        let (peer_mac, vm_mac) = (lab.peer.mac(), lab.net.nic.mac());
+        let locator = Ipv4Addr::new(198, 18, 0, 20);
+        let before = lab.net.switch.counters;
+        let good = udp_frame(peer_mac, vm_mac, locator, b"abc");
+        // Truncated IPv4 header.
+        send_frame(&mut lab.peer, &good[..14 + 12]);
+        // Bad IPv4 header checksum.
+        let mut bad_sum = good.clone();
+        bad_sum[14 + 10] ^= 0xff;
+        send_frame(&mut lab.peer, &bad_sum);
+        // IPv4 total length larger than the frame.
+        let mut long = good.clone();
+        long[14 + 2] = 0x0f;
+        send_frame(&mut lab.peer, &long);
+        // Truncated ARP.
+        let arp = arp_request(peer_mac, locator);
+        send_frame(&mut lab.peer, &arp[..20]);
+        let frames = peer_frames(lab, 200);
+        assert!(
+            udp_payloads(&frames).is_empty(),
+            "a malformed packet got an answer"
+        );
+        let after = lab.net.switch.counters;
+        assert_eq!(
+            after.malformed - before.malformed,
+            4,
+            "malformed frames counted"
+        );
+        // The capsule is unharmed and still answers.
+        send_frame(&mut lab.peer, &good);
+        let frames = peer_frames(lab, 200);
+        assert_eq!(udp_payloads(&frames).len(), 1);
+        capsule::kill("udp", &mut lab.net).unwrap();
+    });
+}
+
+fn limits_and_bad_requests_are_refused() {
+    with_lab(|lab| {
+        let base = CapsuleConfig {
+            name: "x".to_string(),
+            program: "count".to_string(),
+            args: Vec::new(),
+            locator: Ipv4Addr::new(198, 18, 0, 30),
+            slot: 30,
+            memory_limit: 16 << 20,
+        };
+        let with = |f: fn(&mut CapsuleConfig)| {
+            let mut c = CapsuleConfig {
+                name: base.name.clone(),
+                program: base.program.clone(),
+                args: Vec::new(),
+                ..base
+            };
+            f(&mut c);
+            c
+        };
+        assert!(matches!(
+            capsule::start(with(|c| c.program = "nope".to_string()), &mut lab.net),
+            Err(capsule::CapsuleError::UnknownProgram(_))
+        ));
+        assert!(matches!(
+            capsule::start(with(|c| c.name = "bad name".to_string()), &mut lab.net),
+            Err(capsule::CapsuleError::BadName)
+        ));
+        assert!(matches!(
+            capsule::start(with(|c| c.slot = 1 << 20), &mut lab.net),
+            Err(capsule::CapsuleError::LimitReached(_))
+        ));
+        assert!(matches!(
+            capsule::start(with(|c| c.locator = MACHINE), &mut lab.net),
+            Err(capsule::CapsuleError::LocatorTaken(_))
+        ));
+        capsule::start(with(|_| {}), &mut lab.net).unwrap();
+        assert!(matches!(
+            capsule::start(with(|c| c.slot = 31), &mut lab.net),
+            Err(capsule::CapsuleError::NameTaken(_))
+        ));
+        assert!(matches!(
+            capsule::start(with(|c| c.name = "y".to_string()), &mut lab.net),
+            Err(capsule::CapsuleError::LocatorTaken(_))
+        ));
+        assert!(matches!(
+            capsule::kill("missing", &mut lab.net),
+            Err(capsule::CapsuleError::NotFound(_))
+        ));
+        assert_eq!(
+            capsule::list().len(),
+            1,
+            "a refused start left something behind"
+        );
+        capsule::kill("x", &mut lab.net).unwrap();
+    });
+}
+
+#[unsafe(no_mangle)]
+fn kernel_main(_info: &'static BootInfo) -> ! {
+    setup();
+    run(
+        "capsules",
+        &[
+            Test {
+                name: "preemption_shares_the_cpu_fairly_between_capsules",
+                run: preemption_shares_the_cpu_fairly_between_capsules,
+            },
+            Test {
+                name: "allocations_land_in_the_capsule_arena",
+                run: allocations_land_in_the_capsule_arena,
+            },
+            Test {
+                name: "sleep_and_join_work",
+                run: sleep_and_join_work,
+            },
+            Test {
+                name: "faults_end_only_their_capsule",
+                run: faults_end_only_their_capsule,
+            },
+            Test {
+                name: "switch_answers_arp_only_for_resident_locators",
+                run: switch_answers_arp_only_for_resident_locators,
+            },
+            Test {
+                name: "switch_delivers_to_the_capsule_and_frames_its_reply",
+                run: switch_delivers_to_the_capsule_and_frames_its_reply,
+            },
+            Test {
+                name: "malformed_frames_are_dropped_and_counted",
+                run: malformed_frames_are_dropped_and_counted,
+            },
+            Test {
+                name: "limits_and_bad_requests_are_refused",
+                run: limits_and_bad_requests_are_refused,
+            },
+        ],
+    )
+}
