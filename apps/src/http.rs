@@ -214,18 +214,18 @@ impl Session {
         let count = buf
             .len()
             .min(usize::try_from(self.body.remaining).unwrap_or(usize::MAX));
-        let start = self.body.next_index;
-        // Incremental form of `pattern_byte`, avoiding a division per byte.
-        let mut value = pattern_byte(start);
-        let mut to_next_step = 251 - start % 251;
-        for byte in &mut buf[..count] {
-            *byte = value;
-            value = value.wrapping_add(31);
-            to_next_step -= 1;
-            if to_next_step == 0 {
-                value = value.wrapping_add(1);
-                to_next_step = 251;
+        // Within a run of up to 251 bytes the `index / 251` term is constant,
+        // so each run is an arithmetic sequence: no division per byte, and a
+        // loop the compiler can vectorise.
+        let mut filled = 0;
+        while filled < count {
+            let index = self.body.next_index + filled as u64;
+            let run = ((251 - index % 251) as usize).min(count - filled);
+            let first = pattern_byte(index);
+            for (step, byte) in buf[filled..filled + run].iter_mut().enumerate() {
+                *byte = first.wrapping_add((step as u8).wrapping_mul(31));
             }
+            filled += run;
         }
         self.body.next_index += count as u64;
         self.body.remaining -= count as u64;
