@@ -144,6 +144,7 @@ mod tests {
                             },
                             Request::Status => Response::error(ErrorCode::Internal, "x"),
                             Request::Shutdown => Response::ShuttingDown,
+                            _ => Response::error(ErrorCode::UnknownRequest, "not in this fake"),
                         };
                         server.reply(seq, &resp)
                     }

@@ -11,6 +11,7 @@
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
+use core::net::Ipv4Addr;
 
 use crate::auth::{self, Direction, MAC_LEN, NONCE_LEN, Nonce, Tag};
 use crate::codec::{DecodeError, Reader, Writer};
@@ -130,27 +131,91 @@ impl Hello {
     }
 }
 
+/// What a capsule should be, for `RunCapsule`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunCapsule {
+    pub name: String,
+    pub program: String,
+    pub args: Vec<String>,
+    /// The capsule's own IPv4 address, assigned by the directory.
+    pub locator: Ipv4Addr,
+    /// Arena slot: fixes the capsule's memory window, the same on every VM.
+    pub slot: u32,
+    /// Most memory the capsule may use, in bytes (0: the VM's default).
+    pub memory_limit: u64,
+}
+
 /// What a client asks of a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Version,
     Status,
     Shutdown,
+    RunCapsule(RunCapsule),
+    ListCapsules,
+    KillCapsule {
+        name: String,
+    },
+    /// Log bytes of a capsule from `offset` (bytes written since it started), at most `max`.
+    CapsuleLogs {
+        name: String,
+        offset: u64,
+        max: u32,
+    },
+    ListPrograms,
 }
+
+/// Most arguments a capsule program takes, and most bytes in one.
+pub const MAX_ARGS: usize = 32;
+pub const MAX_ARG_LEN: usize = 256;
 
 impl Request {
     const VERSION: u8 = 1;
     const STATUS: u8 = 2;
     const SHUTDOWN: u8 = 3;
+    const RUN_CAPSULE: u8 = 4;
+    const LIST_CAPSULES: u8 = 5;
+    const KILL_CAPSULE: u8 = 6;
+    const CAPSULE_LOGS: u8 = 7;
+    const LIST_PROGRAMS: u8 = 8;
 
     pub fn encode(&self) -> Vec<u8> {
-        let tag = match self {
-            Request::Version => Self::VERSION,
-            Request::Status => Self::STATUS,
-            Request::Shutdown => Self::SHUTDOWN,
-        };
         let mut w = Writer::new();
-        w.u8(tag);
+        match self {
+            Request::Version => {
+                w.u8(Self::VERSION);
+            }
+            Request::Status => {
+                w.u8(Self::STATUS);
+            }
+            Request::Shutdown => {
+                w.u8(Self::SHUTDOWN);
+            }
+            Request::RunCapsule(run) => {
+                w.u8(Self::RUN_CAPSULE)
+                    .str(&run.name)
+                    .str(&run.program)
+                    .u32(run.args.len() as u32);
+                for arg in &run.args {
+                    w.str(arg);
+                }
+                w.raw(&run.locator.octets())
+                    .u32(run.slot)
+                    .u64(run.memory_limit);
+            }
+            Request::ListCapsules => {
+                w.u8(Self::LIST_CAPSULES);
+            }
+            Request::KillCapsule { name } => {
+                w.u8(Self::KILL_CAPSULE).str(name);
+            }
+            Request::CapsuleLogs { name, offset, max } => {
+                w.u8(Self::CAPSULE_LOGS).str(name).u64(*offset).u32(*max);
+            }
+            Request::ListPrograms => {
+                w.u8(Self::LIST_PROGRAMS);
+            }
+        }
         w.finish()
     }
 
@@ -161,11 +226,145 @@ impl Request {
             Self::VERSION => Request::Version,
             Self::STATUS => Request::Status,
             Self::SHUTDOWN => Request::Shutdown,
+            Self::RUN_CAPSULE => {
+                let name = r.string("capsule name")?;
+                let program = r.string("program")?;
+                let count = r.u32("argument count")? as usize;
+                if count > MAX_ARGS {
+                    return Err(DecodeError::Invalid("argument count").into());
+                }
+                let mut args = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let arg = r.string("argument")?;
+                    if arg.len() > MAX_ARG_LEN {
+                        return Err(DecodeError::Invalid("argument length").into());
+                    }
+                    args.push(arg);
+                }
+                Request::RunCapsule(RunCapsule {
+                    name,
+                    program,
+                    args,
+                    locator: Ipv4Addr::from(r.array::<4>("locator")?),
+                    slot: r.u32("slot")?,
+                    memory_limit: r.u64("memory limit")?,
+                })
+            }
+            Self::LIST_CAPSULES => Request::ListCapsules,
+            Self::KILL_CAPSULE => Request::KillCapsule {
+                name: r.string("capsule name")?,
+            },
+            Self::CAPSULE_LOGS => Request::CapsuleLogs {
+                name: r.string("capsule name")?,
+                offset: r.u64("log offset")?,
+                max: r.u32("log max")?,
+            },
+            Self::LIST_PROGRAMS => Request::ListPrograms,
             other => return Err(RequestDecodeError::Unknown(other)),
         };
         r.finish()?;
         Ok(req)
     }
+}
+
+/// A capsule's life state as the VM reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CapsuleState {
+    Running,
+    Exited,
+    Faulted { reason: String },
+    Killed,
+}
+
+impl CapsuleState {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Exited => "exited",
+            Self::Faulted { .. } => "faulted",
+            Self::Killed => "killed",
+        }
+    }
+}
+
+/// One capsule, as `ListCapsules` and `RunCapsule` report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapsuleInfo {
+    pub name: String,
+    pub program: String,
+    pub locator: Ipv4Addr,
+    pub slot: u32,
+    pub state: CapsuleState,
+    pub tasks: u32,
+    /// Bytes of the capsule's arena that are mapped.
+    pub memory_bytes: u64,
+    pub memory_limit: u64,
+    pub sockets: u32,
+    pub uptime_ns: u64,
+}
+
+impl CapsuleInfo {
+    fn encode(&self, w: &mut Writer) {
+        w.str(&self.name)
+            .str(&self.program)
+            .raw(&self.locator.octets())
+            .u32(self.slot);
+        match &self.state {
+            CapsuleState::Running => w.u8(0),
+            CapsuleState::Exited => w.u8(1),
+            CapsuleState::Faulted { reason } => w.u8(2).str(reason),
+            CapsuleState::Killed => w.u8(3),
+        };
+        w.u32(self.tasks)
+            .u64(self.memory_bytes)
+            .u64(self.memory_limit)
+            .u32(self.sockets)
+            .u64(self.uptime_ns);
+    }
+
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            name: r.string("capsule name")?,
+            program: r.string("program")?,
+            locator: Ipv4Addr::from(r.array::<4>("locator")?),
+            slot: r.u32("slot")?,
+            state: match r.u8("capsule state")? {
+                0 => CapsuleState::Running,
+                1 => CapsuleState::Exited,
+                2 => CapsuleState::Faulted {
+                    reason: r.string("fault reason")?,
+                },
+                3 => CapsuleState::Killed,
+                _ => return Err(DecodeError::Invalid("capsule state")),
+            },
+            tasks: r.u32("tasks")?,
+            memory_bytes: r.u64("memory")?,
+            memory_limit: r.u64("memory limit")?,
+            sockets: r.u32("sockets")?,
+            uptime_ns: r.u64("uptime")?,
+        })
+    }
+}
+
+/// A program the VM can run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramInfo {
+    pub name: String,
+    pub description: String,
+}
+
+/// Reads a `u32` count and checks it against what could possibly follow, so
+/// a forged count never makes the reader reserve memory it cannot fill.
+fn read_count(
+    r: &mut Reader,
+    min_item_len: usize,
+    what: &'static str,
+) -> Result<usize, DecodeError> {
+    let count = r.u32(what)? as usize;
+    if count.saturating_mul(min_item_len) > r.remaining() {
+        return Err(DecodeError::Truncated(what));
+    }
+    Ok(count)
 }
 
 /// A request body that could not be understood.
@@ -221,6 +420,10 @@ pub enum ErrorCode {
     UnsupportedVersion = 5,
     BadSequence = 6,
     Internal = 7,
+    NotFound = 8,
+    AlreadyExists = 9,
+    LimitReached = 10,
+    InvalidArgument = 11,
 }
 
 impl ErrorCode {
@@ -233,6 +436,10 @@ impl ErrorCode {
             5 => Self::UnsupportedVersion,
             6 => Self::BadSequence,
             7 => Self::Internal,
+            8 => Self::NotFound,
+            9 => Self::AlreadyExists,
+            10 => Self::LimitReached,
+            11 => Self::InvalidArgument,
             _ => return None,
         })
     }
@@ -246,6 +453,10 @@ impl ErrorCode {
             Self::UnsupportedVersion => "unsupported version",
             Self::BadSequence => "bad sequence",
             Self::Internal => "internal",
+            Self::NotFound => "not found",
+            Self::AlreadyExists => "already exists",
+            Self::LimitReached => "limit reached",
+            Self::InvalidArgument => "invalid argument",
         }
     }
 }
@@ -260,6 +471,14 @@ pub enum Response {
     },
     Status(Status),
     ShuttingDown,
+    CapsuleStarted(CapsuleInfo),
+    Capsules(Vec<CapsuleInfo>),
+    Killed,
+    Logs {
+        data: Vec<u8>,
+        next_offset: u64,
+    },
+    Programs(Vec<ProgramInfo>),
     Error {
         code: ErrorCode,
         message: String,
@@ -270,6 +489,11 @@ impl Response {
     const VERSION: u8 = 1;
     const STATUS: u8 = 2;
     const SHUTTING_DOWN: u8 = 3;
+    const CAPSULE_STARTED: u8 = 4;
+    const CAPSULES: u8 = 5;
+    const KILLED: u8 = 6;
+    const LOGS: u8 = 7;
+    const PROGRAMS: u8 = 8;
     const ERROR: u8 = 0xff;
 
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
@@ -311,6 +535,28 @@ impl Response {
             Response::ShuttingDown => {
                 w.u8(Self::SHUTTING_DOWN);
             }
+            Response::CapsuleStarted(info) => {
+                w.u8(Self::CAPSULE_STARTED);
+                info.encode(&mut w);
+            }
+            Response::Capsules(list) => {
+                w.u8(Self::CAPSULES).u32(list.len() as u32);
+                for info in list {
+                    info.encode(&mut w);
+                }
+            }
+            Response::Killed => {
+                w.u8(Self::KILLED);
+            }
+            Response::Logs { data, next_offset } => {
+                w.u8(Self::LOGS).bytes(data).u64(*next_offset);
+            }
+            Response::Programs(list) => {
+                w.u8(Self::PROGRAMS).u32(list.len() as u32);
+                for p in list {
+                    w.str(&p.name).str(&p.description);
+                }
+            }
             Response::Error { code, message } => {
                 w.u8(Self::ERROR).u16(*code as u16).str(message);
             }
@@ -344,6 +590,31 @@ impl Response {
                 tsc_hz: r.u64("tsc hz")?,
             }),
             Self::SHUTTING_DOWN => Response::ShuttingDown,
+            Self::CAPSULE_STARTED => Response::CapsuleStarted(CapsuleInfo::decode(&mut r)?),
+            Self::CAPSULES => {
+                let count = read_count(&mut r, 8, "capsule count")?;
+                let mut list = Vec::with_capacity(count);
+                for _ in 0..count {
+                    list.push(CapsuleInfo::decode(&mut r)?);
+                }
+                Response::Capsules(list)
+            }
+            Self::KILLED => Response::Killed,
+            Self::LOGS => Response::Logs {
+                data: r.bytes("log data")?.to_vec(),
+                next_offset: r.u64("log offset")?,
+            },
+            Self::PROGRAMS => {
+                let count = read_count(&mut r, 8, "program count")?;
+                let mut list = Vec::with_capacity(count);
+                for _ in 0..count {
+                    list.push(ProgramInfo {
+                        name: r.string("program name")?,
+                        description: r.string("description")?,
+                    });
+                }
+                Response::Programs(list)
+            }
             Self::ERROR => Response::Error {
                 code: ErrorCode::from_u16(r.u16("error code")?)
                     .ok_or(DecodeError::Invalid("error code"))?,
@@ -656,6 +927,21 @@ mod tests {
         (server, client)
     }
 
+    fn capsule_info(state: CapsuleState) -> CapsuleInfo {
+        CapsuleInfo {
+            name: "web".into(),
+            program: "http".into(),
+            locator: Ipv4Addr::new(198, 18, 0, 5),
+            slot: 5,
+            state,
+            tasks: 3,
+            memory_bytes: 1 << 20,
+            memory_limit: 64 << 20,
+            sockets: 4,
+            uptime_ns: 123,
+        }
+    }
+
     #[test]
     fn every_response_round_trips() {
         for resp in [
@@ -666,10 +952,92 @@ mod tests {
             },
             Response::Status(status()),
             Response::ShuttingDown,
+            Response::CapsuleStarted(capsule_info(CapsuleState::Running)),
+            Response::Capsules(vec![]),
+            Response::Capsules(vec![
+                capsule_info(CapsuleState::Exited),
+                capsule_info(CapsuleState::Faulted {
+                    reason: "panic: x".into(),
+                }),
+                capsule_info(CapsuleState::Killed),
+            ]),
+            Response::Killed,
+            Response::Logs {
+                data: b"line\n".to_vec(),
+                next_offset: 5,
+            },
+            Response::Programs(vec![ProgramInfo {
+                name: "echo".into(),
+                description: "TCP echo".into(),
+            }]),
             Response::error(ErrorCode::Internal, "boom"),
+            Response::error(ErrorCode::InvalidArgument, "bad"),
         ] {
-            assert_eq!(Response::decode(&resp.encode()).unwrap(), resp);
+            let bytes = resp.encode();
+            assert_eq!(Response::decode(&bytes).unwrap(), resp);
+            for cut in 0..bytes.len() {
+                assert!(
+                    Response::decode(&bytes[..cut]).is_err(),
+                    "truncated {resp:?} at {cut} decoded"
+                );
+            }
         }
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        for req in [
+            Request::Version,
+            Request::Status,
+            Request::Shutdown,
+            Request::RunCapsule(RunCapsule {
+                name: "web".into(),
+                program: "http".into(),
+                args: vec!["--port".into(), "8080".into()],
+                locator: Ipv4Addr::new(198, 18, 0, 7),
+                slot: 7,
+                memory_limit: 0,
+            }),
+            Request::ListCapsules,
+            Request::KillCapsule { name: "web".into() },
+            Request::CapsuleLogs {
+                name: "web".into(),
+                offset: 10,
+                max: 4096,
+            },
+            Request::ListPrograms,
+        ] {
+            let bytes = req.encode();
+            assert_eq!(Request::decode(&bytes).unwrap(), req);
+            for cut in 1..bytes.len() {
+                assert!(
+                    Request::decode(&bytes[..cut]).is_err(),
+                    "truncated {req:?} at {cut} decoded"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn forged_counts_do_not_allocate_or_decode() {
+        // A capsule list claiming four billion entries in a few bytes.
+        let mut w = Writer::new();
+        w.u8(Response::CAPSULES).u32(u32::MAX);
+        assert!(Response::decode(&w.finish()).is_err());
+        let mut w = Writer::new();
+        w.u8(Request::RUN_CAPSULE)
+            .str("a")
+            .str("echo")
+            .u32(MAX_ARGS as u32 + 1);
+        assert!(Request::decode(&w.finish()).is_err());
+        let mut w = Writer::new();
+        w.u8(Request::RUN_CAPSULE)
+            .str("a")
+            .str("echo")
+            .u32(1)
+            .str(&"x".repeat(MAX_ARG_LEN + 1));
+        w.raw(&[198, 18, 0, 1]).u32(1).u64(0);
+        assert!(Request::decode(&w.finish()).is_err());
     }
 
     #[test]
