@@ -9,12 +9,13 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use capsules_wire::control::{
-    FrameDecoder, Incoming, MAX_FRAME_LEN, PROTOCOL_VERSION, Request, Response, ServerSession,
-    Status, frame,
+    CapsuleInfo, CapsuleState, ErrorCode, FrameDecoder, Incoming, MAX_FRAME_LEN, PROTOCOL_VERSION,
+    ProgramInfo, Request, Response, ServerSession, Status, frame,
 };
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
 
+use crate::capsule;
 use crate::net::Network;
 
 /// Connections served at the same time; more wait in the peer's SYN retries.
@@ -148,7 +149,7 @@ impl ControlService {
                 match conn.decoder.next_frame() {
                     Ok(Some(payload)) => match session.handle(&payload) {
                         Incoming::Request { seq, request } => {
-                            let response = handle_request(&request, &self.vm_name, &net.nic);
+                            let response = handle_request(&request, &self.vm_name, net);
                             shutdown |= request == Request::Shutdown;
                             replies.push(session.reply(seq, &response));
                         }
@@ -192,11 +193,7 @@ impl ControlService {
     }
 }
 
-fn handle_request(
-    request: &Request,
-    vm_name: &str,
-    nic: &crate::drivers::virtio::net::VirtioNet,
-) -> Response {
+fn handle_request(request: &Request, vm_name: &str, net: &mut Network) -> Response {
     match request {
         Request::Version => Response::Version {
             protocol_version: PROTOCOL_VERSION,
@@ -212,7 +209,7 @@ fn handle_request(
                 mem_used_bytes: mem.used_bytes,
                 heap_size_bytes: mem.heap_size_bytes,
                 heap_used_bytes: mem.heap_used_bytes,
-                nic: nic.counters(),
+                nic: net.nic.counters(),
                 tsc_hz: crate::time::tsc_hz(),
             })
         }
@@ -220,5 +217,86 @@ fn handle_request(
             log::info!("control: shutdown requested");
             Response::ShuttingDown
         }
+        Request::RunCapsule(run) => {
+            let config = capsule::CapsuleConfig {
+                name: run.name.clone(),
+                program: run.program.clone(),
+                args: run.args.clone(),
+                locator: run.locator,
+                slot: run.slot,
+                memory_limit: if run.memory_limit == 0 {
+                    capsule::DEFAULT_MEMORY_LIMIT
+                } else {
+                    run.memory_limit
+                },
+            };
+            match capsule::start(config, net) {
+                Ok(()) => capsule::list()
+                    .into_iter()
+                    .find(|c| c.name == run.name)
+                    .map(|c| Response::CapsuleStarted(wire_info(c)))
+                    .unwrap_or_else(|| {
+                        Response::error(ErrorCode::Internal, "capsule vanished after start")
+                    }),
+                Err(e) => capsule_error(e),
+            }
+        }
+        Request::ListCapsules => {
+            Response::Capsules(capsule::list().into_iter().map(wire_info).collect())
+        }
+        Request::KillCapsule { name } => match capsule::kill(name, net) {
+            Ok(()) => Response::Killed,
+            Err(e) => capsule_error(e),
+        },
+        Request::CapsuleLogs { name, offset, max } => {
+            let max = (*max as usize).min(MAX_LOG_CHUNK);
+            match capsule::read_log(name, *offset, max) {
+                Ok((data, next_offset)) => Response::Logs { data, next_offset },
+                Err(e) => capsule_error(e),
+            }
+        }
+        Request::ListPrograms => Response::Programs(
+            capsule::programs()
+                .iter()
+                .map(|p| ProgramInfo {
+                    name: p.name.into(),
+                    description: p.description.into(),
+                })
+                .collect(),
+        ),
     }
+}
+
+/// Largest log chunk in one reply (well inside a frame).
+const MAX_LOG_CHUNK: usize = 32 * 1024;
+
+fn wire_info(c: capsule::CapsuleInfo) -> CapsuleInfo {
+    CapsuleInfo {
+        name: c.name,
+        program: c.program.into(),
+        locator: c.locator,
+        slot: c.slot,
+        state: match c.state {
+            capsule::CapsuleState::Running => CapsuleState::Running,
+            capsule::CapsuleState::Exited => CapsuleState::Exited,
+            capsule::CapsuleState::Faulted(reason) => CapsuleState::Faulted { reason },
+            capsule::CapsuleState::Killed => CapsuleState::Killed,
+        },
+        tasks: c.tasks,
+        memory_bytes: c.memory_bytes,
+        memory_limit: c.memory_limit,
+        sockets: c.sockets,
+        uptime_ns: c.uptime_ns,
+    }
+}
+
+fn capsule_error(e: capsule::CapsuleError) -> Response {
+    use capsule::CapsuleError as E;
+    let code = match &e {
+        E::UnknownProgram(_) | E::BadName => ErrorCode::InvalidArgument,
+        E::NameTaken(_) | E::LocatorTaken(_) | E::SlotTaken(_) => ErrorCode::AlreadyExists,
+        E::NotFound(_) => ErrorCode::NotFound,
+        E::LimitReached(_) | E::OutOfMemory => ErrorCode::LimitReached,
+    };
+    Response::error(code, alloc::format!("{e}"))
 }

@@ -107,6 +107,12 @@ impl VirtioNet {
                 dev.gsi = Some(gsi);
             }
         }
+        // A frame that arrived before the line was routed raised it while the
+        // I/O APIC input was masked, which latches nothing: the line would
+        // stay high with no interrupt, and no later frame could make a new
+        // edge. Reading the interrupt status lowers it; anything already
+        // received is picked up by the first poll.
+        dev.raw.ack_interrupt();
         log::info!(
             "virtio-net {:02x}:{:02x}.{} mac {} irq {:?}",
             function.location.bus,
