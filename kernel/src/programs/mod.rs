@@ -3,6 +3,8 @@
 
 pub mod echo;
 pub mod faults;
+pub mod http;
+pub mod kv;
 pub mod spin;
 pub mod ticker;
 
@@ -14,6 +16,16 @@ pub static ALL: &[Program] = &[
         name: "echo",
         description: "TCP echo server (--port N, default 7)",
         main: echo::main,
+    },
+    Program {
+        name: "kv",
+        description: "in-memory key-value server for Redis clients, RESP2 (--port N, default 6379)",
+        main: kv::main,
+    },
+    Program {
+        name: "http",
+        description: "HTTP/1.1 server: / status, /bytes/N, /healthz (--port N, default 80)",
+        main: http::main,
     },
     Program {
         name: "ticker",
@@ -41,6 +53,17 @@ pub static ALL: &[Program] = &[
         main: faults::touch_unmapped_after,
     },
 ];
+
+/// Takes a lock that other tasks of the same capsule may hold. A holder may
+/// be preempted, so waiting yields instead of spinning out the time slice.
+pub fn lock_yielding<T>(m: &::spin::Mutex<T>) -> ::spin::MutexGuard<'_, T> {
+    loop {
+        if let Some(guard) = m.try_lock() {
+            return guard;
+        }
+        crate::capsule::api::yield_now();
+    }
+}
 
 /// `--port N` or nothing.
 pub fn port_arg(
