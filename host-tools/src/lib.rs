@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod directory;
 pub mod elf;
 pub mod lab;
 pub mod netns;
