@@ -553,7 +553,7 @@ mod tests {
         }
         assert!(m.allocate().unwrap_err().to_string().contains("slots"));
         m.remove("c7").unwrap();
-        assert_eq!(m.allocate().unwrap().1, 8);
+        assert_eq!(m.allocate().unwrap().1, 7);
     }
 
     #[test]
