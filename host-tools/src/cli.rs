@@ -8,6 +8,8 @@ use capsules_wire::control::{ClientError, MAX_FRAME_LEN, Request, Response, fram
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
+use crate::capsules::{self, LabSession, RunOptions};
+use crate::directory::{self, CapsuleRange};
 use crate::lab::{self, UpOptions};
 use crate::netns::{self, NetnsGuard};
 use crate::qemu::AccelChoice;
@@ -28,6 +30,63 @@ pub enum Command {
     /// The VMs of a lab.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Start a capsule: `capsulectl run echo --name web -- --port 7`.
+    Run {
+        /// Program to run (`capsulectl programs` lists them).
+        program: String,
+        /// Capsule name (a DNS label; default PROGRAM-N).
+        #[arg(long)]
+        name: Option<String>,
+        /// VM to run on (default: the running VM with the fewest capsules).
+        #[arg(long)]
+        on: Option<String>,
+        #[arg(long, default_value = "default")]
+        lab: String,
+        /// Memory limit in MiB (default: the VM's, 64 MiB).
+        #[arg(long)]
+        memory: Option<u64>,
+        /// Print a JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Program arguments, after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// List the lab's capsules with their state on their VMs.
+    Ps {
+        #[arg(long, default_value = "default")]
+        lab: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a capsule and remove it from the directory.
+    Kill {
+        name: String,
+        #[arg(long, default_value = "default")]
+        lab: String,
+        /// Forget the capsule even when its VM does not answer.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print a capsule's log.
+    Logs {
+        name: String,
+        /// Keep printing until the capsule ends.
+        #[arg(short, long)]
+        follow: bool,
+        #[arg(long, default_value = "default")]
+        lab: String,
+    },
+    /// Programs the lab's kernel can run.
+    Programs {
+        #[arg(long, default_value = "default")]
+        lab: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The lab's directory (locator map and DNS server).
+    #[command(subcommand)]
+    Directory(DirectoryCommand),
     /// Protocol checks against a VM's control service (for tests).
     #[command(subcommand, hide = true)]
     Debug(DebugCommand),
@@ -51,6 +110,9 @@ pub enum LabCommand {
         /// Kernel ELF (default: $CAPSULES_KERNEL or the repository's release build).
         #[arg(long)]
         kernel: Option<PathBuf>,
+        /// Where capsule locators come from.
+        #[arg(long, default_value = crate::directory::DEFAULT_CAPSULE_RANGE)]
+        capsule_range: CapsuleRange,
     },
     /// Stop the VMs and delete the lab namespace.
     Down {
@@ -64,6 +126,36 @@ pub enum LabCommand {
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DirectoryCommand {
+    /// Serve DNS for the lab's map in the foreground (inside the lab
+    /// namespace; `lab up` starts this in the background).
+    Serve {
+        #[arg(long, default_value = "default")]
+        lab: String,
+        /// Address to answer on (default: the lab bridge, port 53).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Start the lab's directory server in the background (after a crash or stop).
+    Start {
+        #[arg(long, default_value = "default")]
+        lab: String,
+    },
+    /// Stop the lab's directory server (the map stays on disk).
+    Stop {
+        #[arg(long, default_value = "default")]
+        lab: String,
+    },
+    /// Whether the directory server runs, its pid, address and map size.
+    Status {
+        #[arg(long, default_value = "default")]
+        lab: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -114,6 +206,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             mem,
             accel,
             kernel,
+            capsule_range,
         }) => {
             let report = lab::up(&UpOptions {
                 name,
@@ -121,6 +214,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 mem_mib: mem,
                 accel,
                 kernel,
+                capsule_range,
             })?;
             println!(
                 "lab '{}' is up in namespace {} (accelerator: {})",
@@ -132,6 +226,12 @@ pub fn run(cli: Cli) -> Result<i32> {
                 report.state.kernel_build_id
             );
             print!("{}", render::lab_table(&report.state));
+            println!(
+                "directory: DNS on {} (pid {}), capsule locators from {}",
+                lab::directory_addr(&report.state),
+                report.state.directory_pid.unwrap_or_default(),
+                report.state.capsule_range
+            );
             Ok(0)
         }
         Command::Lab(LabCommand::Down { name }) => {
@@ -162,10 +262,152 @@ pub fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Command::Run {
+            program,
+            name,
+            on,
+            lab,
+            memory,
+            json,
+            args,
+        } => {
+            let session = LabSession::open(&lab)?;
+            let started = capsules::run(
+                &session,
+                &RunOptions {
+                    program,
+                    name,
+                    on,
+                    memory_mib: memory,
+                    args,
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&started)?);
+            } else {
+                println!(
+                    "started {} ({}) at {} on {} — DNS name {}",
+                    started.name, started.program, started.locator, started.vm, started.dns
+                );
+            }
+            Ok(0)
+        }
+        Command::Ps { lab, json } => {
+            let rows = capsules::ps(&LabSession::open(&lab)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", render::ps_table(&rows));
+            }
+            Ok(0)
+        }
+        Command::Kill { name, lab, force } => {
+            let rec = capsules::kill(&LabSession::open(&lab)?, &name, force)?;
+            println!("killed {} ({} on {})", rec.name, rec.locator, rec.vm);
+            Ok(0)
+        }
+        Command::Logs { name, follow, lab } => {
+            let session = LabSession::open(&lab)?;
+            let stdout = std::io::stdout();
+            capsules::logs(
+                &session,
+                &name,
+                follow,
+                std::time::Duration::from_millis(200),
+                &mut stdout.lock(),
+            )?;
+            Ok(0)
+        }
+        Command::Programs { lab, json } => {
+            let list = capsules::programs(&LabSession::open(&lab)?)?;
+            if json {
+                let v: Vec<serde_json::Value> = list
+                    .iter()
+                    .map(|p| serde_json::json!({"name": p.name, "description": p.description}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|p| vec![p.name.clone(), p.description.clone()])
+                    .collect();
+                print!("{}", render::table(&["PROGRAM", "DESCRIPTION"], &rows));
+            }
+            Ok(0)
+        }
+        Command::Directory(cmd) => directory_command(cmd),
         Command::Debug(DebugCommand::Control { name, vm, check }) => {
             let report = debug_control(&name, &vm, check)?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(0)
+        }
+    }
+}
+
+fn directory_command(cmd: DirectoryCommand) -> Result<i32> {
+    match cmd {
+        DirectoryCommand::Serve { lab, listen } => {
+            netns::require_root_and_ip()?;
+            let (state, dir) = lab::load_lab(&lab)?;
+            // Always inside the lab namespace, wherever it was started from:
+            // the bridge address exists only there.
+            let _inside = NetnsGuard::enter(&state.netns)?;
+            let addr = listen.unwrap_or_else(|| lab::directory_addr(&state));
+            directory::serve(&dir, addr, directory::DNS_ZONE, state.capsule_range)?;
+            Ok(0)
+        }
+        DirectoryCommand::Start { lab } => {
+            netns::require_root_and_ip()?;
+            let (mut state, dir) = lab::load_lab(&lab)?;
+            let _lock = directory::lock(&dir)?;
+            lab::start_directory(&mut state, &dir)?;
+            println!(
+                "directory of lab '{lab}' serves DNS on {} (pid {})",
+                lab::directory_addr(&state),
+                state.directory_pid.unwrap_or_default()
+            );
+            Ok(0)
+        }
+        DirectoryCommand::Stop { lab } => {
+            netns::require_root_and_ip()?;
+            let (mut state, dir) = lab::load_lab(&lab)?;
+            lab::stop_directory(&mut state, &dir)?;
+            println!(
+                "directory of lab '{lab}' stopped (its map stays in {})",
+                dir.display()
+            );
+            Ok(0)
+        }
+        DirectoryCommand::Status { lab, json } => {
+            netns::require_root_and_ip()?;
+            let (state, dir) = lab::load_lab(&lab)?;
+            let map = directory::load(&dir, state.capsule_range)?;
+            let running = lab::directory_running(&state);
+            let report = serde_json::json!({
+                "lab": lab,
+                "pid": state.directory_pid,
+                "running": running,
+                "listen": lab::directory_addr(&state).to_string(),
+                "zone": directory::DNS_ZONE,
+                "capsule_range": state.capsule_range.to_string(),
+                "capsules": map.capsules.len(),
+                "map": directory::map_path(&dir),
+            });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "directory of lab '{lab}': {} (pid {}), DNS on {}, {} capsule(s), range {}",
+                    if running { "running" } else { "not running" },
+                    state
+                        .directory_pid
+                        .map_or_else(|| "-".to_string(), |p| p.to_string()),
+                    lab::directory_addr(&state),
+                    map.capsules.len(),
+                    state.capsule_range
+                );
+            }
+            Ok(if running { 0 } else { 3 })
         }
     }
 }
@@ -243,6 +485,7 @@ mod tests {
             mem,
             accel,
             kernel,
+            ..
         }) = parse(&["lab", "up"]).unwrap().command
         else {
             panic!("not lab up");
@@ -274,6 +517,49 @@ mod tests {
         assert_eq!(name, "default");
         assert_eq!(command, ["ping", "-c1", "192.0.2.11"]);
         assert!(parse(&["lab", "exec"]).is_err());
+    }
+
+    #[test]
+    fn capsule_commands_parse() {
+        let Command::Run {
+            program,
+            name,
+            on,
+            lab,
+            memory,
+            json,
+            args,
+        } = parse(&[
+            "run", "echo", "--name", "web", "--on", "vm2", "--memory", "8", "--", "--port", "9",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not run");
+        };
+        assert_eq!(
+            (
+                program.as_str(),
+                name.as_deref(),
+                on.as_deref(),
+                lab.as_str()
+            ),
+            ("echo", Some("web"), Some("vm2"), "default")
+        );
+        assert_eq!((memory, json), (Some(8), false));
+        assert_eq!(args, ["--port", "9"]);
+        let Command::Logs { follow, name, .. } =
+            parse(&["logs", "-f", "web", "--lab", "x"]).unwrap().command
+        else {
+            panic!("not logs");
+        };
+        assert!(follow);
+        assert_eq!(name, "web");
+        assert!(parse(&["kill"]).is_err());
+        assert!(parse(&["run"]).is_err());
+        assert!(parse(&["lab", "up", "--capsule-range", "10.1.0.0/33"]).is_err());
+        assert!(parse(&["lab", "up", "--capsule-range", "10.1.0.0/16"]).is_ok());
+        assert!(parse(&["directory", "serve", "--lab", "x"]).is_ok());
     }
 
     #[test]

@@ -15,6 +15,7 @@ use capsules_wire::control::Status;
 use serde::Serialize;
 
 use crate::control::ControlClient;
+use crate::directory::CapsuleRange;
 use crate::netns::{self, NetnsGuard};
 use crate::qemu::{self, Accel, AccelChoice, Nic, VmSpec};
 use crate::state::{self, LabState, VmRecord};
@@ -43,6 +44,7 @@ pub struct UpOptions {
     pub mem_mib: u32,
     pub accel: AccelChoice,
     pub kernel: Option<PathBuf>,
+    pub capsule_range: CapsuleRange,
 }
 
 /// Lab names become part of a namespace name and a directory name.
@@ -222,6 +224,8 @@ pub fn up(opts: &UpOptions) -> Result<UpReport> {
         kernel_build_id: encode_hex(&build_id),
         mem_mib: opts.mem_mib,
         vms,
+        capsule_range: opts.capsule_range,
+        directory_pid: None,
     };
     // Saved before anything is created, so `lab down` can clean up whatever a
     // failed or interrupted `lab up` leaves behind.
@@ -246,6 +250,17 @@ fn start_lab(lab: &mut LabState, dir: &Path, accel: Accel, build_id: &[u8]) -> R
     for vm in &lab.vms {
         netns::add_tap(&lab.netns, &vm.tap)?;
     }
+    // Capsule locators are on-link on the bridge: the namespace ARPs for them
+    // and whichever VM hosts the capsule answers.
+    netns::ip(&[
+        "-n",
+        &lab.netns,
+        "route",
+        "add",
+        &lab.capsule_range.to_string(),
+        "dev",
+        &lab.bridge,
+    ])?;
     let key = lab.key()?;
     let _inside = NetnsGuard::enter(&lab.netns)?;
     let mut children = Vec::new();
@@ -267,7 +282,125 @@ fn start_lab(lab: &mut LabState, dir: &Path, accel: Accel, build_id: &[u8]) -> R
         state::save(dir, lab)?;
         children.push(child);
     }
-    wait_ready(lab, &mut children, &key, build_id, READY_TIMEOUT)
+    wait_ready(lab, &mut children, &key, build_id, READY_TIMEOUT)?;
+    drop(_inside);
+    start_directory(lab, dir)
+}
+
+/// The DNS address of a lab's directory: the bridge address, port 53.
+pub fn directory_addr(lab: &LabState) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(lab.gateway, 53))
+}
+
+/// True when `pid` is this lab's directory server (checked through its
+/// command line, so a recycled pid is never taken for it).
+pub fn is_our_directory(pid: u32, lab: &str) -> bool {
+    let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    cmdline_is_our_directory(&raw, lab)
+}
+
+fn cmdline_is_our_directory(raw: &[u8], lab: &str) -> bool {
+    let args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+    args.windows(4)
+        .any(|w| w == [&b"directory"[..], b"serve", b"--lab", lab.as_bytes()])
+}
+
+/// Whether the lab's recorded directory process is alive.
+pub fn directory_running(lab: &LabState) -> bool {
+    lab.directory_pid
+        .is_some_and(|pid| is_our_directory(pid, &lab.name))
+}
+
+/// Starts the lab's directory server as a background process (its own
+/// session, output in `directory.log`), records its pid in the lab state and
+/// waits until it answers DNS. It enters the lab namespace itself.
+pub fn start_directory(lab: &mut LabState, dir: &Path) -> Result<()> {
+    if directory_running(lab) {
+        bail!(
+            "the directory of lab '{}' is already running (pid {})",
+            lab.name,
+            lab.directory_pid.unwrap_or_default()
+        );
+    }
+    let exe = std::env::current_exe().context("cannot find the capsulectl executable")?;
+    let log = dir.join("directory.log");
+    let out = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    let err = out.try_clone()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["directory", "serve", "--lab", &lab.name])
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    // SAFETY: setsid is async-signal-safe and the only call between fork and
+    // exec; it detaches the server from our terminal and process group.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the directory server")?;
+    lab.directory_pid = Some(child.id());
+    state::save(dir, lab)?;
+    let _inside = NetnsGuard::enter(&lab.netns)?;
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the directory server exited with {status}\n--- last lines of {} ---\n{}",
+                log.display(),
+                tail(&log, 10)
+            );
+        }
+        let probe = format!("{}.", crate::directory::DNS_ZONE);
+        if crate::directory::lookup(directory_addr(lab), &probe, Duration::from_millis(200)).is_ok()
+        {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!(
+                "the directory server does not answer DNS on {}\n--- last lines of {} ---\n{}",
+                directory_addr(lab),
+                log.display(),
+                tail(&log, 10)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Stops the lab's directory server (SIGTERM, then SIGKILL), by its recorded
+/// pid only, and forgets the pid.
+pub fn stop_directory(lab: &mut LabState, dir: &Path) -> Result<()> {
+    if let Some(pid) = lab.directory_pid {
+        let ours = |p: u32| is_our_directory(p, &lab.name);
+        for sig in [libc::SIGTERM, libc::SIGKILL] {
+            if !ours(pid) {
+                break;
+            }
+            signal_checked(pid, sig, &ours);
+            let start = Instant::now();
+            while ours(pid) && start.elapsed() < Duration::from_secs(2) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if ours(pid) {
+            bail!("directory server pid {pid} survived SIGKILL");
+        }
+    }
+    lab.directory_pid = None;
+    if dir.exists() {
+        state::save(dir, lab)?;
+    }
+    Ok(())
 }
 
 /// Polls every VM until its control service gives an authenticated Version
@@ -401,12 +534,18 @@ fn wait_gone(pid: u32, vm: &VmRecord, timeout: Duration) -> bool {
 /// checked through /proc afterwards, so the signal cannot reach a process that
 /// reused the pid in between.
 fn signal(pid: u32, sig: libc::c_int, vm: &VmRecord) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
+    signal_checked(pid, sig, &|p| is_our_qemu(p, vm));
+}
+
+/// Sends `sig` to `pid` through a pidfd, only if `is_ours(pid)` still holds
+/// once the pidfd pins the process.
+fn signal_checked(pid: u32, sig: libc::c_int, is_ours: &dyn Fn(u32) -> bool) {
+    let Ok(raw_pid) = libc::pid_t::try_from(pid) else {
         return;
     };
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
     // or -1; no memory is shared with the kernel.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw_pid, 0) };
     let Ok(fd) = libc::c_int::try_from(fd) else {
         return;
     };
@@ -415,7 +554,7 @@ fn signal(pid: u32, sig: libc::c_int, vm: &VmRecord) {
     }
     // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
     let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-    if is_our_qemu(pid as u32, vm) {
+    if is_ours(pid) {
         // SAFETY: a valid pidfd, a signal number and no siginfo (null is allowed).
         unsafe {
             libc::syscall(
@@ -456,6 +595,7 @@ fn stop_vm(vm: &VmRecord, key: &[u8], in_namespace: bool) -> Result<()> {
 /// Stops every VM of a lab and deletes its network and state.
 pub fn down_state(lab: &LabState, dir: &Path) -> Result<()> {
     let key = lab.key()?;
+    stop_directory(&mut lab.clone(), dir)?;
     {
         let guard = if netns::exists(&lab.netns) {
             Some(NetnsGuard::enter(&lab.netns)?)
@@ -666,6 +806,15 @@ mod tests {
         assert!(!cmdline_is_our_qemu(not_qemu, vm));
         assert!(!cmdline_is_our_qemu(b"", vm));
         assert!(!is_our_qemu(std::process::id(), vm));
+    }
+
+    #[test]
+    fn directory_identity_check_reads_argv() {
+        let ours = b"/x/capsulectl\0directory\0serve\0--lab\0t\0";
+        assert!(cmdline_is_our_directory(ours, "t"));
+        assert!(!cmdline_is_our_directory(ours, "u"));
+        assert!(!cmdline_is_our_directory(b"/x/capsulectl\0lab\0up\0", "t"));
+        assert!(!is_our_directory(std::process::id(), "t"));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! `main.rs` is a thin shell over [`cli`]; everything else is usable as a
 //! library (the benchmarks and system tests do).
 
+pub mod capsules;
 pub mod cli;
 pub mod control;
 pub mod directory;

@@ -106,6 +106,37 @@ pub fn vm_table(vms: &[VmInfo]) -> String {
     out
 }
 
+/// The table `ps` prints.
+pub fn ps_table(rows: &[crate::capsules::PsRow]) -> String {
+    let dash = || "-".to_string();
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                r.program.clone(),
+                r.locator.to_string(),
+                r.vm.clone(),
+                match &r.reason {
+                    Some(why) => format!("{}: {why}", r.state),
+                    None => r.state.clone(),
+                },
+                r.tasks.map_or_else(dash, |t| t.to_string()),
+                r.memory_bytes
+                    .map_or_else(dash, |b| format!("{} MiB", mib(b))),
+                r.sockets.map_or_else(dash, |n| n.to_string()),
+                r.uptime_ns.map_or_else(dash, seconds),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME", "PROGRAM", "LOCATOR", "VM", "STATE", "TASKS", "MEMORY", "SOCKETS", "UPTIME",
+        ],
+        &body,
+    )
+}
+
 pub fn vm_json(vms: &[VmInfo]) -> String {
     serde_json::to_string_pretty(vms).expect("VmInfo always serialises")
 }

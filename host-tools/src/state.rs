@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::directory::CapsuleRange;
+
 /// Environment variable that moves the state root away from `/run/capsules`.
 pub const STATE_DIR_ENV: &str = "CAPSULES_STATE_DIR";
 const DEFAULT_STATE_ROOT: &str = "/run/capsules";
@@ -51,6 +53,12 @@ pub struct LabState {
     pub kernel_build_id: String,
     pub mem_mib: u32,
     pub vms: Vec<VmRecord>,
+    /// Where capsule locators come from (older state files lack it: default).
+    #[serde(default)]
+    pub capsule_range: CapsuleRange,
+    /// Pid of the lab's directory server (`capsulectl directory serve`).
+    #[serde(default)]
+    pub directory_pid: Option<u32>,
 }
 
 impl LabState {
@@ -141,6 +149,8 @@ pub(crate) mod tests {
                 serial_log: dir.join("vm1.serial.log"),
                 qemu_log: dir.join("vm1.qemu.log"),
             }],
+            capsule_range: CapsuleRange::default(),
+            directory_pid: None,
         }
     }
 

@@ -1,0 +1,545 @@
+//! Capsule commands: run, ps, kill, logs, programs.
+//!
+//! The directory (see [`crate::directory`]) says which capsules exist and
+//! where; each VM's control service says how they are. `run` and `kill` hold
+//! the directory lock across their control request, so concurrent
+//! invocations cannot hand out the same locator or slot, and a failed request
+//! leaves the map exactly as it was.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use capsules_wire::control::{
+    CapsuleInfo, CapsuleState, MAX_ARG_LEN, MAX_ARGS, ProgramInfo, Request, Response, RunCapsule,
+};
+use serde::Serialize;
+
+use crate::control::ControlClient;
+use crate::directory::{self, CapsuleRecord, DirectoryMap};
+use crate::lab;
+use crate::netns::{self, NetnsGuard};
+use crate::state::{LabState, VmRecord};
+
+/// Timeout of capsule control requests: starting a capsule under TCG may
+/// take longer than a Version round trip.
+pub const CAPSULE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Log bytes asked for per request (well below the 64 KiB frame limit).
+const LOG_CHUNK: u32 = 16 * 1024;
+
+/// A lab opened for capsule commands: state loaded and this thread inside
+/// the lab namespace for as long as it lives.
+pub struct LabSession {
+    pub lab: LabState,
+    pub dir: std::path::PathBuf,
+    key: Vec<u8>,
+    _inside: NetnsGuard,
+}
+
+impl LabSession {
+    pub fn open(name: &str) -> Result<Self> {
+        netns::require_root_and_ip()?;
+        let (lab, dir) = lab::load_lab(name)?;
+        let key = lab.key()?;
+        if !netns::exists(&lab.netns) {
+            bail!(
+                "lab '{name}' has state but no namespace {}: `capsulectl lab down --name {name}` cleans it",
+                lab.netns
+            );
+        }
+        let inside = NetnsGuard::enter(&lab.netns)?;
+        Ok(Self {
+            lab,
+            dir,
+            key,
+            _inside: inside,
+        })
+    }
+
+    pub fn vm(&self, name: &str) -> Result<&VmRecord> {
+        self.lab.vm(name).map_err(|_| {
+            let names: Vec<&str> = self.lab.vms.iter().map(|v| v.name.as_str()).collect();
+            anyhow!(
+                "unknown VM '{name}': lab '{}' has {}",
+                self.lab.name,
+                names.join(", ")
+            )
+        })
+    }
+
+    pub fn connect(&self, vm: &VmRecord) -> Result<ControlClient> {
+        let addr = std::net::SocketAddr::from((vm.ip, vm.control_port));
+        ControlClient::connect_with(addr, &self.key, lab::CONTROL_TIMEOUT, CAPSULE_TIMEOUT)
+            .with_context(|| format!("VM {} ({}) does not answer", vm.name, vm.ip))
+    }
+
+    /// One request to one VM; an error reply becomes an error naming the VM.
+    pub fn call(&self, vm: &VmRecord, request: &Request) -> Result<Response> {
+        let resp = self.connect(vm)?.call(request)?;
+        if let Response::Error { code, message } = resp {
+            bail!("{} refused: {message} ({})", vm.name, code.as_str());
+        }
+        Ok(resp)
+    }
+
+    pub fn list_capsules(&self, vm: &VmRecord) -> Result<Vec<CapsuleInfo>> {
+        match self.call(vm, &Request::ListCapsules)? {
+            Response::Capsules(list) => Ok(list),
+            other => bail!(
+                "unexpected answer to ListCapsules from {}: {other:?}",
+                vm.name
+            ),
+        }
+    }
+
+    pub fn load_map(&self) -> Result<DirectoryMap> {
+        directory::load(&self.dir, self.lab.capsule_range)
+    }
+}
+
+/// What `run` needs.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub program: String,
+    pub name: Option<String>,
+    pub on: Option<String>,
+    pub memory_mib: Option<u64>,
+    pub args: Vec<String>,
+}
+
+/// What `run` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Started {
+    pub name: String,
+    pub program: String,
+    pub locator: Ipv4Addr,
+    pub slot: u32,
+    pub vm: String,
+    pub dns: String,
+}
+
+fn check_args(opts: &RunOptions) -> Result<()> {
+    if opts.args.len() > MAX_ARGS {
+        bail!("too many program arguments: at most {MAX_ARGS}");
+    }
+    if let Some(a) = opts.args.iter().find(|a| a.len() > MAX_ARG_LEN) {
+        bail!(
+            "program argument of {} bytes is too long (at most {MAX_ARG_LEN})",
+            a.len()
+        );
+    }
+    if opts.memory_mib == Some(0) {
+        bail!("--memory must be at least 1 MiB");
+    }
+    Ok(())
+}
+
+/// Picks the VM for a new capsule: the named one, else the answering VM with
+/// the fewest capsules (ties: the first).
+fn pick_vm<'a>(s: &'a LabSession, on: Option<&str>) -> Result<&'a VmRecord> {
+    if let Some(name) = on {
+        let vm = s.vm(name)?;
+        s.list_capsules(vm)?;
+        return Ok(vm);
+    }
+    let mut best: Option<(&VmRecord, usize)> = None;
+    let mut errors = Vec::new();
+    for vm in &s.lab.vms {
+        match s.list_capsules(vm) {
+            Ok(list) if best.is_none_or(|(_, n)| list.len() < n) => best = Some((vm, list.len())),
+            Ok(_) => {}
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    best.map(|(vm, _)| vm).ok_or_else(|| {
+        anyhow!(
+            "no VM of lab '{}' answers: {}",
+            s.lab.name,
+            errors.join("; ")
+        )
+    })
+}
+
+/// `capsulectl run`: reserve a locator and slot, start the capsule, record it.
+pub fn run(s: &LabSession, opts: &RunOptions) -> Result<Started> {
+    check_args(opts)?;
+    if let Some(name) = &opts.name {
+        directory::validate_capsule_name(name)?;
+    }
+    let _lock = directory::lock(&s.dir)?;
+    let mut map = s.load_map()?;
+    let name = match &opts.name {
+        Some(n) => n.clone(),
+        None => map.default_name(&opts.program),
+    };
+    directory::validate_capsule_name(&name)?;
+    if let Some(c) = map.get(&name) {
+        bail!(
+            "a capsule named '{name}' already exists (locator {}, on {}): pick another --name or `capsulectl kill {name}` first",
+            c.locator,
+            c.vm
+        );
+    }
+    let vm = pick_vm(s, opts.on.as_deref())?;
+    // The pair is only reserved in this process's copy of the map until the
+    // VM has started the capsule; on any failure it is dropped unsaved.
+    let (locator, slot) = map.allocate()?;
+    let memory_limit = opts.memory_mib.unwrap_or(0) * 1024 * 1024;
+    let request = Request::RunCapsule(RunCapsule {
+        name: name.clone(),
+        program: opts.program.clone(),
+        args: opts.args.clone(),
+        locator,
+        slot,
+        memory_limit,
+    });
+    let info = match s.call(vm, &request)? {
+        Response::CapsuleStarted(info) => info,
+        other => bail!(
+            "unexpected answer to RunCapsule from {}: {other:?}",
+            vm.name
+        ),
+    };
+    let created_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    map.insert(CapsuleRecord {
+        name: name.clone(),
+        program: info.program.clone(),
+        args: opts.args.clone(),
+        locator,
+        slot,
+        vm: vm.name.clone(),
+        memory_limit,
+        created_unix,
+    })?;
+    if let Err(e) = directory::save(&s.dir, &map) {
+        // Do not leave a capsule running that the directory does not know.
+        let _ = s.call(vm, &Request::KillCapsule { name: name.clone() });
+        return Err(e.context("cannot record the capsule; it was killed again"));
+    }
+    Ok(Started {
+        dns: format!("{name}.{}", directory::DNS_ZONE),
+        name,
+        program: info.program,
+        locator,
+        slot,
+        vm: vm.name.clone(),
+    })
+}
+
+/// One row of `ps`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PsRow {
+    pub name: String,
+    pub program: String,
+    pub locator: Ipv4Addr,
+    pub slot: u32,
+    pub vm: String,
+    /// running, exited, faulted, killed, missing (the VM does not know it) or
+    /// unreachable (the VM does not answer).
+    pub state: String,
+    /// Why a faulted capsule ended.
+    pub reason: Option<String>,
+    pub tasks: Option<u32>,
+    pub memory_bytes: Option<u64>,
+    pub memory_limit: Option<u64>,
+    pub sockets: Option<u32>,
+    pub uptime_ns: Option<u64>,
+    pub args: Vec<String>,
+}
+
+/// Joins directory records with what each VM reports (`None`: VM silent).
+pub fn join_rows(
+    map: &DirectoryMap,
+    reports: &BTreeMap<String, Option<Vec<CapsuleInfo>>>,
+) -> Vec<PsRow> {
+    map.capsules
+        .values()
+        .map(|c| {
+            let mut row = PsRow {
+                name: c.name.clone(),
+                program: c.program.clone(),
+                locator: c.locator,
+                slot: c.slot,
+                vm: c.vm.clone(),
+                state: "unreachable".into(),
+                reason: None,
+                tasks: None,
+                memory_bytes: None,
+                memory_limit: None,
+                sockets: None,
+                uptime_ns: None,
+                args: c.args.clone(),
+            };
+            if let Some(Some(list)) = reports.get(&c.vm) {
+                match list.iter().find(|i| i.name == c.name) {
+                    Some(i) => {
+                        row.state = i.state.label().into();
+                        if let CapsuleState::Faulted { reason } = &i.state {
+                            row.reason = Some(reason.clone());
+                        }
+                        row.tasks = Some(i.tasks);
+                        row.memory_bytes = Some(i.memory_bytes);
+                        row.memory_limit = Some(i.memory_limit);
+                        row.sockets = Some(i.sockets);
+                        row.uptime_ns = Some(i.uptime_ns);
+                    }
+                    None => row.state = "missing".into(),
+                }
+            }
+            row
+        })
+        .collect()
+}
+
+/// `capsulectl ps`.
+pub fn ps(s: &LabSession) -> Result<Vec<PsRow>> {
+    let map = s.load_map()?;
+    let mut reports = BTreeMap::new();
+    for vm_name in map.capsules.values().map(|c| c.vm.as_str()) {
+        if reports.contains_key(vm_name) {
+            continue;
+        }
+        let list = s.vm(vm_name).and_then(|vm| s.list_capsules(vm)).ok();
+        reports.insert(vm_name.to_string(), list);
+    }
+    Ok(join_rows(&map, &reports))
+}
+
+/// `capsulectl kill`: KillCapsule on its VM, then out of the directory. A VM
+/// that no longer knows the capsule counts as killed; a VM that does not
+/// answer keeps the record unless `force`.
+pub fn kill(s: &LabSession, name: &str, force: bool) -> Result<CapsuleRecord> {
+    let _lock = directory::lock(&s.dir)?;
+    let mut map = s.load_map()?;
+    let Some(rec) = map.get(name).cloned() else {
+        bail!(
+            "no capsule named '{name}' in lab '{}' (see `capsulectl ps --lab {}`)",
+            s.lab.name,
+            s.lab.name
+        );
+    };
+    let vm = s.vm(&rec.vm)?;
+    let outcome = s.connect(vm).and_then(|mut c| {
+        c.call(&Request::KillCapsule {
+            name: rec.name.clone(),
+        })
+    });
+    match outcome {
+        Ok(Response::Killed) => {}
+        Ok(Response::Error {
+            code: capsules_wire::control::ErrorCode::NotFound,
+            ..
+        }) => {}
+        Ok(Response::Error { code, message }) => {
+            bail!(
+                "{} refused to kill '{name}': {message} ({})",
+                vm.name,
+                code.as_str()
+            )
+        }
+        Ok(other) => bail!("unexpected answer to KillCapsule: {other:?}"),
+        Err(e) if force => eprintln!(
+            "capsulectl: warning: {e:#}; removing '{name}' from the directory anyway (--force)"
+        ),
+        Err(e) => {
+            return Err(e.context(format!(
+                "'{name}' is kept in the directory; use --force to forget it"
+            )));
+        }
+    }
+    map.remove(name);
+    directory::save(&s.dir, &map)?;
+    Ok(rec)
+}
+
+/// Writes a capsule's log to `out` from `offset`; returns the next offset.
+fn drain_logs(
+    client: &mut ControlClient,
+    name: &str,
+    mut offset: u64,
+    out: &mut dyn Write,
+) -> Result<u64> {
+    loop {
+        let resp = client.call(&Request::CapsuleLogs {
+            name: name.into(),
+            offset,
+            max: LOG_CHUNK,
+        })?;
+        match resp {
+            Response::Logs { data, next_offset } => {
+                out.write_all(&data)?;
+                out.flush()?;
+                let done = data.is_empty() || next_offset == offset;
+                offset = next_offset;
+                if done {
+                    return Ok(offset);
+                }
+            }
+            Response::Error { code, message } => {
+                bail!("logs of '{name}' refused: {message} ({})", code.as_str())
+            }
+            other => bail!("unexpected answer to CapsuleLogs: {other:?}"),
+        }
+    }
+}
+
+/// `capsulectl logs`: the capsule's log so far; with `follow`, keeps polling
+/// (every `poll`) until the capsule is no longer running.
+pub fn logs(
+    s: &LabSession,
+    name: &str,
+    follow: bool,
+    poll: Duration,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let map = s.load_map()?;
+    let Some(rec) = map.get(name).cloned() else {
+        bail!("no capsule named '{name}' in lab '{}'", s.lab.name);
+    };
+    let vm = s.vm(&rec.vm)?;
+    let mut client = s.connect(vm)?;
+    let mut offset = drain_logs(&mut client, &rec.name, 0, out)?;
+    if !follow {
+        return Ok(());
+    }
+    loop {
+        std::thread::sleep(poll);
+        // The control service closes idle connections and a VM may restart
+        // its service: reconnect once per poll when the connection broke.
+        let step = drain_logs(&mut client, &rec.name, offset, out);
+        offset = match step {
+            Ok(o) => o,
+            Err(_) => {
+                client = s.connect(vm)?;
+                drain_logs(&mut client, &rec.name, offset, out)?
+            }
+        };
+        let running = match client.call(&Request::ListCapsules)? {
+            Response::Capsules(list) => list
+                .iter()
+                .any(|c| c.name == rec.name && c.state == CapsuleState::Running),
+            _ => false,
+        };
+        if !running {
+            drain_logs(&mut client, &rec.name, offset, out)?;
+            return Ok(());
+        }
+    }
+}
+
+/// `capsulectl programs`: asks the first VM that answers.
+pub fn programs(s: &LabSession) -> Result<Vec<ProgramInfo>> {
+    let mut errors = Vec::new();
+    for vm in &s.lab.vms {
+        match s.call(vm, &Request::ListPrograms) {
+            Ok(Response::Programs(list)) => return Ok(list),
+            Ok(other) => errors.push(format!("{}: unexpected answer {other:?}", vm.name)),
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    bail!(
+        "no VM of lab '{}' answers: {}",
+        s.lab.name,
+        errors.join("; ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::directory::CapsuleRange;
+
+    fn info(name: &str, state: CapsuleState) -> CapsuleInfo {
+        CapsuleInfo {
+            name: name.into(),
+            program: "echo".into(),
+            locator: Ipv4Addr::new(198, 18, 0, 1),
+            slot: 1,
+            state,
+            tasks: 1,
+            memory_bytes: 65536,
+            memory_limit: 1 << 26,
+            sockets: 1,
+            uptime_ns: 5,
+        }
+    }
+
+    fn rec(name: &str, vm: &str, n: u8) -> CapsuleRecord {
+        CapsuleRecord {
+            name: name.into(),
+            program: "echo".into(),
+            args: vec![],
+            locator: Ipv4Addr::new(198, 18, 0, n),
+            slot: u32::from(n),
+            vm: vm.into(),
+            memory_limit: 0,
+            created_unix: 0,
+        }
+    }
+
+    #[test]
+    fn ps_joins_directory_and_vm_reports() {
+        let mut map = DirectoryMap::new(CapsuleRange::default());
+        map.insert(rec("a", "vm1", 1)).unwrap();
+        map.insert(rec("b", "vm1", 2)).unwrap();
+        map.insert(rec("c", "vm2", 3)).unwrap();
+        map.insert(rec("d", "vm1", 4)).unwrap();
+        let mut reports = BTreeMap::new();
+        reports.insert(
+            "vm1".to_string(),
+            Some(vec![
+                info("a", CapsuleState::Running),
+                info(
+                    "b",
+                    CapsuleState::Faulted {
+                        reason: "page fault".into(),
+                    },
+                ),
+            ]),
+        );
+        reports.insert("vm2".to_string(), None);
+        let rows = join_rows(&map, &reports);
+        let states: Vec<(&str, &str)> = rows
+            .iter()
+            .map(|r| (r.name.as_str(), r.state.as_str()))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("a", "running"),
+                ("b", "faulted"),
+                ("c", "unreachable"),
+                ("d", "missing")
+            ]
+        );
+        assert_eq!(rows[1].reason.as_deref(), Some("page fault"));
+        assert_eq!(rows[0].memory_bytes, Some(65536));
+        assert_eq!(rows[2].tasks, None);
+        let json = serde_json::to_value(&rows).unwrap();
+        for key in ["name", "program", "locator", "vm", "state"] {
+            assert!(json[0].get(key).is_some(), "{key}");
+        }
+        assert_eq!(json[0]["locator"], "198.18.0.1");
+    }
+
+    #[test]
+    fn run_arguments_are_checked_before_anything_happens() {
+        let mut o = RunOptions {
+            program: "echo".into(),
+            ..Default::default()
+        };
+        check_args(&o).unwrap();
+        o.args = vec!["x".into(); MAX_ARGS + 1];
+        assert!(check_args(&o).is_err());
+        o.args = vec!["x".repeat(MAX_ARG_LEN + 1)];
+        assert!(check_args(&o).is_err());
+        o.args = vec![];
+        o.memory_mib = Some(0);
+        assert!(check_args(&o).is_err());
+    }
+}
