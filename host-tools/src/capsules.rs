@@ -409,26 +409,36 @@ pub fn logs(
     }
     loop {
         std::thread::sleep(poll);
-        // The control service closes idle connections and a VM may restart
-        // its service: reconnect once per poll when the connection broke.
-        let step = drain_logs(&mut client, &rec.name, offset, out);
-        offset = match step {
-            Ok(o) => o,
+        // The state is read before the log, so the last lines of a capsule
+        // that ends between the two reads are still printed below.
+        let state = match capsule_state(&mut client, &rec.name) {
+            Ok(st) => st,
+            // The control service closes idle connections: reconnect once.
             Err(_) => {
                 client = s.connect(vm)?;
-                drain_logs(&mut client, &rec.name, offset, out)?
+                capsule_state(&mut client, &rec.name)?
             }
         };
-        let running = match client.call(&Request::ListCapsules)? {
-            Response::Capsules(list) => list
-                .iter()
-                .any(|c| c.name == rec.name && c.state == CapsuleState::Running),
-            _ => false,
-        };
-        if !running {
-            drain_logs(&mut client, &rec.name, offset, out)?;
+        match drain_logs(&mut client, &rec.name, offset, out) {
+            Ok(o) => offset = o,
+            // Killed capsules leave the VM's list, and their log with them.
+            Err(_) if state.is_none() => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if state != Some(CapsuleState::Running) {
             return Ok(());
         }
+    }
+}
+
+/// A capsule's state on its VM; `None` when the VM does not know it.
+fn capsule_state(client: &mut ControlClient, name: &str) -> Result<Option<CapsuleState>> {
+    match client.call(&Request::ListCapsules)? {
+        Response::Capsules(list) => Ok(list
+            .into_iter()
+            .find(|c| c.name == name)
+            .map(|c| c.state)),
+        other => bail!("unexpected answer to ListCapsules: {other:?}"),
     }
 }
 

@@ -241,3 +241,176 @@ pub fn netns_list() -> String {
         .expect("cannot run ip netns list");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Fails the test, with what to install, when a client program is missing.
+pub fn require_clients(programs: &[(&str, &str)]) {
+    for (program, package) in programs {
+        assert!(
+            capsulectl::netns::on_path(program),
+            "{program} not found: apt-get install {package} (or run .ci/run)"
+        );
+    }
+}
+
+/// Text of an output's stdout and stderr, for assertion messages.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or panics with `what`
+/// after `timeout`.
+pub fn wait_for<T>(
+    timeout: std::time::Duration,
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A per-test scratch directory (the lab namespace shares the filesystem).
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("capsules-st-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("cannot create a scratch directory");
+    dir
+}
+
+impl Lab {
+    /// `capsulectl ARGS… --lab NAME` (flags before any `--`).
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        let mut all: Vec<&str> = Vec::new();
+        match args.iter().position(|a| *a == "--") {
+            Some(i) => {
+                all.extend_from_slice(&args[..i]);
+                all.extend_from_slice(&["--lab", &self.name]);
+                all.extend_from_slice(&args[i..]);
+            }
+            None => {
+                all.extend_from_slice(args);
+                all.extend_from_slice(&["--lab", &self.name]);
+            }
+        }
+        capsulectl(&all)
+    }
+
+    /// Like [`Lab::ctl`], failing the test unless it succeeds; returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "capsulectl {} --lab {}: {}",
+            args.join(" "),
+            self.name,
+            describe(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `capsulectl run PROGRAM --name NAME [FLAGS…] --json [-- ARGS…]`, parsed.
+    pub fn run_capsule(
+        &self,
+        program: &str,
+        name: Option<&str>,
+        flags: &[&str],
+        args: &[&str],
+    ) -> serde_json::Value {
+        let mut argv = vec!["run", program, "--json"];
+        if let Some(n) = name {
+            argv.extend_from_slice(&["--name", n]);
+        }
+        argv.extend_from_slice(flags);
+        if !args.is_empty() {
+            argv.push("--");
+            argv.extend_from_slice(args);
+        }
+        let out = self.ctl_ok(&argv);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("run --json: {e}: {out}"))
+    }
+
+    /// The locator of a new capsule.
+    pub fn run_locator(&self, program: &str, name: &str, flags: &[&str], args: &[&str]) -> String {
+        let v = self.run_capsule(program, Some(name), flags, args);
+        v["locator"].as_str().expect("locator").to_string()
+    }
+
+    /// `ps --json`, parsed.
+    pub fn ps(&self) -> Vec<serde_json::Value> {
+        let out = self.ctl_ok(&["ps", "--json"]);
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("ps --json: {e}: {out}"));
+        v.as_array().expect("ps --json is an array").clone()
+    }
+
+    /// The `ps` row of one capsule.
+    pub fn ps_row(&self, name: &str) -> Option<serde_json::Value> {
+        self.ps().into_iter().find(|r| r["name"] == name)
+    }
+
+    /// Runs a shell script inside the lab namespace.
+    pub fn sh(&self, script: &str) -> Output {
+        self.exec(&["sh", "-c", script])
+    }
+
+    /// Sends `data` through a TCP connection to ADDR:PORT with socat and
+    /// returns what came back (the server closes, or 2 s of quiet after our
+    /// end was sent).
+    pub fn tcp_roundtrip(&self, addr: &str, port: u16, data: &[u8], tag: &str) -> Output {
+        let dir = scratch_dir(tag);
+        let input = dir.join("in");
+        std::fs::write(&input, data).expect("write input");
+        let script = format!(
+            "socat -t 2 -T 20 - TCP:{addr}:{port},connect-timeout=3 < {}",
+            input.display()
+        );
+        let out = self.sh(&script);
+        let _ = std::fs::remove_dir_all(&dir);
+        out
+    }
+
+    /// Whether an echo capsule at ADDR:PORT echoes a short line.
+    pub fn echo_answers(&self, addr: &str, port: u16) -> bool {
+        let line = format!("hello {addr}:{port}\n");
+        let out = self.tcp_roundtrip(addr, port, line.as_bytes(), "echo-check");
+        out.status.success() && out.stdout == line.as_bytes()
+    }
+
+    /// `dig @192.0.2.1 NAME.capsule +short` inside the lab.
+    pub fn dig_short(&self, name: &str) -> String {
+        let out = self.exec(&[
+            "dig",
+            "@192.0.2.1",
+            &format!("{name}.capsule"),
+            "+short",
+            "+time=2",
+            "+tries=2",
+        ]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+/// Pids of directory servers of lab `name` (`capsulectl directory serve --lab NAME`).
+pub fn directory_processes(name: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+        .filter(|pid| capsulectl::lab::is_our_directory(*pid, name))
+        .collect()
+}

@@ -28,6 +28,11 @@ fn assert_nothing_left(lab: &Lab) {
         "QEMU processes of the lab remain: {left:?}"
     );
     assert!(!dir.exists(), "state directory {} remains", dir.display());
+    let servers = capsules_system_tests::directory_processes(&lab.name);
+    assert!(
+        servers.is_empty(),
+        "directory servers of the lab remain: {servers:?}"
+    );
 }
 
 #[test]
