@@ -1,6 +1,8 @@
-//! Capsules benchmarks: boot time and ping round trip of a lab VM.
+//! Capsules benchmarks: boot time and ping round trip of a lab VM; memory,
+//! density and request rates of capsules (module `capsules`).
 //!
 //! `capsules-bench [boot|ping|all] [--boots N] [--pings N] [--accel auto|kvm|tcg] [--kernel PATH]`
+//! `capsules-bench [capsule-mem|density|kv|http|capsules] [--runs N] [--per-round N] [--cap N] [--vm-mem MIB]`
 //!
 //! Each run creates its own network namespace (`capsules-bench<pid>`) with a
 //! bridge and one tap, boots VMs there with the same QEMU command line as
@@ -21,15 +23,30 @@ use capsulectl::render::table;
 use capsulectl::state::VmRecord;
 use clap::{Parser, ValueEnum};
 
+mod capsules;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Which {
     Boot,
     Ping,
+    /// boot + ping
     All,
+    /// Memory per idle echo capsule.
+    CapsuleMem,
+    /// How many echo capsules one VM holds.
+    Density,
+    /// kv requests per second (redis-benchmark).
+    Kv,
+    /// http requests per second.
+    Http,
+    /// capsule-mem + density + kv + http
+    Capsules,
 }
 
 #[derive(Debug, Parser)]
-#[command(about = "Capsules benchmarks (boot time, ping round trip)")]
+#[command(
+    about = "Capsules benchmarks (boot, ping, capsule memory and density, kv and http rates)"
+)]
 struct Args {
     #[arg(value_enum, default_value_t = Which::All)]
     which: Which,
@@ -43,6 +60,18 @@ struct Args {
     accel: AccelChoice,
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// Rounds of the memory, kv and http benchmarks (median reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Capsules per round of the memory benchmark.
+    #[arg(long, default_value_t = 20)]
+    per_round: usize,
+    /// Most capsules the density benchmark tries to start.
+    #[arg(long, default_value_t = 2000)]
+    cap: usize,
+    /// VM memory of the capsule benchmarks, MiB.
+    #[arg(long, default_value_t = 512)]
+    vm_mem: u32,
 }
 
 /// A namespace with one tap, deleted (with the VM killed) on drop.
@@ -280,9 +309,58 @@ fn bench_ping(lab: &mut BenchLab, pings: usize, rows: &mut Vec<Vec<String>>) -> 
     Ok(())
 }
 
+fn capsule_benches(args: &Args) -> Result<()> {
+    use capsules::CapsuleLab;
+    let mut rows = Vec::new();
+    let w = args.which;
+    let mut failures = Vec::new();
+    let mut step = |tag: &str, f: &dyn Fn(&CapsuleLab) -> Result<Vec<Vec<String>>>| {
+        let outcome = CapsuleLab::up(tag, args.vm_mem, args.accel, args.kernel.clone())
+            .and_then(|lab| f(&lab));
+        match outcome {
+            Ok(r) => rows.extend(r),
+            Err(e) => {
+                eprintln!("{tag}: {e:#}");
+                failures.push(format!("{tag}: {e:#}"));
+            }
+        }
+    };
+    if matches!(w, Which::CapsuleMem | Which::Capsules) {
+        step("mem", &|lab| {
+            capsules::memory(lab, args.runs, args.per_round)
+        });
+    }
+    if matches!(w, Which::Density | Which::Capsules) {
+        step("density", &|lab| {
+            capsules::density(lab, args.cap, args.vm_mem)
+        });
+    }
+    if matches!(w, Which::Kv | Which::Capsules) {
+        step("kv", &|lab| capsules::kv(lab, args.runs));
+    }
+    if matches!(w, Which::Http | Which::Capsules) {
+        step("http", &|lab| capsules::http(lab, args.runs));
+    }
+    print!(
+        "{}",
+        table(&["BENCHMARK", "ACCEL", "SAMPLES", "CENTRE", "TAIL"], &rows)
+    );
+    if !failures.is_empty() {
+        bail!(
+            "{} benchmark(s) failed: {}",
+            failures.len(),
+            failures.join("; ")
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     netns::require_root_and_ip()?;
+    if !matches!(args.which, Which::Boot | Which::Ping | Which::All) {
+        return capsule_benches(&args);
+    }
     let kernel = lab::resolve_kernel(args.kernel.as_deref())?;
     let (accel, why) = qemu::choose_accel(&kernel, args.accel)?;
     eprintln!("kernel {}; accelerator {why}", kernel.display());

@@ -324,7 +324,7 @@ pub fn start_directory(lab: &mut LabState, dir: &Path) -> Result<()> {
             lab.directory_pid.unwrap_or_default()
         );
     }
-    let exe = std::env::current_exe().context("cannot find the capsulectl executable")?;
+    let exe = capsulectl_exe()?;
     let log = dir.join("directory.log");
     let out = fs::OpenOptions::new()
         .create(true)
@@ -375,6 +375,37 @@ pub fn start_directory(lab: &mut LabState, dir: &Path) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The `capsulectl` binary that runs the directory server: this process if
+/// it is capsulectl, else `$CAPSULECTL`, else a `capsulectl` beside this
+/// executable (the benchmarks and tests link the library and live in the
+/// same target directory).
+pub fn capsulectl_exe() -> Result<PathBuf> {
+    let me = std::env::current_exe().context("cannot find this executable")?;
+    if me
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy() == "capsulectl")
+    {
+        return Ok(me);
+    }
+    if let Some(p) = std::env::var_os("CAPSULECTL").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let beside = me.parent().map(|d| d.join("capsulectl"));
+    let up = me
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("capsulectl"));
+    for candidate in beside.into_iter().chain(up) {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "cannot find the capsulectl binary to run the directory server: build it \
+         (`cargo build --release -p capsulectl`) or set CAPSULECTL=PATH"
+    )
 }
 
 /// Stops the lab's directory server (SIGTERM, then SIGKILL), by its recorded
