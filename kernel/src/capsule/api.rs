@@ -20,7 +20,7 @@ use crate::sched::{self, Task, TaskState};
 /// Sockets one capsule may hold.
 pub const MAX_SOCKETS: usize = 256;
 /// Listening sockets kept ready per listener (connections accepted at once).
-const BACKLOG: usize = 2;
+const BACKLOG: usize = 4;
 const TCP_BUFFER: usize = 32 * 1024;
 const UDP_PACKETS: usize = 32;
 const UDP_BUFFER: usize = 16 * 1024;
@@ -219,6 +219,7 @@ impl TcpListener {
                     .map_err(|_| NetError::AddrInUse)?;
                 ready.push(handle);
             }
+            root.listen_ports.push(port);
             c.net_dirty = true;
             Ok(TcpListener { port, ready })
         })
@@ -271,10 +272,12 @@ impl TcpListener {
 impl Drop for TcpListener {
     fn drop(&mut self) {
         let ready = core::mem::take(&mut self.ready);
+        let port = self.port;
         with_current(|_, root| {
             for h in ready {
                 root.stack.sockets.remove(h);
             }
+            root.listen_ports.retain(|p| *p != port);
         });
     }
 }

@@ -72,6 +72,9 @@ pub struct CapsuleRoot {
     pub stack: CapsuleStack,
     /// Closed streams whose sockets are removed once TCP is done with them.
     pub closing: Vec<smoltcp::iface::SocketHandle>,
+    /// Ports with a `TcpListener`: a SYN for one of them that finds no free
+    /// listening socket waits for the next `accept` instead of being reset.
+    pub listen_ports: Vec<u16>,
     /// Round-robin position among the tasks.
     rr: usize,
 }
@@ -87,6 +90,9 @@ pub struct Capsule {
     root: Option<*mut CapsuleRoot>,
     /// IP packets waiting for the capsule's stack.
     pub inbound: VecDeque<Vec<u8>>,
+    /// Connection requests waiting for a free listening socket (a listen
+    /// backlog: held, like a full accept queue, rather than refused).
+    held_syns: VecDeque<Vec<u8>>,
     pub log: LogRing,
     /// Capsule time = kernel time − offset (set on restore so time resumes).
     clock_offset_ns: u64,
@@ -278,6 +284,7 @@ pub fn start(config: CapsuleConfig, net: &mut Network) -> Result<(), CapsuleErro
             next_task_id: 1,
             stack: CapsuleStack::new(config.locator, 0, seed),
             closing: Vec::new(),
+            listen_ports: Vec::new(),
             rr: 0,
         }))
     });
@@ -291,6 +298,7 @@ pub fn start(config: CapsuleConfig, net: &mut Network) -> Result<(), CapsuleErro
         state: CapsuleState::Running,
         root: Some(root),
         inbound: VecDeque::new(),
+        held_syns: VecDeque::new(),
         log: LogRing::new(),
         clock_offset_ns: now,
         started_ns: now,
@@ -444,7 +452,10 @@ fn poll_capsule(slot: u32, now: u64, net: &mut Network, local: &mut Vec<LocalDel
             return None;
         }
         c.net_dirty = false;
-        Some((c.root?, core::mem::take(&mut c.inbound), c.clock_ns()))
+        // Held connection requests get another chance at every poll.
+        let mut inbound = core::mem::take(&mut c.held_syns);
+        inbound.append(&mut c.inbound);
+        Some((c.root?, inbound, c.clock_ns()))
     });
     let Some((root, mut inbound, clock)) = taken else {
         return false;
@@ -454,6 +465,7 @@ fn poll_capsule(slot: u32, now: u64, net: &mut Network, local: &mut Vec<LocalDel
     // stack now, and the arena stays mapped until `reap`, which runs later in
     // this same loop.
     let root = unsafe { &mut *root };
+    let held = hold_syns_without_listener(root, &mut inbound);
     let Network { nic, switch, .. } = net;
     let mut send = |packet: &[u8]| {
         // The switch's queues are kernel memory.
@@ -483,9 +495,64 @@ fn poll_capsule(slot: u32, now: u64, net: &mut Network, local: &mut Vec<LocalDel
             // the stack did not take.
             inbound.extend(c.inbound.drain(..));
             c.inbound = inbound;
+            c.held_syns = held;
         }
     });
     true
+}
+
+/// Most connection requests held per capsule; more are dropped (the peer
+/// retransmits its SYN).
+const MAX_HELD_SYNS: usize = 64;
+
+/// Takes out of `inbound` the TCP SYNs for a listening port that has no free
+/// listening socket right now (every one is mid-handshake or accepted).
+/// smoltcp would answer them with a reset, which clients report as
+/// "connection refused"; held, they are retried after the next `accept`.
+fn hold_syns_without_listener(
+    root: &CapsuleRoot,
+    inbound: &mut VecDeque<Vec<u8>>,
+) -> VecDeque<Vec<u8>> {
+    use smoltcp::socket::{Socket, tcp};
+    use smoltcp::wire::{IpProtocol, Ipv4Packet, TcpPacket};
+    let mut held = VecDeque::new();
+    if root.listen_ports.is_empty() {
+        return held;
+    }
+    let syn_port = |packet: &[u8]| -> Option<u16> {
+        let ip = Ipv4Packet::new_checked(packet).ok()?;
+        if ip.next_header() != IpProtocol::Tcp {
+            return None;
+        }
+        let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+        (tcp.syn() && !tcp.ack()).then(|| tcp.dst_port())
+    };
+    let free_listeners = |port: u16| {
+        root.stack
+            .sockets
+            .iter()
+            .filter(|(_, s)| {
+                matches!(s, Socket::Tcp(t) if t.state() == tcp::State::Listen && t.listen_endpoint().port == port)
+            })
+            .count()
+    };
+    // Each listening socket takes one SYN per poll; smoltcp resets the rest.
+    let mut budget: alloc::collections::BTreeMap<u16, usize> = alloc::collections::BTreeMap::new();
+    inbound.retain(|packet| match syn_port(packet) {
+        Some(port) if root.listen_ports.contains(&port) => {
+            let free = budget.entry(port).or_insert_with(|| free_listeners(port));
+            if *free > 0 {
+                *free -= 1;
+                return true;
+            }
+            if held.len() < MAX_HELD_SYNS {
+                held.push_back(packet.clone());
+            }
+            false
+        }
+        _ => true,
+    });
+    held
 }
 
 fn wake(now: u64) -> bool {
