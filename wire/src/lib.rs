@@ -15,3 +15,4 @@ pub mod bootcfg;
 pub mod codec;
 pub mod control;
 pub mod exit;
+pub mod image;
