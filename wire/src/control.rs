@@ -163,7 +163,52 @@ pub enum Request {
         max: u32,
     },
     ListPrograms,
+    /// Migration, source side: stop the capsule at safe points, hold its
+    /// packets and serialise it; answered with the image length.
+    FreezeCapsule {
+        name: String,
+    },
+    /// A chunk of the frozen capsule's image.
+    ReadImage {
+        name: String,
+        offset: u64,
+        len: u32,
+    },
+    /// Resume a frozen capsule here (the move failed or was abandoned).
+    ThawCapsule {
+        name: String,
+    },
+    /// The capsule runs elsewhere now: forward held and straggling packets
+    /// to `forward_to` (the new VM's machine address) and free it.
+    ReleaseCapsule {
+        name: String,
+        forward_to: Ipv4Addr,
+    },
+    /// Migration, destination side: admit an image of `image_len` bytes.
+    RestoreBegin {
+        name: String,
+        image_len: u64,
+    },
+    RestoreChunk {
+        name: String,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// Verify the whole image, map the arena, resume the capsule.
+    RestoreCommit {
+        name: String,
+    },
+    RestoreAbort {
+        name: String,
+    },
+    /// Tasks and sockets of a capsule, for `inspect`.
+    InspectCapsule {
+        name: String,
+    },
 }
+
+/// Largest image chunk in one request or reply (inside a frame).
+pub const MAX_IMAGE_CHUNK: usize = 60 * 1024;
 
 /// Most arguments a capsule program takes, and most bytes in one.
 pub const MAX_ARGS: usize = 32;
@@ -178,6 +223,15 @@ impl Request {
     const KILL_CAPSULE: u8 = 6;
     const CAPSULE_LOGS: u8 = 7;
     const LIST_PROGRAMS: u8 = 8;
+    const FREEZE: u8 = 9;
+    const READ_IMAGE: u8 = 10;
+    const THAW: u8 = 11;
+    const RELEASE: u8 = 12;
+    const RESTORE_BEGIN: u8 = 13;
+    const RESTORE_CHUNK: u8 = 14;
+    const RESTORE_COMMIT: u8 = 15;
+    const RESTORE_ABORT: u8 = 16;
+    const INSPECT: u8 = 17;
 
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
@@ -214,6 +268,33 @@ impl Request {
             }
             Request::ListPrograms => {
                 w.u8(Self::LIST_PROGRAMS);
+            }
+            Request::FreezeCapsule { name } => {
+                w.u8(Self::FREEZE).str(name);
+            }
+            Request::ReadImage { name, offset, len } => {
+                w.u8(Self::READ_IMAGE).str(name).u64(*offset).u32(*len);
+            }
+            Request::ThawCapsule { name } => {
+                w.u8(Self::THAW).str(name);
+            }
+            Request::ReleaseCapsule { name, forward_to } => {
+                w.u8(Self::RELEASE).str(name).raw(&forward_to.octets());
+            }
+            Request::RestoreBegin { name, image_len } => {
+                w.u8(Self::RESTORE_BEGIN).str(name).u64(*image_len);
+            }
+            Request::RestoreChunk { name, offset, data } => {
+                w.u8(Self::RESTORE_CHUNK).str(name).u64(*offset).bytes(data);
+            }
+            Request::RestoreCommit { name } => {
+                w.u8(Self::RESTORE_COMMIT).str(name);
+            }
+            Request::RestoreAbort { name } => {
+                w.u8(Self::RESTORE_ABORT).str(name);
+            }
+            Request::InspectCapsule { name } => {
+                w.u8(Self::INSPECT).str(name);
             }
         }
         w.finish()
@@ -260,6 +341,39 @@ impl Request {
                 max: r.u32("log max")?,
             },
             Self::LIST_PROGRAMS => Request::ListPrograms,
+            Self::FREEZE => Request::FreezeCapsule {
+                name: r.string("capsule name")?,
+            },
+            Self::READ_IMAGE => Request::ReadImage {
+                name: r.string("capsule name")?,
+                offset: r.u64("image offset")?,
+                len: r.u32("chunk length")?,
+            },
+            Self::THAW => Request::ThawCapsule {
+                name: r.string("capsule name")?,
+            },
+            Self::RELEASE => Request::ReleaseCapsule {
+                name: r.string("capsule name")?,
+                forward_to: Ipv4Addr::from(r.array::<4>("forward address")?),
+            },
+            Self::RESTORE_BEGIN => Request::RestoreBegin {
+                name: r.string("capsule name")?,
+                image_len: r.u64("image length")?,
+            },
+            Self::RESTORE_CHUNK => Request::RestoreChunk {
+                name: r.string("capsule name")?,
+                offset: r.u64("image offset")?,
+                data: r.bytes("image chunk")?.to_vec(),
+            },
+            Self::RESTORE_COMMIT => Request::RestoreCommit {
+                name: r.string("capsule name")?,
+            },
+            Self::RESTORE_ABORT => Request::RestoreAbort {
+                name: r.string("capsule name")?,
+            },
+            Self::INSPECT => Request::InspectCapsule {
+                name: r.string("capsule name")?,
+            },
             other => return Err(RequestDecodeError::Unknown(other)),
         };
         r.finish()?;
@@ -272,8 +386,14 @@ impl Request {
 pub enum CapsuleState {
     Running,
     Exited,
-    Faulted { reason: String },
+    Faulted {
+        reason: String,
+    },
     Killed,
+    /// Stopped for a move; its packets are held.
+    Frozen,
+    /// Moved to another VM; about to be released here.
+    Migrated,
 }
 
 impl CapsuleState {
@@ -283,6 +403,8 @@ impl CapsuleState {
             Self::Exited => "exited",
             Self::Faulted { .. } => "faulted",
             Self::Killed => "killed",
+            Self::Frozen => "frozen",
+            Self::Migrated => "migrated",
         }
     }
 }
@@ -314,6 +436,8 @@ impl CapsuleInfo {
             CapsuleState::Exited => w.u8(1),
             CapsuleState::Faulted { reason } => w.u8(2).str(reason),
             CapsuleState::Killed => w.u8(3),
+            CapsuleState::Frozen => w.u8(4),
+            CapsuleState::Migrated => w.u8(5),
         };
         w.u32(self.tasks)
             .u64(self.memory_bytes)
@@ -335,6 +459,8 @@ impl CapsuleInfo {
                     reason: r.string("fault reason")?,
                 },
                 3 => CapsuleState::Killed,
+                4 => CapsuleState::Frozen,
+                5 => CapsuleState::Migrated,
                 _ => return Err(DecodeError::Invalid("capsule state")),
             },
             tasks: r.u32("tasks")?,
@@ -479,6 +605,18 @@ pub enum Response {
         next_offset: u64,
     },
     Programs(Vec<ProgramInfo>),
+    Frozen {
+        image_len: u64,
+    },
+    ImageChunk {
+        data: Vec<u8>,
+    },
+    /// Thawed, released, chunk stored, aborted: done, nothing to report.
+    Done,
+    Inspection {
+        tasks: Vec<crate::image::TaskSummary>,
+        sockets: Vec<crate::image::SocketSummary>,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -494,6 +632,10 @@ impl Response {
     const KILLED: u8 = 6;
     const LOGS: u8 = 7;
     const PROGRAMS: u8 = 8;
+    const FROZEN: u8 = 9;
+    const IMAGE_CHUNK: u8 = 10;
+    const DONE: u8 = 11;
+    const INSPECTION: u8 = 12;
     const ERROR: u8 = 0xff;
 
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
@@ -557,6 +699,30 @@ impl Response {
                     w.str(&p.name).str(&p.description);
                 }
             }
+            Response::Frozen { image_len } => {
+                w.u8(Self::FROZEN).u64(*image_len);
+            }
+            Response::ImageChunk { data } => {
+                w.u8(Self::IMAGE_CHUNK).bytes(data);
+            }
+            Response::Done => {
+                w.u8(Self::DONE);
+            }
+            Response::Inspection { tasks, sockets } => {
+                w.u8(Self::INSPECTION).u32(tasks.len() as u32);
+                for t in tasks {
+                    w.u32(t.id).str(&t.name).str(&t.state).u64(t.rip).u64(t.rsp);
+                }
+                w.u32(sockets.len() as u32);
+                for s in sockets {
+                    w.str(&s.protocol)
+                        .str(&s.local)
+                        .str(&s.remote)
+                        .str(&s.state)
+                        .u32(s.send_queue)
+                        .u32(s.recv_queue);
+                }
+            }
             Response::Error { code, message } => {
                 w.u8(Self::ERROR).u16(*code as u16).str(message);
             }
@@ -614,6 +780,39 @@ impl Response {
                     });
                 }
                 Response::Programs(list)
+            }
+            Self::FROZEN => Response::Frozen {
+                image_len: r.u64("image length")?,
+            },
+            Self::IMAGE_CHUNK => Response::ImageChunk {
+                data: r.bytes("image chunk")?.to_vec(),
+            },
+            Self::DONE => Response::Done,
+            Self::INSPECTION => {
+                let count = read_count(&mut r, 16, "task count")?;
+                let mut tasks = Vec::with_capacity(count);
+                for _ in 0..count {
+                    tasks.push(crate::image::TaskSummary {
+                        id: r.u32("task id")?,
+                        name: r.string("task name")?,
+                        state: r.string("task state")?,
+                        rip: r.u64("task rip")?,
+                        rsp: r.u64("task rsp")?,
+                    });
+                }
+                let count = read_count(&mut r, 24, "socket count")?;
+                let mut sockets = Vec::with_capacity(count);
+                for _ in 0..count {
+                    sockets.push(crate::image::SocketSummary {
+                        protocol: r.string("socket protocol")?,
+                        local: r.string("socket local")?,
+                        remote: r.string("socket remote")?,
+                        state: r.string("socket state")?,
+                        send_queue: r.u32("send queue")?,
+                        recv_queue: r.u32("recv queue")?,
+                    });
+                }
+                Response::Inspection { tasks, sockets }
             }
             Self::ERROR => Response::Error {
                 code: ErrorCode::from_u16(r.u16("error code")?)
@@ -972,6 +1171,23 @@ mod tests {
             }]),
             Response::error(ErrorCode::Internal, "boom"),
             Response::error(ErrorCode::InvalidArgument, "bad"),
+            Response::Frozen { image_len: 99 },
+            Response::ImageChunk {
+                data: vec![1, 2, 3],
+            },
+            Response::Done,
+            Response::Inspection {
+                tasks: vec![crate::image::TaskSummary {
+                    id: 1,
+                    name: "t".into(),
+                    state: "runnable".into(),
+                    rip: 5,
+                    rsp: 6,
+                }],
+                sockets: vec![],
+            },
+            Response::CapsuleStarted(capsule_info(CapsuleState::Frozen)),
+            Response::CapsuleStarted(capsule_info(CapsuleState::Migrated)),
         ] {
             let bytes = resp.encode();
             assert_eq!(Response::decode(&bytes).unwrap(), resp);
@@ -1006,6 +1222,29 @@ mod tests {
                 max: 4096,
             },
             Request::ListPrograms,
+            Request::FreezeCapsule { name: "a".into() },
+            Request::ReadImage {
+                name: "a".into(),
+                offset: 7,
+                len: 100,
+            },
+            Request::ThawCapsule { name: "a".into() },
+            Request::ReleaseCapsule {
+                name: "a".into(),
+                forward_to: Ipv4Addr::new(192, 0, 2, 12),
+            },
+            Request::RestoreBegin {
+                name: "a".into(),
+                image_len: 1 << 20,
+            },
+            Request::RestoreChunk {
+                name: "a".into(),
+                offset: 0,
+                data: vec![9; 100],
+            },
+            Request::RestoreCommit { name: "a".into() },
+            Request::RestoreAbort { name: "a".into() },
+            Request::InspectCapsule { name: "a".into() },
         ] {
             let bytes = req.encode();
             assert_eq!(Request::decode(&bytes).unwrap(), req);
