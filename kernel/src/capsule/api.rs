@@ -110,7 +110,8 @@ pub fn uptime_ms() -> u64 {
 }
 
 pub fn sleep_ms(ms: u64) {
-    let until_ns = crate::time::since_boot_ns().saturating_add(ms.saturating_mul(1_000_000));
+    // On the capsule clock, so that a sleep spans a move between VMs.
+    let until_ns = now_ns().saturating_add(ms.saturating_mul(1_000_000));
     sched::block(TaskState::Sleeping { until_ns });
 }
 

@@ -30,6 +30,13 @@ impl LogRing {
         }
     }
 
+    /// Refills a ring from an image: `tail` are the last bytes of `written`.
+    pub fn restore(&mut self, written: u64, tail: &[u8]) {
+        let tail = &tail[tail.len().saturating_sub(LOG_CAPACITY)..];
+        self.written = written.saturating_sub(tail.len() as u64);
+        self.push(tail);
+    }
+
     pub fn written(&self) -> u64 {
         self.written
     }

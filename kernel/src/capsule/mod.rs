@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod log;
+pub mod migrate;
 pub mod net;
 
 use alloc::boxed::Box;
@@ -57,11 +58,21 @@ pub enum CapsuleState {
     Faulted(String),
     /// Killed on request.
     Killed,
+    /// Stopped at safe points for a move: tasks do not run, the stack is not
+    /// polled, inbound packets are held.
+    Frozen,
+    /// Moved to another VM; the record goes once the move is released.
+    Migrated,
 }
 
 impl CapsuleState {
     pub fn is_running(&self) -> bool {
         *self == CapsuleState::Running
+    }
+
+    /// Whether its memory can be released (a frozen capsule keeps it).
+    pub fn has_ended(&self) -> bool {
+        !matches!(self, CapsuleState::Running | CapsuleState::Frozen)
     }
 }
 
@@ -149,6 +160,9 @@ pub enum CapsuleError {
     NotFound(String),
     LimitReached(&'static str),
     OutOfMemory,
+    NotRunning(String),
+    NotFrozen(String),
+    BadImage(&'static str),
 }
 
 impl core::fmt::Display for CapsuleError {
@@ -165,6 +179,9 @@ impl core::fmt::Display for CapsuleError {
             Self::NotFound(n) => write!(f, "no capsule named '{n}' on this VM"),
             Self::LimitReached(what) => write!(f, "limit reached: {what}"),
             Self::OutOfMemory => write!(f, "out of memory for a new capsule"),
+            Self::NotRunning(n) => write!(f, "capsule '{n}' is not running"),
+            Self::NotFrozen(n) => write!(f, "capsule '{n}' is not frozen"),
+            Self::BadImage(why) => write!(f, "bad image: {why}"),
         }
     }
 }
@@ -336,7 +353,7 @@ pub fn kill(name: &str, net: &mut Network) -> Result<(), CapsuleError> {
         registry(|r| find_slot(r, name)).ok_or_else(|| CapsuleError::NotFound(name.to_string()))?;
     let running = registry(|r| {
         let c = r.capsules.get_mut(&slot).expect("slot just found");
-        let running = c.state.is_running();
+        let running = !c.state.has_ended();
         if running {
             c.state = CapsuleState::Killed;
             let _ = writeln!(c.log, "capsule killed on request");
@@ -422,7 +439,7 @@ pub fn service(net: &mut Network) -> bool {
         deliver(delivery);
         busy = true;
     }
-    busy |= wake(now);
+    busy |= wake();
     busy |= reap(net);
     busy
 }
@@ -430,8 +447,9 @@ pub fn service(net: &mut Network) -> bool {
 /// Queues an inbound packet for a capsule (from the switch).
 pub fn deliver(delivery: LocalDelivery) {
     registry(|r| {
+        // A frozen capsule's packets are held for it (and forwarded after a move).
         if let Some(c) = r.capsules.get_mut(&delivery.slot)
-            && c.state.is_running()
+            && matches!(c.state, CapsuleState::Running | CapsuleState::Frozen)
             && c.inbound.len() < MAX_QUEUED
         {
             c.inbound.push_back(delivery.packet);
@@ -555,7 +573,7 @@ fn hold_syns_without_listener(
     held
 }
 
-fn wake(now: u64) -> bool {
+fn wake() -> bool {
     registry(|r| {
         let mut woke = false;
         for c in r.capsules.values_mut() {
@@ -563,6 +581,7 @@ fn wake(now: u64) -> bool {
                 continue;
             }
             let news = core::mem::take(&mut c.net_news);
+            let clock = c.clock_ns();
             let Some(root) = c.root() else { continue };
             let exited: Vec<u32> = root
                 .tasks
@@ -573,7 +592,7 @@ fn wake(now: u64) -> bool {
             let all_exited = root.tasks.iter().all(|t| t.state == TaskState::Exited);
             for task in root.tasks.iter_mut() {
                 let ready = match task.state {
-                    TaskState::Sleeping { until_ns } => until_ns <= now,
+                    TaskState::Sleeping { until_ns } => until_ns <= clock,
                     TaskState::WaitingNet => news,
                     TaskState::Joining { task } => exited.contains(&task),
                     TaskState::Runnable | TaskState::Exited => false,
@@ -593,11 +612,11 @@ fn wake(now: u64) -> bool {
 }
 
 /// Frees the memory and locator of capsules that ended.
-fn reap(net: &mut Network) -> bool {
+pub(crate) fn reap(net: &mut Network) -> bool {
     let ended: Vec<(u32, Ipv4Addr, String)> = registry(|r| {
         r.capsules
             .values_mut()
-            .filter(|c| !c.state.is_running() && c.root.is_some())
+            .filter(|c| c.state.has_ended() && c.root.is_some())
             .map(|c| {
                 c.root = None;
                 c.inbound.clear();

@@ -3,14 +3,15 @@
 //! `capsules_wire::control`; this module moves bytes between smoltcp sockets
 //! and a `ServerSession` per connection and carries out the requests.
 
+use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use capsules_wire::control::{
-    CapsuleInfo, CapsuleState, ErrorCode, FrameDecoder, Incoming, MAX_FRAME_LEN, PROTOCOL_VERSION,
-    ProgramInfo, Request, Response, ServerSession, Status, frame,
+    CapsuleInfo, CapsuleState, ErrorCode, FrameDecoder, Incoming, MAX_FRAME_LEN, MAX_IMAGE_CHUNK,
+    PROTOCOL_VERSION, ProgramInfo, Request, Response, ServerSession, Status, frame,
 };
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
@@ -23,7 +24,8 @@ const MAX_CONNECTIONS: usize = 8;
 /// A connection with no request for this long is closed, so that silent
 /// clients cannot hold every slot.
 const IDLE_TIMEOUT_NS: u64 = 60_000_000_000;
-const RX_BUFFER: usize = 16 * 1024;
+/// Room for a whole maximal frame, so an image chunk arrives in one window.
+const RX_BUFFER: usize = MAX_FRAME_LEN + 16 * 1024;
 const TX_BUFFER: usize = MAX_FRAME_LEN + 16 * 1024;
 
 static READY_NS: AtomicU64 = AtomicU64::new(0);
@@ -42,7 +44,24 @@ struct Connection {
     last_activity_ns: u64,
 }
 
+/// Images in flight: frozen capsules' images being read (source side) and
+/// images being received (destination side).
+#[derive(Default)]
+struct Images {
+    outgoing: BTreeMap<String, Vec<u8>>,
+    incoming: BTreeMap<String, IncomingImage>,
+}
+
+struct IncomingImage {
+    expected: u64,
+    bytes: Vec<u8>,
+}
+
+/// Images received at once, at most.
+const MAX_INCOMING: usize = 4;
+
 pub struct ControlService {
+    images: Images,
     key: Vec<u8>,
     port: u16,
     vm_name: String,
@@ -54,10 +73,15 @@ impl ControlService {
     pub fn new(net: &mut Network, key: &[u8], port: u16, vm_name: &str) -> Self {
         let connections = (0..MAX_CONNECTIONS)
             .map(|_| {
-                let socket = tcp::Socket::new(
+                let mut socket = tcp::Socket::new(
                     tcp::SocketBuffer::new(vec![0; RX_BUFFER]),
                     tcp::SocketBuffer::new(vec![0; TX_BUFFER]),
                 );
+                // Request/response traffic: a reply's last partial segment
+                // must not wait for the peer's delayed ACK (Nagle), nor our
+                // ACKs for a timer; migration downtime is made of these.
+                socket.set_nagle_enabled(false);
+                socket.set_ack_delay(None);
                 Connection {
                     handle: net.machine.sockets.add(socket),
                     session: None,
@@ -70,6 +94,7 @@ impl ControlService {
             .collect();
         READY_NS.store(crate::time::since_boot_ns(), Ordering::Relaxed);
         Self {
+            images: Images::default(),
             key: key.to_vec(),
             port,
             vm_name: vm_name.into(),
@@ -149,7 +174,13 @@ impl ControlService {
                 match conn.decoder.next_frame() {
                     Ok(Some(payload)) => match session.handle(&payload) {
                         Incoming::Request { seq, request } => {
-                            let response = handle_request(&request, &self.vm_name, net);
+                            let response = handle_request(
+                                &request,
+                                &self.vm_name,
+                                net,
+                                &mut self.images,
+                                &self.key,
+                            );
                             shutdown |= request == Request::Shutdown;
                             replies.push(session.reply(seq, &response));
                         }
@@ -193,7 +224,13 @@ impl ControlService {
     }
 }
 
-fn handle_request(request: &Request, vm_name: &str, net: &mut Network) -> Response {
+fn handle_request(
+    request: &Request,
+    vm_name: &str,
+    net: &mut Network,
+    images: &mut Images,
+    key: &[u8],
+) -> Response {
     match request {
         Request::Version => Response::Version {
             protocol_version: PROTOCOL_VERSION,
@@ -255,6 +292,121 @@ fn handle_request(request: &Request, vm_name: &str, net: &mut Network) -> Respon
                 Err(e) => capsule_error(e),
             }
         }
+        Request::FreezeCapsule { name } => match capsule::migrate::freeze(name, key) {
+            Ok(image) => {
+                let image_len = image.len() as u64;
+                images.outgoing.insert(name.clone(), image);
+                Response::Frozen { image_len }
+            }
+            Err(e) => capsule_error(e),
+        },
+        Request::ReadImage { name, offset, len } => match images.outgoing.get(name) {
+            Some(image) => {
+                let start = (*offset).min(image.len() as u64) as usize;
+                let end = (start + (*len as usize).min(MAX_IMAGE_CHUNK)).min(image.len());
+                Response::ImageChunk {
+                    data: image[start..end].to_vec(),
+                }
+            }
+            None => Response::error(
+                ErrorCode::NotFound,
+                alloc::format!("no frozen image of '{name}' here"),
+            ),
+        },
+        Request::ThawCapsule { name } => {
+            images.outgoing.remove(name);
+            match capsule::migrate::thaw(name) {
+                Ok(()) => Response::Done,
+                Err(e) => capsule_error(e),
+            }
+        }
+        Request::ReleaseCapsule { name, forward_to } => {
+            images.outgoing.remove(name);
+            match capsule::migrate::release(name, *forward_to, net) {
+                Ok(()) => Response::Done,
+                Err(e) => capsule_error(e),
+            }
+        }
+        Request::RestoreBegin { name, image_len } => {
+            let (_, free_frames) = crate::mm::frame::counts();
+            // Room for the image itself and the arena it becomes.
+            let needed_frames = 2 * image_len.div_ceil(crate::mm::PAGE_SIZE) + 1024;
+            if images.incoming.len() >= MAX_INCOMING && !images.incoming.contains_key(name) {
+                Response::error(ErrorCode::LimitReached, "too many images being received")
+            } else if free_frames < needed_frames {
+                Response::error(
+                    ErrorCode::LimitReached,
+                    alloc::format!("not enough memory for a {} KiB image", image_len / 1024),
+                )
+            } else if capsule::list().iter().any(|c| &c.name == name) {
+                Response::error(
+                    ErrorCode::AlreadyExists,
+                    alloc::format!("a capsule named '{name}' already exists here"),
+                )
+            } else {
+                images.incoming.insert(
+                    name.clone(),
+                    IncomingImage {
+                        expected: *image_len,
+                        bytes: Vec::new(),
+                    },
+                );
+                Response::Done
+            }
+        }
+        Request::RestoreChunk { name, offset, data } => match images.incoming.get_mut(name) {
+            Some(incoming) if *offset == incoming.bytes.len() as u64 => {
+                if incoming.bytes.len() as u64 + data.len() as u64 > incoming.expected {
+                    images.incoming.remove(name);
+                    Response::error(
+                        ErrorCode::InvalidArgument,
+                        "image longer than announced; transfer dropped",
+                    )
+                } else {
+                    incoming.bytes.extend_from_slice(data);
+                    Response::Done
+                }
+            }
+            Some(incoming) => Response::error(
+                ErrorCode::InvalidArgument,
+                alloc::format!("chunk at {offset}, expected {}", incoming.bytes.len()),
+            ),
+            None => Response::error(
+                ErrorCode::NotFound,
+                alloc::format!("no restore of '{name}' in progress"),
+            ),
+        },
+        Request::RestoreCommit { name } => match images.incoming.remove(name) {
+            Some(incoming) if incoming.bytes.len() as u64 == incoming.expected => {
+                match capsule::migrate::restore(&incoming.bytes, key, net) {
+                    Ok(info) => Response::CapsuleStarted(wire_info(info)),
+                    Err(e) => Response::error(
+                        restore_error_code(&e),
+                        alloc::format!("image refused: {e}"),
+                    ),
+                }
+            }
+            Some(incoming) => Response::error(
+                ErrorCode::InvalidArgument,
+                alloc::format!(
+                    "image incomplete: {} of {} bytes",
+                    incoming.bytes.len(),
+                    incoming.expected
+                ),
+            ),
+            None => Response::error(
+                ErrorCode::NotFound,
+                alloc::format!("no restore of '{name}' in progress"),
+            ),
+        },
+        Request::RestoreAbort { name } => {
+            images.incoming.remove(name);
+            Response::Done
+        }
+        Request::InspectCapsule { name } => match capsule::migrate::inspect(name) {
+            Ok((tasks, sockets)) => Response::Inspection { tasks, sockets },
+            Err(e) => capsule_error(e),
+        },
         Request::ListPrograms => Response::Programs(
             capsule::programs()
                 .iter()
@@ -281,6 +433,8 @@ fn wire_info(c: capsule::CapsuleInfo) -> CapsuleInfo {
             capsule::CapsuleState::Exited => CapsuleState::Exited,
             capsule::CapsuleState::Faulted(reason) => CapsuleState::Faulted { reason },
             capsule::CapsuleState::Killed => CapsuleState::Killed,
+            capsule::CapsuleState::Frozen => CapsuleState::Frozen,
+            capsule::CapsuleState::Migrated => CapsuleState::Migrated,
         },
         tasks: c.tasks,
         memory_bytes: c.memory_bytes,
@@ -297,6 +451,19 @@ fn capsule_error(e: capsule::CapsuleError) -> Response {
         E::NameTaken(_) | E::LocatorTaken(_) | E::SlotTaken(_) => ErrorCode::AlreadyExists,
         E::NotFound(_) => ErrorCode::NotFound,
         E::LimitReached(_) | E::OutOfMemory => ErrorCode::LimitReached,
+        E::NotRunning(_) | E::NotFrozen(_) | E::BadImage(_) => ErrorCode::InvalidArgument,
     };
     Response::error(code, alloc::format!("{e}"))
+}
+
+fn restore_error_code(e: &capsule::migrate::RestoreError) -> ErrorCode {
+    use capsule::CapsuleError as C;
+    use capsule::migrate::RestoreError as R;
+    match e {
+        R::Capsule(C::NameTaken(_) | C::SlotTaken(_) | C::LocatorTaken(_)) => {
+            ErrorCode::AlreadyExists
+        }
+        R::Capsule(C::OutOfMemory | C::LimitReached(_)) => ErrorCode::LimitReached,
+        _ => ErrorCode::InvalidArgument,
+    }
 }

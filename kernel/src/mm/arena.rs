@@ -155,6 +155,56 @@ pub fn create(slot: u32, limit: u64) -> Result<(), ArenaError> {
     Ok(())
 }
 
+/// Maps `len` bytes of `slot`'s window and fills them from `segments`
+/// (offset, bytes); pages not covered stay zero. Used to revive a capsule
+/// from its image. The header page must be among the segments and must name
+/// this slot, else nothing stays mapped.
+pub fn restore(slot: u32, len: u64, segments: &[(u64, &[u8])]) -> Result<(), ArenaError> {
+    if slot >= MAX_SLOTS {
+        return Err(ArenaError::SlotOutOfRange);
+    }
+    if !(HEADER_SIZE..=SLOT_SIZE).contains(&len) || !len.is_multiple_of(PAGE_SIZE) {
+        return Err(ArenaError::LimitTooSmall);
+    }
+    if segments
+        .iter()
+        .any(|(off, data)| off + data.len() as u64 > len)
+    {
+        return Err(ArenaError::LimitTooSmall);
+    }
+    if ACTIVE[slot as usize].load(Ordering::Acquire) {
+        return Err(ArenaError::SlotInUse);
+    }
+    let base = window_base(slot);
+    map_range(base, len)?;
+    for (offset, data) in segments {
+        // SAFETY: the range was just mapped (checked to lie inside `len`).
+        unsafe {
+            core::ptr::copy_nonoverlapping(data.as_ptr(), (base + offset) as *mut u8, data.len())
+        };
+    }
+    // SAFETY: the header page is mapped; it is only read here.
+    let header = unsafe { &*(base as *const ArenaHeader) };
+    if header.magic != MAGIC || header.slot != slot {
+        unmap_range(base, len);
+        return Err(ArenaError::SlotOutOfRange);
+    }
+    ACTIVE[slot as usize].store(true, Ordering::Release);
+    Ok(())
+}
+
+/// The mapped bytes of an arena, to copy into an image. The capsule must be
+/// frozen: nothing may change them while the slice is alive.
+///
+/// # Safety
+/// No task of the capsule may run while the returned slice is used.
+pub unsafe fn mapped_bytes(slot: u32) -> Option<&'static [u8]> {
+    let (mapped, _, _) = usage(slot)?;
+    // SAFETY: the range is mapped while the slot is active; the caller
+    // guarantees nobody writes to it meanwhile.
+    Some(unsafe { core::slice::from_raw_parts(window_base(slot) as *const u8, mapped as usize) })
+}
+
 /// Unmaps the whole arena and returns its frames. Every object in it is gone.
 pub fn destroy(slot: u32) {
     let Some(h) = header(slot) else { return };

@@ -39,6 +39,8 @@ pub enum Delivery {
     Ignored,
     /// Malformed, truncated, or a queue was full.
     Dropped,
+    /// For a capsule that moved away: sent on to its new VM.
+    Forwarded,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -51,6 +53,7 @@ pub struct SwitchCounters {
     pub queue_full: u64,
     pub unroutable: u64,
     pub arp_timeouts: u64,
+    pub forwarded: u64,
 }
 
 struct Pending {
@@ -67,6 +70,9 @@ pub struct Switch {
     /// capsule locator range (capsules on other VMs answer ARP themselves).
     on_link: Ipv4Cidr,
     locators: BTreeMap<Ipv4Addr, u32>,
+    /// Forwarding entries of capsules that moved away: locator → (new VM's
+    /// machine address, until when). Packets still arriving here go there.
+    forwarding: BTreeMap<Ipv4Addr, (Ipv4Addr, u64)>,
     neighbours: BTreeMap<Ipv4Addr, (EthernetAddress, u64)>,
     pending: Vec<Pending>,
     pub machine_rx: VecDeque<Vec<u8>>,
@@ -92,6 +98,7 @@ impl Switch {
             gateway,
             on_link,
             locators: BTreeMap::new(),
+            forwarding: BTreeMap::new(),
             neighbours: BTreeMap::new(),
             pending: Vec::new(),
             machine_rx: VecDeque::new(),
@@ -100,7 +107,18 @@ impl Switch {
     }
 
     pub fn attach(&mut self, locator: Ipv4Addr, slot: u32) {
+        // A capsule that comes back supersedes its forwarding entry.
+        self.forwarding.remove(&locator);
         self.locators.insert(locator, slot);
+    }
+
+    /// Sends packets for `locator` on to `via` until `until_ns` (kernel time).
+    pub fn forward_locator(&mut self, locator: Ipv4Addr, via: Ipv4Addr, until_ns: u64) {
+        self.forwarding.insert(locator, (via, until_ns));
+    }
+
+    pub fn forwarding_entries(&self) -> usize {
+        self.forwarding.len()
     }
 
     pub fn detach(&mut self, locator: Ipv4Addr) {
@@ -155,6 +173,15 @@ impl Switch {
                             packet: payload[..len].to_vec(),
                         }),
                     );
+                }
+                if let Some((via, until)) = self.forwarding.get(&dst).copied()
+                    && until > now_ns
+                {
+                    let packet = payload[..len].to_vec();
+                    let me = self.machine.addr;
+                    self.send_via(&packet, via, me, nic, now_ns);
+                    self.counters.forwarded += 1;
+                    return (Delivery::Forwarded, None);
                 }
                 if dst == self.machine.addr || dst.is_broadcast() || dst.is_multicast() {
                     return (self.queue_machine(frame), None);
@@ -276,6 +303,38 @@ impl Switch {
             self.counters.unroutable += 1;
             return None;
         };
+        self.send_via(packet, hop, src, nic, now_ns);
+        None
+    }
+
+    /// Sends a packet a moved capsule left behind (held while it was frozen)
+    /// to its new VM.
+    pub fn forward(&mut self, packet: &[u8], via: Ipv4Addr, nic: &mut VirtioNet, now_ns: u64) {
+        let Some(dst) = Ipv4Packet::new_checked(packet).ok().map(|p| p.dst_addr()) else {
+            self.counters.malformed += 1;
+            return;
+        };
+        // Asked as the machine: the new VM's machine stack only answers
+        // ARP from its own subnet.
+        let _ = dst;
+        let me = self.machine.addr;
+        self.send_via(packet, via, me, nic, now_ns);
+        self.counters.forwarded += 1;
+    }
+
+    /// Frames `packet` for next hop `hop`, resolving it by ARP (asking as
+    /// `src`) while the packet waits when the hop is unknown.
+    fn send_via(
+        &mut self,
+        packet: &[u8],
+        hop: Ipv4Addr,
+        src: Ipv4Addr,
+        nic: &mut VirtioNet,
+        now_ns: u64,
+    ) {
+        let dst = Ipv4Packet::new_checked(packet)
+            .map(|p| p.dst_addr())
+            .unwrap_or(hop);
         let mac = if dst.is_broadcast() {
             Some(EthernetAddress::BROADCAST)
         } else {
@@ -310,7 +369,6 @@ impl Switch {
                 }
             }
         }
-        None
     }
 
     fn transmit_ip(&mut self, nic: &mut VirtioNet, dst: EthernetAddress, packet: &[u8]) {
@@ -351,6 +409,7 @@ impl Switch {
 
     /// Drops packets whose next hop never answered.
     pub fn expire(&mut self, now_ns: u64) {
+        self.forwarding.retain(|_, (_, until)| *until > now_ns);
         let before = self.pending.len();
         self.pending.retain(|p| p.deadline_ns > now_ns);
         self.counters.arp_timeouts += (before - self.pending.len()) as u64;

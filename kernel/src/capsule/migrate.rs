@@ -1,0 +1,323 @@
+//! Moving a capsule: freeze it at safe points and serialise it into an image
+//! (source), revive an image at the same arena window (destination), and —
+//! once it runs there — forward what the source held and release it.
+//!
+//! Everything the capsule owns that must move is in its arena (tasks with
+//! their registers and stacks, the smoltcp interface with every TCP control
+//! block and buffer), so the image is the arena's non-zero pages plus the
+//! kernel record's few fields; nothing reaches into smoltcp's private state.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt::Write as _;
+use core::net::Ipv4Addr;
+
+use capsules_wire::image::{
+    CapsuleImage, ImageError, SocketSummary, TaskSummary, segments_from_pages,
+};
+use smoltcp::socket::{Socket, tcp};
+
+use super::log::LogRing;
+use super::{
+    Capsule, CapsuleError, CapsuleInfo, CapsuleRoot, CapsuleState, find_slot, programs, registry,
+};
+use crate::mm::arena;
+use crate::net::Network;
+use crate::sched::TaskState;
+
+/// How long the old VM keeps forwarding packets for a moved capsule.
+pub const FORWARD_GRACE_NS: u64 = 30_000_000_000;
+
+/// Why an image could not be revived here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreError {
+    Image(ImageError),
+    WrongBuild,
+    Capsule(CapsuleError),
+    UnknownProgram(String),
+    RootOutsideArena,
+}
+
+impl core::fmt::Display for RestoreError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Image(e) => write!(f, "{e}"),
+            Self::WrongBuild => f.write_str("the image comes from another kernel build"),
+            Self::Capsule(e) => write!(f, "{e}"),
+            Self::UnknownProgram(p) => write!(
+                f,
+                "the image runs program '{p}', which this kernel does not have"
+            ),
+            Self::RootOutsideArena => f.write_str("the image's root object lies outside its arena"),
+        }
+    }
+}
+
+fn task_state(state: TaskState) -> String {
+    match state {
+        TaskState::Runnable => "runnable".into(),
+        TaskState::Sleeping { until_ns } => {
+            alloc::format!("sleeping until {} ms", until_ns / 1_000_000)
+        }
+        TaskState::WaitingNet => "waiting for network".into(),
+        TaskState::Joining { task } => alloc::format!("joining task {task}"),
+        TaskState::Exited => "exited".into(),
+    }
+}
+
+fn endpoint(e: Option<smoltcp::wire::IpEndpoint>) -> String {
+    e.map(|e| alloc::format!("{e}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Readable summaries of a capsule's tasks and sockets.
+fn summarise(root: &CapsuleRoot) -> (Vec<TaskSummary>, Vec<SocketSummary>) {
+    let tasks = root
+        .tasks
+        .iter()
+        .map(|t| TaskSummary {
+            id: t.id,
+            name: t.name.clone(),
+            state: task_state(t.state),
+            rip: t.context.frame.rip,
+            rsp: t.context.frame.rsp,
+        })
+        .collect();
+    let sockets = root
+        .stack
+        .sockets
+        .iter()
+        .map(|(_, s)| match s {
+            Socket::Tcp(t) => SocketSummary {
+                protocol: "tcp".into(),
+                local: if t.state() == tcp::State::Listen {
+                    alloc::format!("*:{}", t.listen_endpoint().port)
+                } else {
+                    endpoint(t.local_endpoint())
+                },
+                remote: endpoint(t.remote_endpoint()),
+                state: alloc::format!("{}", t.state()),
+                send_queue: t.send_queue() as u32,
+                recv_queue: t.recv_queue() as u32,
+            },
+            Socket::Udp(u) => SocketSummary {
+                protocol: "udp".into(),
+                local: alloc::format!("*:{}", u.endpoint().port),
+                remote: "-".into(),
+                state: "bound".into(),
+                send_queue: 0,
+                recv_queue: 0,
+            },
+            #[allow(unreachable_patterns)]
+            _ => SocketSummary {
+                protocol: "other".into(),
+                local: "-".into(),
+                remote: "-".into(),
+                state: "-".into(),
+                send_queue: 0,
+                recv_queue: 0,
+            },
+        })
+        .collect();
+    (tasks, sockets)
+}
+
+/// Tasks and sockets of a running or frozen capsule.
+pub fn inspect(name: &str) -> Result<(Vec<TaskSummary>, Vec<SocketSummary>), CapsuleError> {
+    registry(|r| {
+        let slot = find_slot(r, name).ok_or_else(|| CapsuleError::NotFound(name.to_string()))?;
+        let c = r.capsules.get_mut(&slot).expect("slot just found");
+        c.root()
+            .map(|root| summarise(root))
+            .ok_or(CapsuleError::NotFound(name.to_string()))
+    })
+}
+
+/// Stops a running capsule at its safe points and returns its image, sealed
+/// with `key`. Its packets are held from now on. Kernel loop only: every task
+/// is switched out, so none is inside kernel code.
+pub fn freeze(name: &str, key: &[u8]) -> Result<Vec<u8>, CapsuleError> {
+    let (slot, image) = registry(|r| {
+        let slot = find_slot(r, name).ok_or_else(|| CapsuleError::NotFound(name.to_string()))?;
+        let c = r.capsules.get_mut(&slot).expect("slot just found");
+        if !c.state.is_running() {
+            return Err(CapsuleError::NotRunning(name.to_string()));
+        }
+        c.state = CapsuleState::Frozen;
+        let clock_ns = c.clock_ns();
+        let (log_tail, _) = c.log.read_from(0, super::log::LOG_CAPACITY);
+        let log_written = c.log.written();
+        let root_addr = c.root.expect("running capsule has a root") as u64;
+        let (tasks, sockets) = summarise(c.root().expect("running capsule has a root"));
+        let image = CapsuleImage {
+            build_id: crate::build_id().to_vec(),
+            name: c.name.clone(),
+            program: c.program.name.into(),
+            args: c.args.clone(),
+            locator: c.locator,
+            slot,
+            memory_limit: arena::usage(slot).map(|(_, _, limit)| limit).unwrap_or(0),
+            clock_ns,
+            arena_len: 0,
+            segments: Vec::new(),
+            root: root_addr,
+            log_written,
+            log_tail,
+            tasks,
+            sockets,
+        };
+        Ok((slot, image))
+    })?;
+    let mut image = image;
+    // SAFETY: the capsule is frozen and the kernel loop (us) is the only
+    // context running: nothing writes to the arena while we copy it.
+    let bytes = unsafe { arena::mapped_bytes(slot) }.expect("frozen capsule keeps its arena");
+    image.arena_len = bytes.len() as u64;
+    image.segments = segments_from_pages(bytes);
+    ::log::info!(
+        "capsule {name} frozen: {} KiB mapped, {} KiB in image",
+        image.arena_len / 1024,
+        image.segments.iter().map(|s| s.data.len()).sum::<usize>() / 1024
+    );
+    Ok(image.encode(key))
+}
+
+/// Resumes a frozen capsule where it is (a move failed or was abandoned).
+pub fn thaw(name: &str) -> Result<(), CapsuleError> {
+    registry(|r| {
+        let slot = find_slot(r, name).ok_or_else(|| CapsuleError::NotFound(name.to_string()))?;
+        let c = r.capsules.get_mut(&slot).expect("slot just found");
+        if c.state != CapsuleState::Frozen {
+            return Err(CapsuleError::NotFrozen(name.to_string()));
+        }
+        c.state = CapsuleState::Running;
+        c.net_dirty = true;
+        let _ = writeln!(
+            c.log,
+            "capsule thawed on {}: the move did not happen",
+            super::vm_name()
+        );
+        Ok(())
+    })
+}
+
+/// The capsule runs on the VM at `via` now: forward the packets held for it
+/// (and, for a grace period, stragglers), then free it here.
+pub fn release(name: &str, via: Ipv4Addr, net: &mut Network) -> Result<(), CapsuleError> {
+    let (slot, locator, held) = registry(|r| {
+        let slot = find_slot(r, name).ok_or_else(|| CapsuleError::NotFound(name.to_string()))?;
+        let c = r.capsules.get_mut(&slot).expect("slot just found");
+        if c.state != CapsuleState::Frozen {
+            return Err(CapsuleError::NotFrozen(name.to_string()));
+        }
+        c.state = CapsuleState::Migrated;
+        let mut held: Vec<Vec<u8>> = c.held_syns.drain(..).collect();
+        held.extend(c.inbound.drain(..));
+        Ok((slot, c.locator, held))
+    })?;
+    let now = crate::time::since_boot_ns();
+    let count = held.len();
+    super::reap(net);
+    net.switch
+        .forward_locator(locator, via, now + FORWARD_GRACE_NS);
+    for packet in &held {
+        net.switch.forward(packet, via, &mut net.nic, now);
+    }
+    registry(|r| r.capsules.remove(&slot));
+    ::log::info!("capsule {name} released to {via}: {count} held packets forwarded");
+    Ok(())
+}
+
+/// Revives a capsule from `bytes` (sealed with `key`) at its own arena
+/// window, with its clock continuing from the freeze. Everything is checked
+/// before anything is mapped; on error nothing changes.
+pub fn restore(bytes: &[u8], key: &[u8], net: &mut Network) -> Result<CapsuleInfo, RestoreError> {
+    let image = CapsuleImage::decode(bytes, key).map_err(RestoreError::Image)?;
+    if image.build_id != crate::build_id() {
+        return Err(RestoreError::WrongBuild);
+    }
+    let program = programs()
+        .iter()
+        .find(|p| p.name == image.program)
+        .ok_or_else(|| RestoreError::UnknownProgram(image.program.clone()))?;
+    let window = arena::window_base(image.slot);
+    if image.root < window + arena::HEADER_SIZE || image.root >= window + image.arena_len {
+        return Err(RestoreError::RootOutsideArena);
+    }
+    registry(|r| {
+        if r.capsules.len() >= super::MAX_CAPSULES {
+            return Err(CapsuleError::LimitReached("capsules per VM"));
+        }
+        if r.capsules.values().any(|c| c.name == image.name) {
+            return Err(CapsuleError::NameTaken(image.name.clone()));
+        }
+        if r.capsules.contains_key(&image.slot) {
+            return Err(CapsuleError::SlotTaken(image.slot));
+        }
+        Ok(())
+    })
+    .map_err(RestoreError::Capsule)?;
+    if net.switch.resident(image.locator).is_some() || image.locator == net.machine_addr() {
+        return Err(RestoreError::Capsule(CapsuleError::LocatorTaken(
+            image.locator,
+        )));
+    }
+    let (_, free_frames) = crate::mm::frame::counts();
+    let needed = image.arena_len / crate::mm::PAGE_SIZE + 256;
+    if free_frames < needed {
+        return Err(RestoreError::Capsule(CapsuleError::OutOfMemory));
+    }
+    let segments: Vec<(u64, &[u8])> = image
+        .segments
+        .iter()
+        .map(|s| (s.offset, s.data.as_slice()))
+        .collect();
+    arena::restore(image.slot, image.arena_len, &segments).map_err(|e| {
+        RestoreError::Capsule(match e {
+            arena::ArenaError::SlotInUse => CapsuleError::SlotTaken(image.slot),
+            arena::ArenaError::OutOfMemory => CapsuleError::OutOfMemory,
+            _ => CapsuleError::BadImage("the arena header does not match its slot"),
+        })
+    })?;
+    if arena::root(image.slot) != Some(image.root as usize) {
+        arena::destroy(image.slot);
+        return Err(RestoreError::Capsule(CapsuleError::BadImage(
+            "the arena's root pointer does not match the image",
+        )));
+    }
+    let now = crate::time::since_boot_ns();
+    let mut log = LogRing::new();
+    log.restore(image.log_written, &image.log_tail);
+    let mut capsule = Capsule {
+        name: image.name.clone(),
+        program,
+        args: image.args.clone(),
+        locator: image.locator,
+        slot: image.slot,
+        state: CapsuleState::Running,
+        root: Some(image.root as *mut CapsuleRoot),
+        inbound: Default::default(),
+        held_syns: Default::default(),
+        log,
+        // The capsule clock continues from the freeze.
+        clock_offset_ns: now.saturating_sub(image.clock_ns),
+        started_ns: now.saturating_sub(image.clock_ns),
+        net_dirty: true,
+        net_news: true,
+        poll_at_ns: None,
+    };
+    let _ = writeln!(capsule.log, "capsule restored on {}", super::vm_name());
+    let slot = capsule.slot;
+    let locator = capsule.locator;
+    registry(|r| r.capsules.insert(slot, capsule));
+    net.switch.attach(locator, slot);
+    net.switch.announce(&mut net.nic, locator);
+    ::log::info!(
+        "capsule {} restored at {locator} in slot {slot}",
+        image.name
+    );
+    super::list()
+        .into_iter()
+        .find(|c| c.slot == slot)
+        .ok_or(RestoreError::Capsule(CapsuleError::NotFound(image.name)))
+}
