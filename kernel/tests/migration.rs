@@ -42,12 +42,20 @@ fn counter(_: &[String]) -> Result<(), String> {
         }
         PUBLISHED.store(count, Ordering::Relaxed);
         CLOCK_MS.store(api::uptime_ms(), Ordering::Relaxed);
-        assert_eq!(*history.last().unwrap(), count, "heap contents changed under the capsule");
+        assert_eq!(
+            *history.last().unwrap(),
+            count,
+            "heap contents changed under the capsule"
+        );
         api::sleep_ms(1);
     }
 }
 
-static PROGRAMS: &[Program] = &[Program { name: "counter", description: "", main: counter }];
+static PROGRAMS: &[Program] = &[Program {
+    name: "counter",
+    description: "",
+    main: counter,
+}];
 static NET: Mutex<Option<Network>> = Mutex::new(None);
 
 fn with_net<R>(f: impl FnOnce(&mut Network) -> R) -> R {
@@ -59,16 +67,25 @@ fn setup() {
     let nic = VirtioNet::init(0, true).expect("NIC 0");
     let net = Network::new(
         nic,
-        Ipv4Cidr { addr: Ipv4Addr::new(192, 0, 2, 10), prefix: 24 },
+        Ipv4Cidr {
+            addr: Ipv4Addr::new(192, 0, 2, 10),
+            prefix: 24,
+        },
         None,
-        Ipv4Cidr { addr: Ipv4Addr::new(198, 18, 0, 0), prefix: 16 },
+        Ipv4Cidr {
+            addr: Ipv4Addr::new(198, 18, 0, 0),
+            prefix: 16,
+        },
     );
     capsule::init(PROGRAMS, "test-vm");
     *NET.lock() = Some(net);
 }
 
 fn state_of(name: &str) -> Option<CapsuleState> {
-    capsule::list().into_iter().find(|c| c.name == name).map(|c| c.state)
+    capsule::list()
+        .into_iter()
+        .find(|c| c.name == name)
+        .map(|c| c.state)
 }
 
 static IMAGE: Mutex<Vec<u8>> = Mutex::new(Vec::new());
@@ -88,17 +105,27 @@ fn freeze_stops_the_capsule_and_thaw_resumes_it() {
         )
         .unwrap();
         kloop::run_for(net, None, 100_000_000);
-        assert!(PUBLISHED.load(Ordering::Relaxed) > 5, "the capsule did not run");
+        assert!(
+            PUBLISHED.load(Ordering::Relaxed) > 5,
+            "the capsule did not run"
+        );
         let image = migrate::freeze("c", KEY).unwrap();
         assert_eq!(state_of("c"), Some(CapsuleState::Frozen));
         let at_freeze = PUBLISHED.load(Ordering::Relaxed);
         kloop::run_for(net, None, 50_000_000);
-        assert_eq!(PUBLISHED.load(Ordering::Relaxed), at_freeze, "a frozen capsule ran");
+        assert_eq!(
+            PUBLISHED.load(Ordering::Relaxed),
+            at_freeze,
+            "a frozen capsule ran"
+        );
         // A second freeze of a frozen capsule is refused.
         assert!(migrate::freeze("c", KEY).is_err());
         migrate::thaw("c").unwrap();
         kloop::run_for(net, None, 50_000_000);
-        assert!(PUBLISHED.load(Ordering::Relaxed) > at_freeze, "thawed capsule did not resume");
+        assert!(
+            PUBLISHED.load(Ordering::Relaxed) > at_freeze,
+            "thawed capsule did not resume"
+        );
         drop(image);
     });
 }
@@ -107,7 +134,14 @@ fn image_carries_the_whole_capsule() {
     with_net(|net| {
         let image = migrate::freeze("c", KEY).unwrap();
         let decoded = CapsuleImage::decode(&image, KEY).unwrap();
-        assert_eq!((decoded.name.as_str(), decoded.program.as_str(), decoded.slot), ("c", "counter", 42));
+        assert_eq!(
+            (
+                decoded.name.as_str(),
+                decoded.program.as_str(),
+                decoded.slot
+            ),
+            ("c", "counter", 42)
+        );
         assert_eq!(decoded.locator, Ipv4Addr::new(198, 18, 0, 42));
         let (mapped, _, _) = arena::usage(42).unwrap();
         assert_eq!(decoded.arena_len, mapped);
@@ -124,22 +158,38 @@ fn bad_images_are_refused_before_mapping() {
     with_net(|net| {
         let image = IMAGE.lock().clone();
         // The capsule still exists here: its name and slot are taken.
-        assert!(matches!(migrate::restore(&image, KEY, net), Err(RestoreError::Capsule(_))));
+        assert!(matches!(
+            migrate::restore(&image, KEY, net),
+            Err(RestoreError::Capsule(_))
+        ));
         let before = capsule::list().len();
         let truncated = &image[..image.len() / 2];
-        assert!(matches!(migrate::restore(truncated, KEY, net), Err(RestoreError::Image(ImageError::Truncated))));
+        assert!(matches!(
+            migrate::restore(truncated, KEY, net),
+            Err(RestoreError::Image(ImageError::Truncated))
+        ));
         let mut tampered = image.clone();
         let middle = tampered.len() / 2;
         tampered[middle] ^= 0x01;
-        assert!(matches!(migrate::restore(&tampered, KEY, net), Err(RestoreError::Image(_))));
+        assert!(matches!(
+            migrate::restore(&tampered, KEY, net),
+            Err(RestoreError::Image(_))
+        ));
         assert!(matches!(
             migrate::restore(&image, &[0x22; 32], net),
             Err(RestoreError::Image(ImageError::BadMac))
         ));
         let mut other_build = CapsuleImage::decode(&image, KEY).unwrap();
         other_build.build_id[0] ^= 0xff;
-        assert_eq!(migrate::restore(&other_build.encode(KEY), KEY, net).err(), Some(RestoreError::WrongBuild));
-        assert_eq!(capsule::list().len(), before, "a refused image changed the capsule list");
+        assert_eq!(
+            migrate::restore(&other_build.encode(KEY), KEY, net).err(),
+            Some(RestoreError::WrongBuild)
+        );
+        assert_eq!(
+            capsule::list().len(),
+            before,
+            "a refused image changed the capsule list"
+        );
     });
 }
 
@@ -151,20 +201,33 @@ fn restore_elsewhere_continues_where_it_stopped() {
         // Release as if the capsule now ran on another VM: its arena goes.
         migrate::release("c", Ipv4Addr::new(192, 0, 2, 12), net).unwrap();
         assert_eq!(state_of("c"), None);
-        assert!(arena::usage(42).is_none(), "released capsule kept its arena");
+        assert!(
+            arena::usage(42).is_none(),
+            "released capsule kept its arena"
+        );
         assert_eq!(net.switch.resident(Ipv4Addr::new(198, 18, 0, 42)), None);
         assert_eq!(net.switch.forwarding_entries(), 1);
         // Time passes while "in transit": the capsule clock must not jump.
         kloop::run_for(net, None, 300_000_000);
         let info = migrate::restore(&image, KEY, net).unwrap();
-        assert_eq!((info.name.as_str(), info.slot, info.state), ("c", 42, CapsuleState::Running));
+        assert_eq!(
+            (info.name.as_str(), info.slot, info.state),
+            ("c", 42, CapsuleState::Running)
+        );
         assert_eq!(net.switch.resident(Ipv4Addr::new(198, 18, 0, 42)), Some(42));
-        assert_eq!(net.switch.forwarding_entries(), 0, "restoring here supersedes the forwarding entry");
+        assert_eq!(
+            net.switch.forwarding_entries(),
+            0,
+            "restoring here supersedes the forwarding entry"
+        );
         kloop::run_for(net, None, 100_000_000);
         let after = PUBLISHED.load(Ordering::Relaxed);
         assert!(after > at_freeze, "restored capsule did not run");
         // It went on from its own count (its stack and heap came back), not from zero.
-        assert!(after < at_freeze + 1000, "count jumped from {at_freeze} to {after}");
+        assert!(
+            after < at_freeze + 1000,
+            "count jumped from {at_freeze} to {after}"
+        );
         let clock = CLOCK_MS.load(Ordering::Relaxed);
         assert!(
             clock >= clock_at_freeze && clock < clock_at_freeze + 250,
@@ -172,7 +235,10 @@ fn restore_elsewhere_continues_where_it_stopped() {
         );
         let (log, _) = capsule::read_log("c", 0, 4096).unwrap();
         let log = core::str::from_utf8(&log).unwrap();
-        assert!(log.contains("started") && log.contains("restored"), "log did not travel: {log}");
+        assert!(
+            log.contains("started") && log.contains("restored"),
+            "log did not travel: {log}"
+        );
         capsule::kill("c", net).unwrap();
     });
 }
@@ -183,10 +249,22 @@ fn kernel_main(_info: &'static BootInfo) -> ! {
     run(
         "migration",
         &[
-            Test { name: "freeze_stops_the_capsule_and_thaw_resumes_it", run: freeze_stops_the_capsule_and_thaw_resumes_it },
-            Test { name: "image_carries_the_whole_capsule", run: image_carries_the_whole_capsule },
-            Test { name: "bad_images_are_refused_before_mapping", run: bad_images_are_refused_before_mapping },
-            Test { name: "restore_elsewhere_continues_where_it_stopped", run: restore_elsewhere_continues_where_it_stopped },
+            Test {
+                name: "freeze_stops_the_capsule_and_thaw_resumes_it",
+                run: freeze_stops_the_capsule_and_thaw_resumes_it,
+            },
+            Test {
+                name: "image_carries_the_whole_capsule",
+                run: image_carries_the_whole_capsule,
+            },
+            Test {
+                name: "bad_images_are_refused_before_mapping",
+                run: bad_images_are_refused_before_mapping,
+            },
+            Test {
+                name: "restore_elsewhere_continues_where_it_stopped",
+                run: restore_elsewhere_continues_where_it_stopped,
+            },
         ],
     )
 }

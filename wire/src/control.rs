@@ -205,6 +205,16 @@ pub enum Request {
     InspectCapsule {
         name: String,
     },
+    /// A capsule at `locator` is about to move: hold packets this VM's
+    /// capsules send to it instead of sending them into the void.
+    HoldTraffic {
+        locator: Ipv4Addr,
+    },
+    /// The move is over: send the held packets (to wherever the locator
+    /// answers now) and stop holding.
+    ReleaseTraffic {
+        locator: Ipv4Addr,
+    },
 }
 
 /// Largest image chunk in one request or reply (inside a frame).
@@ -232,6 +242,8 @@ impl Request {
     const RESTORE_COMMIT: u8 = 15;
     const RESTORE_ABORT: u8 = 16;
     const INSPECT: u8 = 17;
+    const HOLD_TRAFFIC: u8 = 18;
+    const RELEASE_TRAFFIC: u8 = 19;
 
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
@@ -295,6 +307,12 @@ impl Request {
             }
             Request::InspectCapsule { name } => {
                 w.u8(Self::INSPECT).str(name);
+            }
+            Request::HoldTraffic { locator } => {
+                w.u8(Self::HOLD_TRAFFIC).raw(&locator.octets());
+            }
+            Request::ReleaseTraffic { locator } => {
+                w.u8(Self::RELEASE_TRAFFIC).raw(&locator.octets());
             }
         }
         w.finish()
@@ -370,6 +388,12 @@ impl Request {
             },
             Self::RESTORE_ABORT => Request::RestoreAbort {
                 name: r.string("capsule name")?,
+            },
+            Self::HOLD_TRAFFIC => Request::HoldTraffic {
+                locator: Ipv4Addr::from(r.array::<4>("locator")?),
+            },
+            Self::RELEASE_TRAFFIC => Request::ReleaseTraffic {
+                locator: Ipv4Addr::from(r.array::<4>("locator")?),
             },
             Self::INSPECT => Request::InspectCapsule {
                 name: r.string("capsule name")?,
@@ -1245,6 +1269,12 @@ mod tests {
             Request::RestoreCommit { name: "a".into() },
             Request::RestoreAbort { name: "a".into() },
             Request::InspectCapsule { name: "a".into() },
+            Request::HoldTraffic {
+                locator: Ipv4Addr::new(198, 18, 0, 1),
+            },
+            Request::ReleaseTraffic {
+                locator: Ipv4Addr::new(198, 18, 0, 1),
+            },
         ] {
             let bytes = req.encode();
             assert_eq!(Request::decode(&bytes).unwrap(), req);

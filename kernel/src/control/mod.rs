@@ -57,6 +57,9 @@ struct IncomingImage {
     bytes: Vec<u8>,
 }
 
+/// A hold on traffic to a moving capsule ends by itself after this long.
+const HOLD_LIMIT_NS: u64 = 10_000_000_000;
+
 /// Images received at once, at most.
 const MAX_INCOMING: usize = 4;
 
@@ -401,6 +404,18 @@ fn handle_request(
         },
         Request::RestoreAbort { name } => {
             images.incoming.remove(name);
+            Response::Done
+        }
+        Request::HoldTraffic { locator } => {
+            let until = crate::time::since_boot_ns() + HOLD_LIMIT_NS;
+            net.switch.hold(*locator, until);
+            Response::Done
+        }
+        Request::ReleaseTraffic { locator } => {
+            let now = crate::time::since_boot_ns();
+            let Network { switch, nic, .. } = net;
+            let sent = switch.release_held(*locator, nic, now);
+            log::debug!("control: released {sent} packets held for {locator}");
             Response::Done
         }
         Request::InspectCapsule { name } => match capsule::migrate::inspect(name) {

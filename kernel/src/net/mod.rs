@@ -62,7 +62,7 @@ impl Network {
                 deliver(local);
             }
         }
-        switch.expire(now);
+        switch.expire(nic, now);
         any
     }
 

@@ -73,6 +73,10 @@ pub struct Switch {
     /// Forwarding entries of capsules that moved away: locator → (new VM's
     /// machine address, until when). Packets still arriving here go there.
     forwarding: BTreeMap<Ipv4Addr, (Ipv4Addr, u64)>,
+    /// Locators of capsules elsewhere that are moving: what local capsules
+    /// send to them waits here (until when, packets) rather than going to a
+    /// VM that is about to stop answering.
+    holding: BTreeMap<Ipv4Addr, (u64, Vec<Vec<u8>>)>,
     neighbours: BTreeMap<Ipv4Addr, (EthernetAddress, u64)>,
     pending: Vec<Pending>,
     pub machine_rx: VecDeque<Vec<u8>>,
@@ -99,6 +103,7 @@ impl Switch {
             on_link,
             locators: BTreeMap::new(),
             forwarding: BTreeMap::new(),
+            holding: BTreeMap::new(),
             neighbours: BTreeMap::new(),
             pending: Vec::new(),
             machine_rx: VecDeque::new(),
@@ -115,6 +120,38 @@ impl Switch {
     /// Sends packets for `locator` on to `via` until `until_ns` (kernel time).
     pub fn forward_locator(&mut self, locator: Ipv4Addr, via: Ipv4Addr, until_ns: u64) {
         self.forwarding.insert(locator, (via, until_ns));
+    }
+
+    /// Holds traffic from local capsules to `locator` until released or
+    /// until `until_ns` (then it is sent anyway: a dead orchestrator must not
+    /// strand packets).
+    pub fn hold(&mut self, locator: Ipv4Addr, until_ns: u64) {
+        self.holding
+            .entry(locator)
+            .or_insert_with(|| (until_ns, Vec::new()))
+            .0 = until_ns;
+    }
+
+    /// Stops holding traffic to `locator` and sends what was held to wherever
+    /// it answers now (its old neighbour entry is forgotten, so ARP finds the
+    /// new VM). Returns how many packets went.
+    pub fn release_held(&mut self, locator: Ipv4Addr, nic: &mut VirtioNet, now_ns: u64) -> usize {
+        let Some((_, packets)) = self.holding.remove(&locator) else {
+            return 0;
+        };
+        self.neighbours.remove(&locator);
+        let count = packets.len();
+        for packet in packets {
+            if let Some(src) = ipv4_src(&packet) {
+                let hop = self.next_hop(locator).unwrap_or(locator);
+                self.send_via(&packet, hop, src, nic, now_ns);
+            }
+        }
+        count
+    }
+
+    pub fn held_packets(&self) -> usize {
+        self.holding.values().map(|(_, p)| p.len()).sum()
     }
 
     pub fn forwarding_entries(&self) -> usize {
@@ -299,6 +336,14 @@ impl Switch {
                 packet: packet.to_vec(),
             });
         }
+        if let Some((_, held)) = self.holding.get_mut(&dst) {
+            if held.len() < MAX_QUEUED {
+                held.push(packet.to_vec());
+            } else {
+                self.counters.queue_full += 1;
+            }
+            return None;
+        }
         let Some(hop) = self.next_hop(dst) else {
             self.counters.unroutable += 1;
             return None;
@@ -408,8 +453,17 @@ impl Switch {
     }
 
     /// Drops packets whose next hop never answered.
-    pub fn expire(&mut self, now_ns: u64) {
+    pub fn expire(&mut self, nic: &mut VirtioNet, now_ns: u64) {
         self.forwarding.retain(|_, (_, until)| *until > now_ns);
+        let overdue: Vec<Ipv4Addr> = self
+            .holding
+            .iter()
+            .filter(|(_, (until, _))| *until <= now_ns)
+            .map(|(l, _)| *l)
+            .collect();
+        for locator in overdue {
+            self.release_held(locator, nic, now_ns);
+        }
         let before = self.pending.len();
         self.pending.retain(|p| p.deadline_ns > now_ns);
         self.counters.arp_timeouts += (before - self.pending.len()) as u64;
