@@ -10,6 +10,7 @@ pub mod control;
 pub mod directory;
 pub mod elf;
 pub mod lab;
+pub mod migrate;
 pub mod netns;
 pub mod qemu;
 pub mod render;
