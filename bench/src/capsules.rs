@@ -207,14 +207,20 @@ pub fn kv(lab: &CapsuleLab, runs: usize) -> Result<Vec<Vec<String>>> {
     let ip = run(&s, "kv", "kvbench")?;
     let mut get = Vec::new();
     let mut set = Vec::new();
+    let mut hung = 0;
     for i in 0..runs {
         // This thread is inside the lab namespace, so the child is too.
-        let out = Command::new("redis-benchmark")
-            .args(["-h", &ip.to_string(), "-p", "6379"])
-            .args(["-t", "get,set", "-c", "10", "-n", "20000", "-q"])
-            .output()
-            .context("cannot run redis-benchmark")?;
-        let text = String::from_utf8_lossy(&out.stdout);
+        let mut cmd = Command::new("redis-benchmark");
+        cmd.args(["-h", &ip.to_string(), "-p", "6379"])
+            .args(["-t", "get,set", "-c", "10", "-n", "20000", "-q"]);
+        let Some(text) = output_within(cmd, Duration::from_secs(180))? else {
+            eprintln!(
+                "run {}: redis-benchmark made no progress in 180 s; killed",
+                i + 1
+            );
+            hung += 1;
+            continue;
+        };
         let figures = parse_redis_benchmark(&text);
         eprintln!("run {}: {figures:?}", i + 1);
         for (name, rps) in figures {
@@ -226,19 +232,49 @@ pub fn kv(lab: &CapsuleLab, runs: usize) -> Result<Vec<Vec<String>>> {
         }
     }
     if get.is_empty() || set.is_empty() {
-        bail!("redis-benchmark reported no GET/SET figures");
+        bail!("redis-benchmark reported no GET/SET figures ({hung} of {runs} runs hung)");
     }
     let row = |what: &str, v: Vec<f64>| {
         let v = sorted(v);
         vec![
             format!("kv {what}: redis-benchmark -c 10 -n 20000"),
             lab.accel.clone(),
-            format!("{} runs", v.len()),
+            format!("{} runs ({hung} hung)", v.len()),
             format!("median {:.0} req/s", median(&v)),
             format!("min {:.0} req/s", v[0]),
         ]
     };
     Ok(vec![row("SET", set), row("GET", get)])
+}
+
+/// Runs `cmd` and returns its stdout, or `None` when it has not ended
+/// within `limit` (it is then killed: our own child, by its handle).
+fn output_within(mut cmd: Command, limit: Duration) -> Result<Option<String>> {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot run {:?}", cmd.get_program()))?;
+    // Read stdout on a thread so a full pipe cannot stall the child.
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(Some(reader.join().unwrap_or_default()));
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = reader.join();
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// One keep-alive HTTP/1.1 connection: sends GET `path` and reads the
