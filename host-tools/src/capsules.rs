@@ -434,10 +434,7 @@ pub fn logs(
 /// A capsule's state on its VM; `None` when the VM does not know it.
 fn capsule_state(client: &mut ControlClient, name: &str) -> Result<Option<CapsuleState>> {
     match client.call(&Request::ListCapsules)? {
-        Response::Capsules(list) => Ok(list
-            .into_iter()
-            .find(|c| c.name == name)
-            .map(|c| c.state)),
+        Response::Capsules(list) => Ok(list.into_iter().find(|c| c.name == name).map(|c| c.state)),
         other => bail!("unexpected answer to ListCapsules: {other:?}"),
     }
 }

@@ -491,7 +491,13 @@ mod tests {
         assert_eq!(r, CapsuleRange::default());
         assert!(r.contains(Ipv4Addr::new(198, 18, 7, 9)));
         assert!(!r.contains(Ipv4Addr::new(198, 19, 0, 1)));
-        for bad in ["198.18.0.0", "198.18.0.1/16", "x/16", "10.0.0.0/31", "10.0.0.0/4"] {
+        for bad in [
+            "198.18.0.0",
+            "198.18.0.1/16",
+            "x/16",
+            "10.0.0.0/31",
+            "10.0.0.0/4",
+        ] {
             assert!(bad.parse::<CapsuleRange>().is_err(), "{bad}");
         }
         assert_eq!(r.usable(0), None);
