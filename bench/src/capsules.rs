@@ -190,7 +190,7 @@ pub fn parse_redis_benchmark(out: &str) -> Vec<(String, f64)> {
     out.split(['\n', '\r'])
         .filter_map(|l| {
             let (name, rest) = l.split_once(':')?;
-            let rps = rest.trim().split_whitespace().next()?.parse().ok()?;
+            let rps = rest.split_whitespace().next()?.parse().ok()?;
             rest.contains("requests per second")
                 .then(|| (name.trim().to_string(), rps))
         })
