@@ -338,38 +338,51 @@ impl HttpConn {
 }
 
 /// Requests (and body bytes) per second over `conns` keep-alive connections
-/// for `secs` seconds.
-fn http_load(ip: Ipv4Addr, path: &str, conns: usize, secs: f64) -> Result<(f64, f64)> {
+/// for `secs` seconds, and the errors of connections that broke or stalled
+/// (a stalled connection stops counting; the others go on).
+fn http_load(ip: Ipv4Addr, path: &str, conns: usize, secs: f64) -> (f64, f64, Vec<String>) {
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
-    let start = Instant::now();
     for _ in 0..conns {
         let stop = stop.clone();
         let path = path.to_string();
         // Threads are created by the thread that is inside the lab
         // namespace, so they are inside it too.
-        handles.push(std::thread::spawn(move || -> Result<(u64, u64)> {
-            let mut c = HttpConn::open(ip, &path)?;
+        handles.push(std::thread::spawn(move || -> (u64, u64, Option<String>) {
             let (mut reqs, mut bytes) = (0u64, 0u64);
+            let mut c = match HttpConn::open(ip, &path) {
+                Ok(c) => c,
+                Err(e) => return (0, 0, Some(format!("connect: {e:#}"))),
+            };
             while !stop.load(Ordering::Relaxed) {
-                bytes += c.get()? as u64;
-                reqs += 1;
+                match c.get() {
+                    Ok(n) => {
+                        bytes += n as u64;
+                        reqs += 1;
+                    }
+                    Err(e) => return (reqs, bytes, Some(format!("after {reqs} requests: {e:#}"))),
+                }
             }
-            Ok((reqs, bytes))
+            (reqs, bytes, None)
         }));
     }
     std::thread::sleep(Duration::from_secs_f64(secs));
     stop.store(true, Ordering::Relaxed);
-    let (mut reqs, mut bytes) = (0u64, 0u64);
+    let (mut reqs, mut bytes, mut errors) = (0u64, 0u64, Vec::new());
     for h in handles {
-        let (r, b) = h
-            .join()
-            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
-        reqs += r;
-        bytes += b;
+        match h.join() {
+            Ok((r, b, e)) => {
+                reqs += r;
+                bytes += b;
+                errors.extend(e);
+            }
+            Err(_) => errors.push("client thread panicked".into()),
+        }
     }
-    let t = start.elapsed().as_secs_f64();
-    Ok((reqs as f64 / t, bytes as f64 / t))
+    // Measured up to the stop signal: a stalled connection's read timeout
+    // must not stretch the interval.
+    let t = secs.max(1e-9);
+    (reqs as f64 / t, bytes as f64 / t, errors)
 }
 
 /// `http`: small requests over 4 keep-alive connections, and a 1 MiB body
@@ -379,14 +392,19 @@ pub fn http(lab: &CapsuleLab, runs: usize) -> Result<Vec<Vec<String>>> {
     let ip = run(&s, "http", "httpbench")?;
     let mut small = Vec::new();
     let mut big = Vec::new();
+    let mut broken = 0;
     for i in 0..runs {
-        let (rps, _) = http_load(ip, "/healthz", 4, 5.0)?;
-        let (_, bps) = http_load(ip, "/bytes/1048576", 1, 5.0)?;
+        let (rps, _, e1) = http_load(ip, "/healthz", 4, 5.0);
+        let (_, bps, e2) = http_load(ip, "/bytes/1048576", 1, 5.0);
         eprintln!(
             "run {}: /healthz {rps:.0} req/s; /bytes/1048576 {:.2} MiB/s",
             i + 1,
             bps / 1048576.0
         );
+        for e in e1.iter().chain(&e2) {
+            eprintln!("run {}: connection failed: {e}", i + 1);
+        }
+        broken += e1.len() + e2.len();
         small.push(rps);
         big.push(bps / 1048576.0);
     }
@@ -395,14 +413,14 @@ pub fn http(lab: &CapsuleLab, runs: usize) -> Result<Vec<Vec<String>>> {
         vec![
             "http GET /healthz, 4 keep-alive connections".into(),
             lab.accel.clone(),
-            format!("{runs} runs x 5 s"),
+            format!("{runs} runs x 5 s, {broken} conn. failed"),
             format!("median {:.0} req/s", median(&small)),
             format!("min {:.0} req/s", small[0]),
         ],
         vec![
             "http GET /bytes/1048576, 1 connection".into(),
             lab.accel.clone(),
-            format!("{runs} runs x 5 s"),
+            format!("{runs} runs x 5 s, {broken} conn. failed"),
             format!("median {:.2} MiB/s", median(&big)),
             format!("min {:.2} MiB/s", big[0]),
         ],
