@@ -84,6 +84,63 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Move a running capsule to another VM, with its open connections.
+    Migrate {
+        name: String,
+        /// Destination VM.
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value = "default")]
+        lab: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a capsule and save it to a file (revive it with `resume`).
+    Suspend {
+        name: String,
+        /// Image file to write.
+        #[arg(short, long)]
+        output: std::path::PathBuf,
+        #[arg(long, default_value = "default")]
+        lab: String,
+    },
+    /// Revive a suspended capsule on a VM of the same kernel build.
+    Resume {
+        file: std::path::PathBuf,
+        /// VM to run on (default: the first).
+        #[arg(long)]
+        on: Option<String>,
+        /// New capsule name (default: the saved one).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value = "default")]
+        lab: String,
+    },
+    /// Show a capsule image file or a running capsule: metadata, tasks, memory, sockets.
+    Inspect {
+        /// An image file, or the name of a capsule in the lab.
+        target: String,
+        #[arg(long, default_value = "default")]
+        lab: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring up a two-VM lab, run http and kv under real client load, move
+    /// them back and forth, and report downtime, client pauses and errors.
+    Demo {
+        #[arg(long, default_value = "demo")]
+        lab: String,
+        /// Moves per capsule.
+        #[arg(long, default_value_t = 3)]
+        moves: usize,
+        #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+        accel: AccelChoice,
+        /// Leave the lab up afterwards.
+        #[arg(long)]
+        keep: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// The lab's directory (locator map and DNS server).
     #[command(subcommand)]
     Directory(DirectoryCommand),
@@ -334,6 +391,99 @@ pub fn run(cli: Cli) -> Result<i32> {
                 print!("{}", render::table(&["PROGRAM", "DESCRIPTION"], &rows));
             }
             Ok(0)
+        }
+        Command::Migrate {
+            name,
+            to,
+            lab,
+            json,
+        } => {
+            let report = crate::migrate::migrate(&LabSession::open(&lab)?, &name, &to)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "migrated {} {} -> {}: freeze {:.1} ms, transfer {:.1} ms ({:.1} MiB/s), restore {:.1} ms, release {:.1} ms",
+                    report.name,
+                    report.from,
+                    report.to,
+                    report.freeze_ms,
+                    report.transfer_ms,
+                    report.transfer_mib_s,
+                    report.restore_ms,
+                    report.release_ms
+                );
+                println!(
+                    "downtime {:.1} ms (freeze -> running again), image {} bytes, total {:.1} ms",
+                    report.downtime_ms, report.image_bytes, report.total_ms
+                );
+            }
+            Ok(0)
+        }
+        Command::Suspend { name, output, lab } => {
+            let (rec, bytes) = crate::migrate::suspend(&LabSession::open(&lab)?, &name, &output)?;
+            println!(
+                "suspended {} ({} at {}, slot {}) from {} to {} ({bytes} bytes)",
+                rec.name,
+                rec.program,
+                rec.locator,
+                rec.slot,
+                rec.vm,
+                output.display()
+            );
+            Ok(0)
+        }
+        Command::Resume {
+            file,
+            on,
+            name,
+            lab,
+        } => {
+            let rec = crate::migrate::resume(
+                &LabSession::open(&lab)?,
+                &file,
+                on.as_deref(),
+                name.as_deref(),
+            )?;
+            println!(
+                "resumed {} ({} at {}) on {}",
+                rec.name, rec.program, rec.locator, rec.vm
+            );
+            Ok(0)
+        }
+        Command::Inspect { target, lab, json } => {
+            let path = std::path::Path::new(&target);
+            let inspection = if path.exists() {
+                crate::migrate::inspect_file(path)?
+            } else {
+                crate::migrate::inspect_capsule(&LabSession::open(&lab)?, &target)?
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&inspection)?);
+            } else {
+                print!("{}", crate::migrate::render_inspection(&inspection));
+            }
+            Ok(0)
+        }
+        Command::Demo {
+            lab,
+            moves,
+            accel,
+            keep,
+            json,
+        } => {
+            let report = crate::demo::demo(&crate::demo::DemoOptions {
+                lab,
+                moves,
+                accel,
+                keep,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", crate::demo::render(&report));
+            }
+            Ok(if report.errors == 0 { 0 } else { 1 })
         }
         Command::Directory(cmd) => directory_command(cmd),
         Command::Debug(DebugCommand::Control { name, vm, check }) => {

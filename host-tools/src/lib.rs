@@ -7,6 +7,7 @@
 pub mod capsules;
 pub mod cli;
 pub mod control;
+pub mod demo;
 pub mod directory;
 pub mod elf;
 pub mod lab;

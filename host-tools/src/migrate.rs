@@ -315,7 +315,8 @@ fn move_frozen(
     // them to the destination, so neither waits for the whole image.
     let (tx, rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(8);
     std::thread::scope(|scope| -> Result<()> {
-        let reader = scope.spawn(|| {
+        // The sender moves into the reader, so the channel closes when it ends.
+        let reader = scope.spawn(move || {
             read_image(src_c, &src.name, name, image_len, |off, data| {
                 tx.send((off, data))
                     .map_err(|_| anyhow!("the destination stopped taking the image"))
