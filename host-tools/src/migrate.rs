@@ -203,10 +203,12 @@ pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> 
         );
     }
     // Admission before anything stops: memory and name at the destination.
+    // The image cannot be longer than the mapped arena plus metadata; the
+    // bound leaves room for the capsule to grow until it is frozen.
     expect_done(
         dst_c.call(&Request::RestoreBegin {
             name: rec.name.clone(),
-            image_len: info.memory_bytes + (1 << 16),
+            image_len: 2 * info.memory_bytes + (1 << 20),
         })?,
         "to admit the capsule",
         &dst.name,
@@ -303,14 +305,6 @@ fn move_frozen(
         ),
     };
     let t_frozen = start.elapsed();
-    expect_done(
-        dst_c.call(&Request::RestoreBegin {
-            name: name.into(),
-            image_len,
-        })?,
-        "the image",
-        &dst.name,
-    )?;
     // Stream: one thread reads chunks from the source while this one writes
     // them to the destination, so neither waits for the whole image.
     let (tx, rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(8);

@@ -380,7 +380,10 @@ fn handle_request(
             ),
         },
         Request::RestoreCommit { name } => match images.incoming.remove(name) {
-            Some(incoming) if incoming.bytes.len() as u64 == incoming.expected => {
+            // The announced length is an upper bound (admission happens
+            // before the image exists); the image's own header says how long
+            // it must be, and decoding checks that.
+            Some(incoming) if incoming.bytes.len() as u64 <= incoming.expected => {
                 match capsule::migrate::restore(&incoming.bytes, key, net) {
                     Ok(info) => Response::CapsuleStarted(wire_info(info)),
                     Err(e) => Response::error(
@@ -392,7 +395,7 @@ fn handle_request(
             Some(incoming) => Response::error(
                 ErrorCode::InvalidArgument,
                 alloc::format!(
-                    "image incomplete: {} of {} bytes",
+                    "image of {} bytes exceeds the announced {}",
                     incoming.bytes.len(),
                     incoming.expected
                 ),

@@ -11,6 +11,13 @@ use smoltcp::time::Instant;
 
 use crate::drivers::virtio::net::{MAX_FRAME, VirtioNet};
 
+/// Segments a peer may have in flight towards one socket (smoltcp caps the
+/// advertised window at this many segments). The NIC keeps 64 receive
+/// buffers posted, so bursts of this size fit with room to spare; a smaller
+/// cap (smoltcp's examples use a handful) makes every 64 KiB control frame
+/// wait for window updates.
+const MAX_BURST: usize = 48;
+
 /// Largest IP packet a capsule stack sends (Ethernet payload).
 pub const IP_MTU: usize = MAX_FRAME - 14;
 
@@ -60,7 +67,7 @@ impl phy::Device for MachineDevice<'_> {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = MAX_FRAME;
-        caps.max_burst_size = Some(16);
+        caps.max_burst_size = Some(MAX_BURST);
         caps
     }
 }
@@ -115,7 +122,7 @@ impl phy::Device for CapsuleDevice<'_> {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ip;
         caps.max_transmission_unit = IP_MTU;
-        caps.max_burst_size = Some(16);
+        caps.max_burst_size = Some(MAX_BURST);
         caps
     }
 }
