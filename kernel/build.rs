@@ -16,6 +16,11 @@ fn main() {
     ] {
         println!("cargo:rustc-link-arg={arg}");
     }
+    // A build tag changes the image (and so its build id) without changing
+    // the code: tests use it to make a "different build" for refusal checks.
+    let tag = std::env::var("CAPSULES_BUILD_TAG").unwrap_or_default();
+    println!("cargo:rustc-env=CAPSULES_BUILD_TAG={tag}");
+    println!("cargo:rerun-if-env-changed=CAPSULES_BUILD_TAG");
     println!("cargo:rerun-if-changed={script}");
     println!("cargo:rerun-if-changed=build.rs");
 }

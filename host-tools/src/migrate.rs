@@ -27,6 +27,10 @@ use crate::control::ControlClient;
 use crate::directory::{self, CapsuleRecord};
 use crate::state::VmRecord;
 
+/// Test hook: milliseconds to wait between image chunks, so a test can kill
+/// the destination while the image is in flight. Unset in normal use.
+pub const CHUNK_DELAY_ENV: &str = "CAPSULES_MIGRATE_CHUNK_DELAY_MS";
+
 /// Where the key that seals suspended images on disk lives (created on first use).
 pub const IMAGE_KEY_ENV: &str = "CAPSULES_IMAGE_KEY_FILE";
 const DEFAULT_IMAGE_KEY_FILE: &str = "/var/lib/capsules/image.key";
@@ -75,8 +79,15 @@ fn read_image(
     len: u64,
     mut sink: impl FnMut(u64, Vec<u8>) -> Result<()>,
 ) -> Result<()> {
+    let delay = std::env::var(CHUNK_DELAY_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(std::time::Duration::from_millis);
     let mut offset = 0;
     while offset < len {
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
         let resp = client.call(&Request::ReadImage {
             name: name.into(),
             offset,

@@ -71,6 +71,12 @@ struct HvmMemmapEntry {
 
 static BOOT_INFO: Once<BootInfo> = Once::new();
 
+/// `CAPSULES_BUILD_TAG` at build time (shown after the build id when set).
+const BUILD_TAG: &str = match option_env!("CAPSULES_BUILD_TAG") {
+    Some(tag) if !tag.is_empty() => tag,
+    _ => "",
+};
+
 /// The boot information, once `start` has read it.
 pub fn info() -> &'static BootInfo {
     BOOT_INFO.get().expect("boot info read before boot")
@@ -158,8 +164,9 @@ pub fn start(start_info: u64) -> ! {
     let info = BOOT_INFO.call_once(|| info);
     logger::init(info.config.log_level);
     log::info!(
-        "capsules kernel {} starting, cpu {}, cmdline '{}'",
+        "capsules kernel {}{} starting, cpu {}, cmdline '{}'",
         crate::build_id_hex(),
+        BUILD_TAG,
         core::str::from_utf8(&cpu::vendor()).unwrap_or("?"),
         Redacted(info.cmdline())
     );

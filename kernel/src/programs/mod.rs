@@ -5,6 +5,7 @@ pub mod echo;
 pub mod faults;
 pub mod http;
 pub mod kv;
+pub mod sink;
 pub mod spin;
 pub mod ticker;
 
@@ -31,6 +32,11 @@ pub static ALL: &[Program] = &[
         name: "ticker",
         description: "connects to ADDR:PORT and sends a numbered line every MS ms (ADDR:PORT [MS])",
         main: ticker::main,
+    },
+    Program {
+        name: "sink",
+        description: "TCP listener that checks numbered ticker lines and logs gaps (--port N, default 9000)",
+        main: sink::main,
     },
     Program {
         name: "spin",
