@@ -605,6 +605,40 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
+    #[test]
+    fn concurrent_writers_never_share_a_locator_or_slot() {
+        let dir = std::env::temp_dir().join(format!("capsulectl-lock-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let range = CapsuleRange::default();
+        // Each thread opens the lock file itself, so each holds its own open
+        // file description: flock excludes them from one another exactly as
+        // it excludes separate capsulectl processes.
+        let workers: Vec<_> = (0..8)
+            .map(|t| {
+                let dir = dir.clone();
+                std::thread::spawn(move || {
+                    for i in 0..10 {
+                        let _l = lock(&dir).unwrap();
+                        let mut m = load(&dir, range).unwrap();
+                        let (ip, slot) = m.allocate().unwrap();
+                        m.insert(record(&format!("t{t}-{i}"), ip, slot)).unwrap();
+                        save(&dir, &m).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        let m = load(&dir, range).unwrap();
+        assert_eq!(m.capsules.len(), 80, "a write was lost");
+        let ips: std::collections::HashSet<_> = m.capsules.values().map(|c| c.locator).collect();
+        let slots: std::collections::HashSet<_> = m.capsules.values().map(|c| c.slot).collect();
+        assert_eq!((ips.len(), slots.len()), (80, 80));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
     fn ask(m: &DirectoryMap, name: &str, rtype: RecordType) -> Message {
         let mut q = Message::new(77, MessageType::Query, OpCode::Query);
         q.add_query(hickory_proto::op::Query::query(

@@ -159,6 +159,41 @@ fn capsules_on_one_and_two_vms_are_reachable_on_their_own_locators_only() {
     assert_eq!(d["name"], "echo-1", "{d}");
     assert_eq!(d["vm"], "vm2", "{d}");
 
+    // Concurrent `run`s (separate processes) get distinct locators and
+    // slots: the directory lock serialises them.
+    let racers: Vec<_> = (0..4)
+        .map(|i| {
+            Command::new(capsulectl_bin())
+                .args(["run", "echo", "--json", "--name", &format!("race{i}")])
+                .args(["--lab", &lab.name])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("cannot start capsulectl run")
+        })
+        .collect();
+    let mut raced = std::collections::BTreeSet::new();
+    for r in racers {
+        let out = r.wait_with_output().unwrap();
+        assert!(out.status.success(), "concurrent run: {}", describe(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        raced.insert((v["locator"].to_string(), v["slot"].to_string()));
+    }
+    let all: Vec<serde_json::Value> = lab.ps();
+    let locators: std::collections::BTreeSet<String> =
+        all.iter().map(|r| r["locator"].to_string()).collect();
+    let slots: std::collections::BTreeSet<String> =
+        all.iter().map(|r| r["slot"].to_string()).collect();
+    assert_eq!(raced.len(), 4);
+    assert_eq!(
+        (locators.len(), slots.len()),
+        (all.len(), all.len()),
+        "{all:?}"
+    );
+    for i in 0..4 {
+        lab.ctl_ok(&["kill", &format!("race{i}")]);
+    }
+
     for (ip, port) in [(&a, 7), (&b, 7007), (&c, 7)] {
         assert!(
             lab.echo_answers(ip, port),
