@@ -170,6 +170,10 @@ pub enum LabCommand {
         /// Where capsule locators come from.
         #[arg(long, default_value = crate::directory::DEFAULT_CAPSULE_RANGE)]
         capsule_range: CapsuleRange,
+        /// Boot one VM with another kernel, as VM=PATH (repeatable): to check
+        /// that capsules never move between different builds.
+        #[arg(long, value_parser = parse_kernel_for)]
+        kernel_for: Vec<(String, PathBuf)>,
     },
     /// Stop the VMs and delete the lab namespace.
     Down {
@@ -254,6 +258,16 @@ pub enum DebugCommand {
     },
 }
 
+fn parse_kernel_for(s: &str) -> std::result::Result<(String, PathBuf), String> {
+    let (vm, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected VM=PATH, got '{s}'"))?;
+    if vm.is_empty() || path.is_empty() {
+        return Err(format!("expected VM=PATH, got '{s}'"));
+    }
+    Ok((vm.to_string(), PathBuf::from(path)))
+}
+
 /// Runs a parsed command line; returns the process exit status.
 pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
@@ -264,15 +278,19 @@ pub fn run(cli: Cli) -> Result<i32> {
             accel,
             kernel,
             capsule_range,
+            kernel_for,
         }) => {
-            let report = lab::up(&UpOptions {
-                name,
-                vms,
-                mem_mib: mem,
-                accel,
-                kernel,
-                capsule_range,
-            })?;
+            let report = lab::up_with_overrides(
+                &UpOptions {
+                    name,
+                    vms,
+                    mem_mib: mem,
+                    accel,
+                    kernel,
+                    capsule_range,
+                },
+                &kernel_for,
+            )?;
             println!(
                 "lab '{}' is up in namespace {} (accelerator: {})",
                 report.lab, report.state.netns, report.accel_reason

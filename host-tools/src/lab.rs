@@ -176,6 +176,12 @@ pub struct UpReport {
 
 /// Creates a lab and waits until every VM's control service answers.
 pub fn up(opts: &UpOptions) -> Result<UpReport> {
+    up_with_overrides(opts, &[])
+}
+
+/// Like [`up`], with some VMs booting another kernel (`--kernel-for VM=PATH`),
+/// for checks that refuse to move capsules between different builds.
+pub fn up_with_overrides(opts: &UpOptions, kernel_for: &[(String, PathBuf)]) -> Result<UpReport> {
     validate_lab_name(&opts.name)?;
     if opts.vms == 0 || opts.vms > MAX_VMS {
         bail!("--vms must be between 1 and {MAX_VMS}");
@@ -213,7 +219,19 @@ pub fn up(opts: &UpOptions) -> Result<UpReport> {
             }
         })
         .collect();
+    let mut kernel_overrides = std::collections::BTreeMap::new();
+    for (vm, path) in kernel_for {
+        if !(1..=opts.vms).any(|i| vm_identity(i).0 == *vm) {
+            bail!(
+                "--kernel-for names VM '{vm}', but the lab has vm1..vm{}",
+                opts.vms
+            );
+        }
+        let id = crate::elf::read_build_id(path)?;
+        kernel_overrides.insert(vm.clone(), (path.clone(), encode_hex(&id)));
+    }
     let mut lab = LabState {
+        kernel_overrides,
         name: opts.name.clone(),
         netns: ns.clone(),
         bridge: netns::BRIDGE_NAME.into(),
@@ -267,7 +285,7 @@ fn start_lab(lab: &mut LabState, dir: &Path, accel: Accel, build_id: &[u8]) -> R
     for i in 0..lab.vms.len() {
         let vm = &lab.vms[i];
         let spec = VmSpec {
-            kernel: lab.kernel.clone(),
+            kernel: lab.kernel_of(&vm.name).0.to_path_buf(),
             cmdline: vm_cmdline(vm, lab.gateway, &key),
             mem_mib: lab.mem_mib,
             accel,
@@ -464,16 +482,20 @@ pub fn wait_ready(
                 };
                 bail!("{}", vm_failure_report(vm, &why));
             }
+            // A VM with its own kernel (`--kernel-for`) has its own build id.
+            let expected = match lab.kernel_overrides.get(&vm.name) {
+                Some((_, id)) => id.clone(),
+                None => encode_hex(build_id),
+            };
             match ask_version(vm, key) {
-                Ok((_, reported, _)) if reported == build_id => ready[i] = true,
+                Ok((_, reported, _)) if encode_hex(&reported) == expected => ready[i] = true,
                 Ok((_, reported, _)) => bail!(
                     "{}",
                     vm_failure_report(
                         vm,
                         &format!(
-                            "reports build id {} but the kernel file has {}",
+                            "reports build id {} but the kernel file has {expected}",
                             encode_hex(&reported),
-                            encode_hex(build_id)
                         )
                     )
                 ),
@@ -763,7 +785,7 @@ pub fn list(name: &str) -> Result<Vec<VmInfo>> {
             match asked {
                 Ok((build_id, status)) => VmInfo::base(&lab, vm, "running").with_status(
                     &build_id,
-                    &lab.kernel_build_id,
+                    lab.kernel_of(&vm.name).1,
                     &status,
                 ),
                 Err(e) => {

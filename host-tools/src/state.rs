@@ -59,9 +59,21 @@ pub struct LabState {
     /// Pid of the lab's directory server (`capsulectl directory serve`).
     #[serde(default)]
     pub directory_pid: Option<u32>,
+    /// VMs that boot another kernel than `kernel` (tests of build checks):
+    /// VM name → (kernel, its build id as hex).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub kernel_overrides: std::collections::BTreeMap<String, (PathBuf, String)>,
 }
 
 impl LabState {
+    /// The kernel VM `vm` boots and its build id (hex).
+    pub fn kernel_of(&self, vm: &str) -> (&Path, &str) {
+        match self.kernel_overrides.get(vm) {
+            Some((path, id)) => (path.as_path(), id.as_str()),
+            None => (self.kernel.as_path(), self.kernel_build_id.as_str()),
+        }
+    }
+
     pub fn key(&self) -> Result<Vec<u8>> {
         capsules_wire::bootcfg::decode_hex(&self.key_hex)
             .context("the lab state file holds a malformed cluster key")
@@ -151,6 +163,7 @@ pub(crate) mod tests {
             }],
             capsule_range: CapsuleRange::default(),
             directory_pid: None,
+            kernel_overrides: Default::default(),
         }
     }
 
