@@ -24,6 +24,7 @@ use capsulectl::state::VmRecord;
 use clap::{Parser, ValueEnum};
 
 mod capsules;
+mod migration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Which {
@@ -41,6 +42,8 @@ enum Which {
     Http,
     /// capsule-mem + density + kv + http
     Capsules,
+    /// Downtime and client pause per migration (idle, 1 MiB, 16 MiB heap; 1 and 100 connections).
+    Migration,
 }
 
 #[derive(Debug, Parser)]
@@ -69,6 +72,9 @@ struct Args {
     /// Most capsules the density benchmark tries to start.
     #[arg(long, default_value_t = 2000)]
     cap: usize,
+    /// Migrations per scenario of the migration benchmark.
+    #[arg(long, default_value_t = 20)]
+    moves: usize,
     /// VM memory of the capsule benchmarks, MiB.
     #[arg(long, default_value_t = 512)]
     vm_mem: u32,
@@ -358,6 +364,9 @@ fn capsule_benches(args: &Args) -> Result<()> {
 fn main() -> Result<()> {
     let args = Args::parse();
     netns::require_root_and_ip()?;
+    if args.which == Which::Migration {
+        return migration::bench_migration(args.accel, args.kernel.clone(), args.moves);
+    }
     if !matches!(args.which, Which::Boot | Which::Ping | Which::All) {
         return capsule_benches(&args);
     }

@@ -36,7 +36,7 @@ use net::CapsuleStack;
 /// Most capsules one VM runs at once.
 pub const MAX_CAPSULES: usize = 1024;
 /// Most tasks in one capsule.
-pub const MAX_TASKS: usize = 64;
+pub const MAX_TASKS: usize = 256;
 /// Default arena limit (heap, stacks, socket buffers).
 pub const DEFAULT_MEMORY_LIMIT: u64 = 64 << 20;
 pub const MAX_NAME_LEN: usize = 63;

@@ -1,0 +1,272 @@
+//! Migration benchmark: downtime (freeze → running again, as `capsulectl
+//! migrate` measures it) and the longest pause a live client sees, per move,
+//! for a `kv` capsule that is idle or holds 1 MiB or 16 MiB of live heap,
+//! with 1 or 100 open connections. One client does INCR in a loop on one
+//! connection (and checks every reply); the others stay open and idle. The
+//! Linux peer's retransmission timeouts are counted from its TCP statistics.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use capsulectl::capsules::{self, LabSession, RunOptions};
+use capsulectl::lab::{self, UpOptions};
+use capsulectl::migrate;
+use capsulectl::qemu::AccelChoice;
+use std::path::PathBuf;
+
+use crate::{median, sorted};
+
+struct TwoVmLab {
+    name: String,
+    netns: String,
+    accel: String,
+}
+
+impl TwoVmLab {
+    fn up(tag: &str, accel: AccelChoice, kernel: Option<PathBuf>) -> Result<Self> {
+        let name = format!("bench{}-{tag}", std::process::id());
+        let report = lab::up(&UpOptions {
+            name: name.clone(),
+            vms: 2,
+            mem_mib: 512,
+            accel,
+            kernel,
+            capsule_range: Default::default(),
+        })?;
+        Ok(Self {
+            name,
+            netns: report.state.netns.clone(),
+            accel: report.accel_reason,
+        })
+    }
+}
+
+impl Drop for TwoVmLab {
+    fn drop(&mut self) {
+        if let Err(e) = lab::down(&self.name) {
+            eprintln!("cannot tear down lab {}: {e:#}", self.name);
+        }
+    }
+}
+
+/// Retransmission timeouts the lab namespace's TCP has taken so far.
+fn tcp_timeouts(netns: &str) -> Result<u64> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "nstat", "-az", "TcpExtTCPTimeouts"])
+        .output()
+        .context("cannot run nstat (iproute2)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .find(|l| l.starts_with("TcpExtTCPTimeouts"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0))
+}
+
+fn resp_line(reader: &mut BufReader<TcpStream>) -> Result<String> {
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    Ok(line)
+}
+
+/// Sets a `size`-byte value so the capsule's heap holds it.
+fn fill_heap(addr: SocketAddr, size: usize) -> Result<()> {
+    if size == 0 {
+        return Ok(());
+    }
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let value = vec![b'x'; size];
+    write!(s, "*3\r\n$3\r\nSET\r\n$4\r\nheap\r\n${size}\r\n")?;
+    s.write_all(&value)?;
+    s.write_all(b"\r\n")?;
+    let line = resp_line(&mut BufReader::new(s))?;
+    if !line.starts_with("+OK") {
+        bail!("SET of {size} bytes answered {line:?}");
+    }
+    Ok(())
+}
+
+pub struct Scenario {
+    pub heap: usize,
+    pub connections: usize,
+}
+
+pub struct ScenarioResult {
+    pub label: String,
+    pub image_kib: u64,
+    pub downtime: Vec<f64>,
+    pub pause: Vec<f64>,
+    pub timeouts: u64,
+    pub errors: Vec<String>,
+}
+
+fn run_scenario(
+    lab: &TwoVmLab,
+    session: &LabSession,
+    sc: &Scenario,
+    moves: usize,
+) -> Result<ScenarioResult> {
+    let name = format!("kv-{}m-{}c", sc.heap >> 20, sc.connections);
+    let started = capsules::run(
+        session,
+        &RunOptions {
+            program: "kv".into(),
+            name: Some(name.clone()),
+            on: Some("vm1".into()),
+            memory_mib: Some(64),
+            ..Default::default()
+        },
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let addr = SocketAddr::from((started.locator, 6379));
+    fill_heap(addr, sc.heap)?;
+    let mut idle = Vec::new();
+    for _ in 1..sc.connections {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        idle.push(s);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let longest = Arc::new(Mutex::new(0f64));
+    let client = {
+        let (stop, longest) = (stop.clone(), longest.clone());
+        std::thread::spawn(move || -> Result<u64> {
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.set_nodelay(true)?;
+            let mut w = s.try_clone()?;
+            let mut r = BufReader::new(s);
+            let mut last_value = None;
+            let mut last = Instant::now();
+            let mut replies = 0;
+            while !stop.load(Ordering::Relaxed) {
+                w.write_all(b"INCR bench\r\n")?;
+                let line = resp_line(&mut r)?;
+                let v: i64 = line
+                    .trim_end()
+                    .trim_start_matches(':')
+                    .parse()
+                    .context("INCR reply")?;
+                if let Some(p) = last_value
+                    && v != p + 1
+                {
+                    bail!("INCR went from {p} to {v}");
+                }
+                last_value = Some(v);
+                let gap = last.elapsed().as_secs_f64() * 1000.0;
+                let mut l = longest.lock().expect("lock");
+                *l = l.max(gap);
+                last = Instant::now();
+                replies += 1;
+            }
+            Ok(replies)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let timeouts_before = tcp_timeouts(&lab.netns)?;
+    let mut result = ScenarioResult {
+        label: format!("{} MiB heap, {} conn", sc.heap >> 20, sc.connections),
+        image_kib: 0,
+        downtime: Vec::new(),
+        pause: Vec::new(),
+        timeouts: 0,
+        errors: Vec::new(),
+    };
+    let mut on = "vm1";
+    for _ in 0..moves {
+        let to = if on == "vm1" { "vm2" } else { "vm1" };
+        *longest.lock().expect("lock") = 0.0;
+        match migrate::migrate(session, &name, to) {
+            Ok(r) => {
+                result.downtime.push(r.downtime_ms);
+                result.image_kib = r.image_bytes / 1024;
+                on = to;
+            }
+            Err(e) => result.errors.push(format!("{e:#}")),
+        }
+        // Let the client's first replies after the move land before reading its pause.
+        std::thread::sleep(Duration::from_millis(300));
+        result.pause.push(*longest.lock().expect("lock"));
+    }
+    stop.store(true, Ordering::Relaxed);
+    match client.join() {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => result.errors.push(format!("client: {e:#}")),
+        Err(_) => result.errors.push("client panicked".into()),
+    }
+    result.timeouts = tcp_timeouts(&lab.netns)?.saturating_sub(timeouts_before);
+    drop(idle);
+    let _ = capsules::kill(session, &name, true);
+    Ok(result)
+}
+
+/// Runs every scenario with `moves` migrations each and prints a table.
+pub fn bench_migration(accel: AccelChoice, kernel: Option<PathBuf>, moves: usize) -> Result<()> {
+    let lab = TwoVmLab::up("migrate", accel, kernel)?;
+    let session = LabSession::open(&lab.name)?;
+    let scenarios = [
+        Scenario {
+            heap: 0,
+            connections: 1,
+        },
+        Scenario {
+            heap: 1 << 20,
+            connections: 1,
+        },
+        Scenario {
+            heap: 16 << 20,
+            connections: 1,
+        },
+        Scenario {
+            heap: 0,
+            connections: 100,
+        },
+        Scenario {
+            heap: 1 << 20,
+            connections: 100,
+        },
+        Scenario {
+            heap: 16 << 20,
+            connections: 100,
+        },
+    ];
+    println!(
+        "migration ({} moves per scenario, accelerator {})",
+        moves, lab.accel
+    );
+    println!(
+        "{:<26} {:>9} {:>17} {:>17} {:>5} {:>6}",
+        "scenario", "image KiB", "downtime med/max", "pause med/max", "RTOs", "errors"
+    );
+    for sc in &scenarios {
+        let r = run_scenario(&lab, &session, sc, moves)?;
+        let d = sorted(r.downtime.clone());
+        let p = sorted(r.pause.clone());
+        let fmt = |v: &[f64]| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.1}/{:.1} ms", median(v), v[v.len() - 1])
+            }
+        };
+        println!(
+            "{:<26} {:>9} {:>17} {:>17} {:>5} {:>6}",
+            r.label,
+            r.image_kib,
+            fmt(&d),
+            fmt(&p),
+            r.timeouts,
+            r.errors.len()
+        );
+        for e in &r.errors {
+            eprintln!("  error: {e}");
+        }
+    }
+    Ok(())
+}
