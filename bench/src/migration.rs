@@ -120,7 +120,8 @@ fn run_scenario(
             program: "kv".into(),
             name: Some(name.clone()),
             on: Some("vm1".into()),
-            memory_mib: Some(64),
+            // Parsing a big SET holds the request and the value at once.
+            memory_mib: Some(if sc.heap > (4 << 20) { 256 } else { 64 }),
             ..Default::default()
         },
     )?;

@@ -514,7 +514,7 @@ pub fn resume(
     // memory window): they must be free in this lab.
     let mut check = map.clone();
     check.insert(record.clone()).context("cannot resume here")?;
-    let sealed = img.encode(&s.lab.key()?);
+    let sealed = img.encode_for_transfer(&s.lab.key()?);
     let info = restore_image(&mut c, &vm.name, &img.name, &sealed)?;
     if info.state != CapsuleState::Running {
         bail!(

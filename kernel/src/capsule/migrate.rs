@@ -179,7 +179,7 @@ pub fn freeze(name: &str, key: &[u8]) -> Result<Vec<u8>, CapsuleError> {
         image.arena_len / 1024,
         image.segments.iter().map(|s| s.data.len()).sum::<usize>() / 1024
     );
-    Ok(image.encode(key))
+    Ok(image.encode_for_transfer(key))
 }
 
 /// Resumes a frozen capsule where it is (a move failed or was abandoned).

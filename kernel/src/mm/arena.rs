@@ -262,6 +262,13 @@ pub unsafe fn dealloc(slot: u32, ptr: *mut u8, layout: Layout) {
         // The arena is gone (capsule ended): its memory went with it.
         return;
     };
+    // Large blocks are cleared when freed: a capsule image leaves out pages
+    // that are all zero, so freed buffers (a 16 MiB request that was parsed
+    // and dropped) do not travel with every move.
+    if layout.size() >= 2 * PAGE_SIZE as usize {
+        // SAFETY: the block is owned by the caller and about to be freed.
+        unsafe { core::ptr::write_bytes(ptr, 0, layout.size()) };
+    }
     // SAFETY: forwarded to the caller.
     unsafe {
         h.state
