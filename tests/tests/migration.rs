@@ -527,7 +527,7 @@ fn echo_stream_survives_ten_migrations_byte_for_byte() {
         rest.len()
     );
     eprintln!(
-        "{sent} bytes echoed intact across {} moves; downtimes {:?}",
+        "{sent} bytes echoed intact across {} moves; downtimes {:?}; TcpExtTCPTimeouts {timeouts_before} -> {timeouts_after}",
         moves.len(),
         downtimes(&moves)
     );
@@ -923,7 +923,20 @@ fn destination_killed_during_transfer_leaves_the_capsule_serving_on_the_source()
     // SAFETY: no memory involved.
     assert_eq!(unsafe { libc::kill(vm2_pid, libc::SIGKILL) }, 0);
     let killed_at = Instant::now();
-    let status = mover.wait(Duration::from_secs(60));
+    let status = loop {
+        if let Some(status) = mover.child().try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(60),
+            "capsulectl migrate still runs {:?} after the destination VM was killed: it \
+             should fail and thaw 'kv' on vm1; the client meanwhile is stuck at INCR reply {} \
+             (it was at {seen} before the attempt)",
+            killed_at.elapsed(),
+            last.load(Ordering::Relaxed)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let said = format!(
         "{}{}",
         std::fs::read_to_string(dir.join("out")).unwrap_or_default(),
