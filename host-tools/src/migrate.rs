@@ -320,6 +320,10 @@ fn move_frozen(
     // them to the destination, so neither waits for the whole image.
     let (tx, rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(8);
     std::thread::scope(|scope| -> Result<()> {
+        // Owned by this closure: if writing to the destination fails, the
+        // receiver goes away with it, the reader's next send fails, and the
+        // scope can end (else the reader would wait forever on a full channel).
+        let rx = rx;
         // The sender moves into the reader, so the channel closes when it ends.
         let reader = scope.spawn(move || {
             read_image(src_c, &src.name, name, image_len, |off, data| {
