@@ -333,11 +333,13 @@ fn move_frozen(
         });
         for (offset, data) in rx.iter() {
             expect_done(
-                dst_c.call(&Request::RestoreChunk {
-                    name: name.into(),
-                    offset,
-                    data,
-                })?,
+                dst_c
+                    .call(&Request::RestoreChunk {
+                        name: name.into(),
+                        offset,
+                        data,
+                    })
+                    .with_context(|| format!("the destination {} stopped answering", dst.name))?,
                 "an image chunk",
                 &dst.name,
             )?;
@@ -345,9 +347,11 @@ fn move_frozen(
         reader
             .join()
             .map_err(|_| anyhow!("image reader panicked"))?
+            .with_context(|| format!("reading the image from the source {}", src.name))
     })?;
     let t_transferred = start.elapsed();
-    let info = commit(dst_c, &dst.name, name)?;
+    let info = commit(dst_c, &dst.name, name)
+        .with_context(|| format!("the destination {} did not take the capsule", dst.name))?;
     let t_running = start.elapsed();
     if info.state != CapsuleState::Running {
         bail!(
