@@ -109,6 +109,27 @@ fn read_image(
     Ok(())
 }
 
+/// The directory's record of capsule `name`.
+fn record(s: &LabSession, map: &directory::DirectoryMap, name: &str) -> Result<CapsuleRecord> {
+    map.get(name)
+        .cloned()
+        .ok_or_else(|| anyhow!("no capsule named '{name}' in lab '{}'", s.lab.name))
+}
+
+/// Freezes capsule `name` on the VM behind `client`; returns its image length.
+fn freeze(client: &mut ControlClient, vm: &str, name: &str) -> Result<u64> {
+    match client.call(&Request::FreezeCapsule { name: name.into() })? {
+        Response::Frozen { image_len } => Ok(image_len),
+        Response::Error { code, message } => {
+            bail!(
+                "{vm} refused to freeze '{name}': {message} ({})",
+                code.as_str()
+            )
+        }
+        other => bail!("unexpected answer to FreezeCapsule from {vm}: {other:?}"),
+    }
+}
+
 /// Sends an image to `client` in chunks and commits it.
 fn restore_image(
     client: &mut ControlClient,
@@ -166,10 +187,7 @@ fn hold_traffic(s: &LabSession, skip: &str, locator: std::net::Ipv4Addr, hold: b
 pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> {
     let _lock = directory::lock(&s.dir)?;
     let mut map = s.load_map()?;
-    let rec = map
-        .get(name)
-        .cloned()
-        .ok_or_else(|| anyhow!("no capsule named '{name}' in lab '{}'", s.lab.name))?;
+    let rec = record(s, &map, name)?;
     let src = s.vm(&rec.vm)?.clone();
     let dst = s.vm(to)?.clone();
     if src.name == dst.name {
@@ -303,18 +321,7 @@ fn move_frozen(
     name: &str,
 ) -> Result<Phases> {
     let start = Instant::now();
-    let image_len = match src_c.call(&Request::FreezeCapsule { name: name.into() })? {
-        Response::Frozen { image_len } => image_len,
-        Response::Error { code, message } => bail!(
-            "{} refused to freeze '{name}': {message} ({})",
-            src.name,
-            code.as_str()
-        ),
-        other => bail!(
-            "unexpected answer to FreezeCapsule from {}: {other:?}",
-            src.name
-        ),
-    };
+    let image_len = freeze(src_c, &src.name, name)?;
     let t_frozen = start.elapsed();
     // Stream: one thread reads chunks from the source while this one writes
     // them to the destination, so neither waits for the whole image.
@@ -402,23 +409,10 @@ pub fn suspend(s: &LabSession, name: &str, out: &Path) -> Result<(CapsuleRecord,
     let file_key = image_key()?;
     let _lock = directory::lock(&s.dir)?;
     let mut map = s.load_map()?;
-    let rec = map
-        .get(name)
-        .cloned()
-        .ok_or_else(|| anyhow!("no capsule named '{name}' in lab '{}'", s.lab.name))?;
+    let rec = record(s, &map, name)?;
     let vm = s.vm(&rec.vm)?.clone();
     let mut c = s.connect(&vm)?;
-    let image_len = match c.call(&Request::FreezeCapsule {
-        name: rec.name.clone(),
-    })? {
-        Response::Frozen { image_len } => image_len,
-        Response::Error { code, message } => bail!(
-            "{} refused to freeze '{name}': {message} ({})",
-            vm.name,
-            code.as_str()
-        ),
-        other => bail!("unexpected answer to FreezeCapsule: {other:?}"),
-    };
+    let image_len = freeze(&mut c, &vm.name, &rec.name)?;
     let saved = (|| -> Result<()> {
         let mut bytes = Vec::with_capacity(image_len as usize);
         read_image(&mut c, &vm.name, &rec.name, image_len, |_, data| {

@@ -137,6 +137,17 @@ impl<'a> Reader<'a> {
             .map_err(|_| DecodeError::Invalid(what))
     }
 
+    /// A `u32` element count, checked against what could possibly follow
+    /// (each element takes at least `min_item_len` bytes), so a forged count
+    /// never makes a decoder reserve memory it cannot fill.
+    pub fn count(&mut self, min_item_len: usize, what: &'static str) -> Result<usize, DecodeError> {
+        let count = self.u32(what)? as usize;
+        if count.saturating_mul(min_item_len) > self.remaining() {
+            return Err(DecodeError::Truncated(what));
+        }
+        Ok(count)
+    }
+
     /// Succeeds only when every byte was consumed.
     pub fn finish(self) -> Result<(), DecodeError> {
         if self.buf.is_empty() {

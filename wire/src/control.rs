@@ -503,20 +503,6 @@ pub struct ProgramInfo {
     pub description: String,
 }
 
-/// Reads a `u32` count and checks it against what could possibly follow, so
-/// a forged count never makes the reader reserve memory it cannot fill.
-fn read_count(
-    r: &mut Reader,
-    min_item_len: usize,
-    what: &'static str,
-) -> Result<usize, DecodeError> {
-    let count = r.u32(what)? as usize;
-    if count.saturating_mul(min_item_len) > r.remaining() {
-        return Err(DecodeError::Truncated(what));
-    }
-    Ok(count)
-}
-
 /// A request body that could not be understood.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestDecodeError {
@@ -735,16 +721,11 @@ impl Response {
             Response::Inspection { tasks, sockets } => {
                 w.u8(Self::INSPECTION).u32(tasks.len() as u32);
                 for t in tasks {
-                    w.u32(t.id).str(&t.name).str(&t.state).u64(t.rip).u64(t.rsp);
+                    t.encode(&mut w);
                 }
                 w.u32(sockets.len() as u32);
                 for s in sockets {
-                    w.str(&s.protocol)
-                        .str(&s.local)
-                        .str(&s.remote)
-                        .str(&s.state)
-                        .u32(s.send_queue)
-                        .u32(s.recv_queue);
+                    s.encode(&mut w);
                 }
             }
             Response::Error { code, message } => {
@@ -782,7 +763,7 @@ impl Response {
             Self::SHUTTING_DOWN => Response::ShuttingDown,
             Self::CAPSULE_STARTED => Response::CapsuleStarted(CapsuleInfo::decode(&mut r)?),
             Self::CAPSULES => {
-                let count = read_count(&mut r, 8, "capsule count")?;
+                let count = r.count(8, "capsule count")?;
                 let mut list = Vec::with_capacity(count);
                 for _ in 0..count {
                     list.push(CapsuleInfo::decode(&mut r)?);
@@ -795,7 +776,7 @@ impl Response {
                 next_offset: r.u64("log offset")?,
             },
             Self::PROGRAMS => {
-                let count = read_count(&mut r, 8, "program count")?;
+                let count = r.count(8, "program count")?;
                 let mut list = Vec::with_capacity(count);
                 for _ in 0..count {
                     list.push(ProgramInfo {
@@ -813,28 +794,15 @@ impl Response {
             },
             Self::DONE => Response::Done,
             Self::INSPECTION => {
-                let count = read_count(&mut r, 16, "task count")?;
+                let count = r.count(16, "task count")?;
                 let mut tasks = Vec::with_capacity(count);
                 for _ in 0..count {
-                    tasks.push(crate::image::TaskSummary {
-                        id: r.u32("task id")?,
-                        name: r.string("task name")?,
-                        state: r.string("task state")?,
-                        rip: r.u64("task rip")?,
-                        rsp: r.u64("task rsp")?,
-                    });
+                    tasks.push(crate::image::TaskSummary::decode(&mut r)?);
                 }
-                let count = read_count(&mut r, 24, "socket count")?;
+                let count = r.count(24, "socket count")?;
                 let mut sockets = Vec::with_capacity(count);
                 for _ in 0..count {
-                    sockets.push(crate::image::SocketSummary {
-                        protocol: r.string("socket protocol")?,
-                        local: r.string("socket local")?,
-                        remote: r.string("socket remote")?,
-                        state: r.string("socket state")?,
-                        send_queue: r.u32("send queue")?,
-                        recv_queue: r.u32("recv queue")?,
-                    });
+                    sockets.push(crate::image::SocketSummary::decode(&mut r)?);
                 }
                 Response::Inspection { tasks, sockets }
             }

@@ -56,6 +56,48 @@ pub struct SocketSummary {
     pub recv_queue: u32,
 }
 
+impl TaskSummary {
+    pub(crate) fn encode(&self, w: &mut Writer) {
+        w.u32(self.id)
+            .str(&self.name)
+            .str(&self.state)
+            .u64(self.rip)
+            .u64(self.rsp);
+    }
+
+    pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            id: r.u32("task id")?,
+            name: r.string("task name")?,
+            state: r.string("task state")?,
+            rip: r.u64("task rip")?,
+            rsp: r.u64("task rsp")?,
+        })
+    }
+}
+
+impl SocketSummary {
+    pub(crate) fn encode(&self, w: &mut Writer) {
+        w.str(&self.protocol)
+            .str(&self.local)
+            .str(&self.remote)
+            .str(&self.state)
+            .u32(self.send_queue)
+            .u32(self.recv_queue);
+    }
+
+    pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            protocol: r.string("socket protocol")?,
+            local: r.string("socket local")?,
+            remote: r.string("socket remote")?,
+            state: r.string("socket state")?,
+            send_queue: r.u32("send queue")?,
+            recv_queue: r.u32("recv queue")?,
+        })
+    }
+}
+
 /// Everything in an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CapsuleImage {
@@ -174,16 +216,11 @@ impl CapsuleImage {
             .bytes(&self.log_tail)
             .u32(self.tasks.len() as u32);
         for t in &self.tasks {
-            w.u32(t.id).str(&t.name).str(&t.state).u64(t.rip).u64(t.rsp);
+            t.encode(&mut w);
         }
         w.u32(self.sockets.len() as u32);
         for s in &self.sockets {
-            w.str(&s.protocol)
-                .str(&s.local)
-                .str(&s.remote)
-                .str(&s.state)
-                .u32(s.send_queue)
-                .u32(s.recv_queue);
+            s.encode(&mut w);
         }
         w.u32(self.segments.len() as u32);
         for seg in &self.segments {
@@ -262,30 +299,17 @@ impl CapsuleImage {
         let root = r.u64("root")?;
         let log_written = r.u64("log written")?;
         let log_tail = r.bytes("log tail")?.to_vec();
-        let tasks_n = bounded_count(&mut r, 16, "task count")?;
+        let tasks_n = r.count(16, "task count")?;
         let mut tasks = Vec::with_capacity(tasks_n);
         for _ in 0..tasks_n {
-            tasks.push(TaskSummary {
-                id: r.u32("task id")?,
-                name: r.string("task name")?,
-                state: r.string("task state")?,
-                rip: r.u64("task rip")?,
-                rsp: r.u64("task rsp")?,
-            });
+            tasks.push(TaskSummary::decode(&mut r)?);
         }
-        let sockets_n = bounded_count(&mut r, 24, "socket count")?;
+        let sockets_n = r.count(24, "socket count")?;
         let mut sockets = Vec::with_capacity(sockets_n);
         for _ in 0..sockets_n {
-            sockets.push(SocketSummary {
-                protocol: r.string("socket protocol")?,
-                local: r.string("socket local")?,
-                remote: r.string("socket remote")?,
-                state: r.string("socket state")?,
-                send_queue: r.u32("send queue")?,
-                recv_queue: r.u32("recv queue")?,
-            });
+            sockets.push(SocketSummary::decode(&mut r)?);
         }
-        let segments_n = bounded_count(&mut r, 12, "segment count")?;
+        let segments_n = r.count(12, "segment count")?;
         let mut segments = Vec::with_capacity(segments_n);
         for _ in 0..segments_n {
             segments.push(Segment {
@@ -427,18 +451,6 @@ pub fn peek_build_id(bytes: &[u8]) -> Option<&[u8]> {
     }
     let id_len = u16::from_le_bytes([bytes[10], bytes[11]]) as usize;
     bytes.get(12..12 + id_len.min(64))
-}
-
-fn bounded_count(
-    r: &mut Reader,
-    min_item: usize,
-    what: &'static str,
-) -> Result<usize, DecodeError> {
-    let n = r.u32(what)? as usize;
-    if n.saturating_mul(min_item) > r.remaining() {
-        return Err(DecodeError::Truncated(what));
-    }
-    Ok(n)
 }
 
 #[cfg(test)]
