@@ -41,7 +41,11 @@ pub struct MigrationReport {
     pub name: String,
     pub from: String,
     pub to: String,
+    /// Bytes that moved while the capsule stood still (the delta).
     pub image_bytes: u64,
+    /// Bytes of the pre-copied base, sent while the capsule kept running.
+    pub base_bytes: u64,
+    pub precopy_ms: f64,
     /// Freeze requested → the capsule runs at the destination.
     pub downtime_ms: f64,
     pub freeze_ms: f64,
@@ -234,14 +238,30 @@ pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> 
     // Admission before anything stops: memory and name at the destination.
     // The image cannot be longer than the mapped arena plus metadata; the
     // bound leaves room for the capsule to grow until it is frozen.
+    let admission_len = 2 * info.memory_bytes + (1 << 20);
     expect_done(
         dst_c.call(&Request::RestoreBegin {
             name: rec.name.clone(),
-            image_len: 2 * info.memory_bytes + (1 << 20),
+            image_len: admission_len,
         })?,
         "to admit the capsule",
         &dst.name,
     )?;
+    let precopy_started = Instant::now();
+    let base_bytes = match precopy(&mut src_c, &mut dst_c, &src, &dst, &rec.name, admission_len) {
+        Ok(len) => len,
+        Err(e) => {
+            // The capsule never stopped; only the destination has something to drop.
+            let _ = dst_c.call(&Request::RestoreAbort {
+                name: rec.name.clone(),
+            });
+            return Err(e.context(format!(
+                "pre-copy failed; '{name}' keeps running on {}",
+                src.name
+            )));
+        }
+    };
+    let precopy_ms = ms(precopy_started.elapsed());
     hold_traffic(s, &src.name, rec.locator, true);
     let started = Instant::now();
     let outcome = move_frozen(&mut src_c, &mut dst_c, &src, &dst, &rec.name);
@@ -293,6 +313,8 @@ pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> 
         from: src.name,
         to: dst.name,
         image_bytes: image_len,
+        base_bytes,
+        precopy_ms,
         downtime_ms: ms(t_running),
         freeze_ms: ms(t_frozen),
         transfer_ms: ms(transfer),
@@ -310,21 +332,17 @@ type Phases = (
     std::time::Duration,
 );
 
-/// Freeze, stream, commit. Returns the image length and the times (since the
-/// freeze request) when the capsule was frozen, the image was across, and it
-/// ran at the destination.
-fn move_frozen(
+/// Streams the image of `name` that the source holds (`len` bytes) to the
+/// destination: one thread reads chunks from the source while this one
+/// writes them, so neither waits for the whole image.
+fn stream_image(
     src_c: &mut ControlClient,
     dst_c: &mut ControlClient,
     src: &VmRecord,
     dst: &VmRecord,
     name: &str,
-) -> Result<Phases> {
-    let start = Instant::now();
-    let image_len = freeze(src_c, &src.name, name)?;
-    let t_frozen = start.elapsed();
-    // Stream: one thread reads chunks from the source while this one writes
-    // them to the destination, so neither waits for the whole image.
+    len: u64,
+) -> Result<()> {
     let (tx, rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(8);
     std::thread::scope(|scope| -> Result<()> {
         // Owned by this closure: if writing to the destination fails, the
@@ -333,7 +351,7 @@ fn move_frozen(
         let rx = rx;
         // The sender moves into the reader, so the channel closes when it ends.
         let reader = scope.spawn(move || {
-            read_image(src_c, &src.name, name, image_len, |off, data| {
+            read_image(src_c, &src.name, name, len, |off, data| {
                 tx.send((off, data))
                     .map_err(|_| anyhow!("the destination stopped taking the image"))
             })
@@ -355,7 +373,75 @@ fn move_frozen(
             .join()
             .map_err(|_| anyhow!("image reader panicked"))?
             .with_context(|| format!("reading the image from the source {}", src.name))
-    })?;
+    })
+}
+
+/// Pre-copy: the whole capsule goes to the destination while it keeps
+/// running; returns the base image's length. Afterwards only the pages it
+/// writes until the freeze need to move while it stands still.
+fn precopy(
+    src_c: &mut ControlClient,
+    dst_c: &mut ControlClient,
+    src: &VmRecord,
+    dst: &VmRecord,
+    name: &str,
+    admission_len: u64,
+) -> Result<u64> {
+    let base_len = match src_c.call(&Request::PrecopyCapsule { name: name.into() })? {
+        Response::Frozen { image_len } => image_len,
+        Response::Error { code, message } => bail!(
+            "{} refused to pre-copy '{name}': {message} ({})",
+            src.name,
+            code.as_str()
+        ),
+        other => bail!(
+            "unexpected answer to PrecopyCapsule from {}: {other:?}",
+            src.name
+        ),
+    };
+    stream_image(src_c, dst_c, src, dst, name, base_len)?;
+    expect_done(
+        dst_c.call(&Request::RestoreStage { name: name.into() })?,
+        "the base image",
+        &dst.name,
+    )?;
+    // The delta comes as a second image of the same name.
+    expect_done(
+        dst_c.call(&Request::RestoreBegin {
+            name: name.into(),
+            image_len: admission_len,
+        })?,
+        "the delta image",
+        &dst.name,
+    )?;
+    Ok(base_len)
+}
+
+/// Freeze (only pages written since the pre-copy), stream, commit. Returns
+/// the delta's length and the times (since the freeze request) when the
+/// capsule was frozen, the image was across, and it ran at the destination.
+fn move_frozen(
+    src_c: &mut ControlClient,
+    dst_c: &mut ControlClient,
+    src: &VmRecord,
+    dst: &VmRecord,
+    name: &str,
+) -> Result<Phases> {
+    let start = Instant::now();
+    let image_len = match src_c.call(&Request::FreezeDelta { name: name.into() })? {
+        Response::Frozen { image_len } => image_len,
+        Response::Error { code, message } => bail!(
+            "{} refused to freeze '{name}': {message} ({})",
+            src.name,
+            code.as_str()
+        ),
+        other => bail!(
+            "unexpected answer to FreezeDelta from {}: {other:?}",
+            src.name
+        ),
+    };
+    let t_frozen = start.elapsed();
+    stream_image(src_c, dst_c, src, dst, name, image_len)?;
     let t_transferred = start.elapsed();
     let info = commit(dst_c, &dst.name, name)
         .with_context(|| format!("the destination {} did not take the capsule", dst.name))?;

@@ -21,7 +21,7 @@ use capsules_kernel::net::Network;
 use capsules_kernel::testing::{Test, run};
 use capsules_kernel::{arch, kloop};
 use capsules_wire::bootcfg::Ipv4Cidr;
-use capsules_wire::image::{CapsuleImage, ImageError};
+use capsules_wire::image::{CapsuleImage, ImageError, ImageKind};
 use spin::Mutex;
 
 const KEY: &[u8] = &[0x11; 32];
@@ -243,6 +243,68 @@ fn restore_elsewhere_continues_where_it_stopped() {
     });
 }
 
+fn precopy_then_delta_restores_the_latest_state() {
+    with_net(|net| {
+        capsule::start(
+            CapsuleConfig {
+                name: "p".to_string(),
+                program: "counter".to_string(),
+                args: Vec::new(),
+                locator: Ipv4Addr::new(198, 18, 0, 43),
+                slot: 43,
+                memory_limit: 8 << 20,
+            },
+            net,
+        )
+        .unwrap();
+        kloop::run_for(net, None, 100_000_000);
+        let base = migrate::precopy("p", KEY).unwrap();
+        assert_eq!(
+            state_of("p"),
+            Some(CapsuleState::Running),
+            "pre-copy stopped the capsule"
+        );
+        let at_base = PUBLISHED.load(Ordering::Relaxed);
+        kloop::run_for(net, None, 100_000_000);
+        assert!(
+            PUBLISHED.load(Ordering::Relaxed) > at_base,
+            "capsule did not run after the pre-copy"
+        );
+        let delta = migrate::freeze_delta("p", KEY).unwrap();
+        let at_freeze = PUBLISHED.load(Ordering::Relaxed);
+        let (b, d) = (
+            CapsuleImage::decode(&base, KEY).unwrap(),
+            CapsuleImage::decode(&delta, KEY).unwrap(),
+        );
+        assert_eq!((b.kind, d.kind), (ImageKind::Base, ImageKind::Delta));
+        let bytes = |i: &CapsuleImage| i.segments.iter().map(|s| s.data.len()).sum::<usize>();
+        assert!(
+            bytes(&d) < bytes(&b),
+            "the delta ({}) is not smaller than the base ({})",
+            bytes(&d),
+            bytes(&b)
+        );
+        // Neither part restores alone.
+        assert!(migrate::restore(&base, KEY, net).is_err());
+        assert!(migrate::restore(&delta, KEY, net).is_err());
+        migrate::release("p", Ipv4Addr::new(192, 0, 2, 12), net).unwrap();
+        let staged = migrate::stage_base(&base, KEY).unwrap();
+        assert!(
+            migrate::stage_base(&delta, KEY).is_err(),
+            "a delta was staged as a base"
+        );
+        migrate::restore_merged(staged, &delta, KEY, net).unwrap();
+        kloop::run_for(net, None, 100_000_000);
+        let after = PUBLISHED.load(Ordering::Relaxed);
+        // It continues from the freeze, not from the older base.
+        assert!(
+            after > at_freeze && after < at_freeze + 1000,
+            "count went from {at_freeze} to {after}"
+        );
+        capsule::kill("p", net).unwrap();
+    });
+}
+
 #[unsafe(no_mangle)]
 fn kernel_main(_info: &'static BootInfo) -> ! {
     setup();
@@ -264,6 +326,10 @@ fn kernel_main(_info: &'static BootInfo) -> ! {
             Test {
                 name: "restore_elsewhere_continues_where_it_stopped",
                 run: restore_elsewhere_continues_where_it_stopped,
+            },
+            Test {
+                name: "precopy_then_delta_restores_the_latest_state",
+                run: precopy_then_delta_restores_the_latest_state,
             },
         ],
     )

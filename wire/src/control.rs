@@ -205,6 +205,22 @@ pub enum Request {
     InspectCapsule {
         name: String,
     },
+    /// Pre-copy, source side: serialise every page of the capsule while it
+    /// keeps running (a base image; dirty-page tracking starts now). A later
+    /// `FreezeCapsule` then yields only the pages written since.
+    PrecopyCapsule {
+        name: String,
+    },
+    /// Pre-copy, source side: freeze like `FreezeCapsule`, but serialise only
+    /// the pages written since `PrecopyCapsule` (a delta image).
+    FreezeDelta {
+        name: String,
+    },
+    /// Pre-copy, destination side: the image received so far is a base; keep
+    /// it for the delta that follows.
+    RestoreStage {
+        name: String,
+    },
     /// A capsule at `locator` is about to move: hold packets this VM's
     /// capsules send to it instead of sending them into the void.
     HoldTraffic {
@@ -244,6 +260,9 @@ impl Request {
     const INSPECT: u8 = 17;
     const HOLD_TRAFFIC: u8 = 18;
     const RELEASE_TRAFFIC: u8 = 19;
+    const PRECOPY: u8 = 20;
+    const RESTORE_STAGE: u8 = 21;
+    const FREEZE_DELTA: u8 = 22;
 
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
@@ -307,6 +326,15 @@ impl Request {
             }
             Request::InspectCapsule { name } => {
                 w.u8(Self::INSPECT).str(name);
+            }
+            Request::PrecopyCapsule { name } => {
+                w.u8(Self::PRECOPY).str(name);
+            }
+            Request::RestoreStage { name } => {
+                w.u8(Self::RESTORE_STAGE).str(name);
+            }
+            Request::FreezeDelta { name } => {
+                w.u8(Self::FREEZE_DELTA).str(name);
             }
             Request::HoldTraffic { locator } => {
                 w.u8(Self::HOLD_TRAFFIC).raw(&locator.octets());
@@ -387,6 +415,15 @@ impl Request {
                 name: r.string("capsule name")?,
             },
             Self::RESTORE_ABORT => Request::RestoreAbort {
+                name: r.string("capsule name")?,
+            },
+            Self::PRECOPY => Request::PrecopyCapsule {
+                name: r.string("capsule name")?,
+            },
+            Self::RESTORE_STAGE => Request::RestoreStage {
+                name: r.string("capsule name")?,
+            },
+            Self::FREEZE_DELTA => Request::FreezeDelta {
                 name: r.string("capsule name")?,
             },
             Self::HOLD_TRAFFIC => Request::HoldTraffic {
@@ -1240,6 +1277,9 @@ mod tests {
             Request::HoldTraffic {
                 locator: Ipv4Addr::new(198, 18, 0, 1),
             },
+            Request::PrecopyCapsule { name: "a".into() },
+            Request::RestoreStage { name: "a".into() },
+            Request::FreezeDelta { name: "a".into() },
             Request::ReleaseTraffic {
                 locator: Ipv4Addr::new(198, 18, 0, 1),
             },

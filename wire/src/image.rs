@@ -19,7 +19,7 @@ use crate::auth::sha256;
 use crate::codec::{DecodeError, Reader, Writer};
 
 pub const IMAGE_MAGIC: [u8; 8] = *b"CPSLIMG\0";
-pub const IMAGE_VERSION: u16 = 1;
+pub const IMAGE_VERSION: u16 = 2;
 pub const PAGE_SIZE: usize = 4096;
 /// Magic, version, build id length (u16) + 64 bytes room, body length.
 const HEADER_LEN: usize = 8 + 2 + 2 + 64 + 8;
@@ -98,9 +98,42 @@ impl SocketSummary {
     }
 }
 
+/// What an image holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageKind {
+    /// The whole capsule, frozen: can be restored on its own.
+    Full,
+    /// Pre-copy: every page, taken while the capsule kept running. Useless
+    /// alone; a [`ImageKind::Delta`] completes it.
+    Base,
+    /// The pages written since the base, and the frozen capsule's metadata.
+    /// Pages listed here replace the base's, zero pages included.
+    Delta,
+}
+
+impl ImageKind {
+    fn to_u8(self) -> u8 {
+        match self {
+            Self::Full => 0,
+            Self::Base => 1,
+            Self::Delta => 2,
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => Self::Full,
+            1 => Self::Base,
+            2 => Self::Delta,
+            _ => return None,
+        })
+    }
+}
+
 /// Everything in an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CapsuleImage {
+    pub kind: ImageKind,
     pub build_id: Vec<u8>,
     pub name: String,
     pub program: String,
@@ -200,6 +233,7 @@ pub fn segments_from_pages(arena: &[u8]) -> Vec<Segment> {
 impl CapsuleImage {
     fn encode_body(&self) -> Vec<u8> {
         let mut w = Writer::new();
+        w.u8(self.kind.to_u8());
         w.str(&self.name)
             .str(&self.program)
             .u32(self.args.len() as u32);
@@ -281,6 +315,8 @@ impl CapsuleImage {
     fn decode_body(bytes: &[u8], sealed: Sealed) -> Result<Self, ImageError> {
         let body = &bytes[HEADER_LEN..HEADER_LEN + sealed.body_len];
         let mut r = Reader::new(body);
+        let kind =
+            ImageKind::from_u8(r.u8("image kind")?).ok_or(DecodeError::Invalid("image kind"))?;
         let name = r.string("name")?;
         let program = r.string("program")?;
         let argc = r.u32("argument count")? as usize;
@@ -319,6 +355,7 @@ impl CapsuleImage {
         }
         r.finish()?;
         let image = Self {
+            kind,
             build_id: sealed.build_id,
             name,
             program,
@@ -361,7 +398,7 @@ impl CapsuleImage {
             }
             end = seg.offset + len;
         }
-        if self.segments.first().is_none_or(|s| s.offset != 0) {
+        if self.kind != ImageKind::Delta && self.segments.first().is_none_or(|s| s.offset != 0) {
             return Err(ImageError::Inconsistent("the arena header page is missing"));
         }
         Ok(())
@@ -430,6 +467,60 @@ fn check_seal(bytes: &[u8], key: Option<&[u8]>) -> Result<Sealed, ImageError> {
     })
 }
 
+/// Completes a pre-copied `base` with the `delta` taken at the freeze: the
+/// result is a full image with the delta's metadata and, page by page, the
+/// delta's pages where it has them, else the base's (up to the delta's arena
+/// length).
+pub fn merge(base: CapsuleImage, delta: &CapsuleImage) -> Result<CapsuleImage, ImageError> {
+    if base.kind != ImageKind::Base || delta.kind != ImageKind::Delta {
+        return Err(ImageError::Inconsistent("merge needs a base and a delta"));
+    }
+    if base.build_id != delta.build_id
+        || base.name != delta.name
+        || base.slot != delta.slot
+        || base.locator != delta.locator
+    {
+        return Err(ImageError::Inconsistent("the delta is not of this base"));
+    }
+    // Patch the base in place (this runs while the capsule stands still, so
+    // the base's megabytes are not copied again): a delta page inside a base
+    // segment overwrites it there; the others become segments of their own.
+    let mut segments = base.segments;
+    let mut extra: Vec<Segment> = Vec::new();
+    for seg in &delta.segments {
+        for (i, page) in seg.data.chunks(PAGE_SIZE).enumerate() {
+            let offset = seg.offset + (i * PAGE_SIZE) as u64;
+            let at = segments.partition_point(|s| s.offset + s.data.len() as u64 <= offset);
+            match segments.get_mut(at) {
+                Some(s) if s.offset <= offset => {
+                    let start = (offset - s.offset) as usize;
+                    s.data[start..start + page.len()].copy_from_slice(page);
+                }
+                _ if is_zero_page(page) => {}
+                _ => extra.push(Segment {
+                    offset,
+                    data: page.to_vec(),
+                }),
+            }
+        }
+    }
+    segments.append(&mut extra);
+    segments.sort_by_key(|s| s.offset);
+    // Nothing beyond the delta's arena: the window is mapped only that far.
+    segments.retain(|s| s.offset < delta.arena_len);
+    if let Some(last) = segments.last_mut() {
+        let end = (delta.arena_len - last.offset) as usize;
+        last.data.truncate(end.min(last.data.len()));
+    }
+    let merged = CapsuleImage {
+        kind: ImageKind::Full,
+        segments,
+        ..delta.clone()
+    };
+    merged.check_layout()?;
+    Ok(merged)
+}
+
 /// Re-seals a verified image under another key (moving an image between
 /// clusters, or to and from a file sealed with the host's key).
 pub fn reseal(bytes: &[u8], old_key: &[u8], new_key: &[u8]) -> Result<Vec<u8>, ImageError> {
@@ -466,6 +557,7 @@ mod tests {
         arena[PAGE_SIZE * 3 + 7] = 9;
         arena[PAGE_SIZE * 4] = 9;
         CapsuleImage {
+            kind: ImageKind::Full,
             build_id: vec![0xab; 20],
             name: "db".into(),
             program: "kv".into(),
@@ -577,12 +669,60 @@ mod tests {
     }
 
     #[test]
+    fn merge_takes_delta_pages_over_base_pages() {
+        let page = |b: u8| vec![b; PAGE_SIZE];
+        let mut base = sample();
+        base.kind = ImageKind::Base;
+        base.arena_len = 4 * PAGE_SIZE as u64;
+        base.segments = vec![Segment {
+            offset: 0,
+            data: [page(1), page(2), page(3)].concat(),
+        }];
+        let mut delta = base.clone();
+        delta.kind = ImageKind::Delta;
+        delta.clock_ns = 999;
+        // Page 1 rewritten, page 2 cleared, page 3 newly written.
+        delta.segments = vec![Segment {
+            offset: PAGE_SIZE as u64,
+            data: [page(7), page(0), page(9)].concat(),
+        }];
+        let merged = merge(base.clone(), &delta).unwrap();
+        assert_eq!(merged.kind, ImageKind::Full);
+        assert_eq!(merged.clock_ns, 999);
+        let firsts: Vec<(u64, Vec<u8>)> = merged
+            .segments
+            .iter()
+            .map(|s| {
+                (
+                    s.offset,
+                    s.data.iter().step_by(PAGE_SIZE).copied().collect(),
+                )
+            })
+            .collect();
+        // Page 2 is now zero inside the base's run; page 3 is new.
+        assert_eq!(
+            firsts,
+            [(0, vec![1, 7, 0]), (3 * PAGE_SIZE as u64, vec![9])]
+        );
+        // The kind survives the codec.
+        assert_eq!(
+            CapsuleImage::decode(&delta.encode(KEY), KEY).unwrap().kind,
+            ImageKind::Delta
+        );
+        // A delta of another capsule, or the wrong kinds, are refused.
+        let mut stranger = delta.clone();
+        stranger.slot += 1;
+        assert!(merge(base.clone(), &stranger).is_err());
+        assert!(merge(delta.clone(), &base).is_err());
+    }
+
+    #[test]
     fn future_version_is_refused() {
         let mut bytes = sample().encode(KEY);
-        bytes[8] = 2;
+        bytes[8] = 3;
         assert_eq!(
             CapsuleImage::decode(&bytes, KEY),
-            Err(ImageError::UnsupportedVersion(2))
+            Err(ImageError::UnsupportedVersion(3))
         );
     }
 

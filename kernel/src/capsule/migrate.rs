@@ -13,7 +13,8 @@ use core::fmt::Write as _;
 use core::net::Ipv4Addr;
 
 use capsules_wire::image::{
-    CapsuleImage, ImageError, SocketSummary, TaskSummary, segments_from_pages,
+    CapsuleImage, ImageError, ImageKind, Segment, SocketSummary, TaskSummary, merge,
+    segments_from_pages,
 };
 use smoltcp::socket::{Socket, tcp};
 
@@ -133,23 +134,59 @@ pub fn inspect(name: &str) -> Result<(Vec<TaskSummary>, Vec<SocketSummary>), Cap
     })
 }
 
-/// Stops a running capsule at its safe points and returns its image, sealed
-/// with `key`. Its packets are held from now on. Kernel loop only: every task
-/// is switched out, so none is inside kernel code.
+/// Serialises every page of a running capsule without stopping it (a base
+/// image for pre-copy) and starts tracking the pages it writes from here on.
+/// Kernel loop only: no task of the capsule is running meanwhile, so the copy
+/// is consistent with the dirty bits cleared at the same moment.
+pub fn precopy(name: &str, key: &[u8]) -> Result<Vec<u8>, CapsuleError> {
+    snapshot(name, key, ImageKind::Base)
+}
+
+/// Stops a running capsule at its safe points and returns its full image,
+/// sealed with `key`. Its packets are held from now on. Kernel loop only:
+/// every task is switched out, so none is inside kernel code.
 pub fn freeze(name: &str, key: &[u8]) -> Result<Vec<u8>, CapsuleError> {
+    snapshot(name, key, ImageKind::Full)
+}
+
+/// Like [`freeze`], but the image holds only the pages written since
+/// [`precopy`] (a delta to complete the base the destination already has).
+pub fn freeze_delta(name: &str, key: &[u8]) -> Result<Vec<u8>, CapsuleError> {
+    let precopied = registry(|r| {
+        find_slot(r, name)
+            .and_then(|slot| r.capsules.get(&slot))
+            .map(|c| c.precopied)
+    })
+    .ok_or_else(|| CapsuleError::NotFound(name.to_string()))?;
+    if !precopied {
+        return Err(CapsuleError::BadImage(
+            "no pre-copy was taken of this capsule",
+        ));
+    }
+    snapshot(name, key, ImageKind::Delta)
+}
+
+fn snapshot(name: &str, key: &[u8], kind: ImageKind) -> Result<Vec<u8>, CapsuleError> {
     let (slot, image) = registry(|r| {
         let slot = find_slot(r, name).ok_or_else(|| CapsuleError::NotFound(name.to_string()))?;
         let c = r.capsules.get_mut(&slot).expect("slot just found");
         if !c.state.is_running() {
             return Err(CapsuleError::NotRunning(name.to_string()));
         }
-        c.state = CapsuleState::Frozen;
+        match kind {
+            ImageKind::Base => c.precopied = true,
+            ImageKind::Full | ImageKind::Delta => {
+                c.state = CapsuleState::Frozen;
+                c.precopied = false;
+            }
+        }
         let clock_ns = c.clock_ns();
         let (log_tail, _) = c.log.read_from(0, super::log::LOG_CAPACITY);
         let log_written = c.log.written();
         let root_addr = c.root.expect("running capsule has a root") as u64;
         let (tasks, sockets) = summarise(c.root().expect("running capsule has a root"));
         let image = CapsuleImage {
+            kind,
             build_id: crate::build_id().to_vec(),
             name: c.name.clone(),
             program: c.program.name.into(),
@@ -169,13 +206,31 @@ pub fn freeze(name: &str, key: &[u8]) -> Result<Vec<u8>, CapsuleError> {
         Ok((slot, image))
     })?;
     let mut image = image;
-    // SAFETY: the capsule is frozen and the kernel loop (us) is the only
-    // context running: nothing writes to the arena while we copy it.
-    let bytes = unsafe { arena::mapped_bytes(slot) }.expect("frozen capsule keeps its arena");
+    // Dirty bits: cleared for a base (tracking starts now), read and cleared
+    // for a delta (what changed since the base). A full image ignores them.
+    let dirty = arena::take_dirty(slot).expect("capsule keeps its arena");
+    // SAFETY: no task of the capsule runs while the kernel loop (us) copies
+    // its arena: it is frozen, or (for a base) simply not scheduled now.
+    let bytes = unsafe { arena::mapped_bytes(slot) }.expect("capsule keeps its arena");
     image.arena_len = bytes.len() as u64;
-    image.segments = segments_from_pages(bytes);
+    image.segments = match kind {
+        ImageKind::Full | ImageKind::Base => segments_from_pages(bytes),
+        // Every written page goes, zero or not: a page cleared since the base
+        // must overwrite the base's copy.
+        ImageKind::Delta => dirty
+            .iter()
+            .map(|&offset| {
+                let page = offset as usize;
+                Segment {
+                    offset,
+                    data: bytes[page..page + crate::mm::PAGE_SIZE as usize].to_vec(),
+                }
+            })
+            .collect(),
+    };
     ::log::info!(
-        "capsule {name} frozen: {} KiB mapped, {} KiB in image",
+        "capsule {name}: {:?} image, {} KiB mapped, {} KiB in image",
+        kind,
         image.arena_len / 1024,
         image.segments.iter().map(|s| s.data.len()).sum::<usize>() / 1024
     );
@@ -191,6 +246,7 @@ pub fn thaw(name: &str) -> Result<(), CapsuleError> {
             return Err(CapsuleError::NotFrozen(name.to_string()));
         }
         c.state = CapsuleState::Running;
+        c.precopied = false;
         c.net_dirty = true;
         let _ = writeln!(
             c.log,
@@ -233,6 +289,42 @@ pub fn release(name: &str, via: Ipv4Addr, net: &mut Network) -> Result<(), Capsu
 /// before anything is mapped; on error nothing changes.
 pub fn restore(bytes: &[u8], key: &[u8], net: &mut Network) -> Result<CapsuleInfo, RestoreError> {
     let image = CapsuleImage::decode(bytes, key).map_err(RestoreError::Image)?;
+    if image.kind != ImageKind::Full {
+        return Err(RestoreError::Image(ImageError::Inconsistent(
+            "a pre-copy part cannot be restored alone",
+        )));
+    }
+    restore_image(image, net)
+}
+
+/// Checks a pre-copied base as it arrives (before the capsule is frozen, so
+/// none of this lengthens the pause) and keeps it decoded for its delta.
+pub fn stage_base(bytes: &[u8], key: &[u8]) -> Result<CapsuleImage, RestoreError> {
+    let base = CapsuleImage::decode(bytes, key).map_err(RestoreError::Image)?;
+    if base.kind != ImageKind::Base {
+        return Err(RestoreError::Image(ImageError::Inconsistent(
+            "a staged image must be a pre-copy base",
+        )));
+    }
+    if base.build_id != crate::build_id() {
+        return Err(RestoreError::WrongBuild);
+    }
+    Ok(base)
+}
+
+/// Revives a capsule from a staged base and the delta taken at its freeze.
+pub fn restore_merged(
+    base: CapsuleImage,
+    delta: &[u8],
+    key: &[u8],
+    net: &mut Network,
+) -> Result<CapsuleInfo, RestoreError> {
+    let delta = CapsuleImage::decode(delta, key).map_err(RestoreError::Image)?;
+    let image = merge(base, &delta).map_err(RestoreError::Image)?;
+    restore_image(image, net)
+}
+
+fn restore_image(image: CapsuleImage, net: &mut Network) -> Result<CapsuleInfo, RestoreError> {
     if image.build_id != crate::build_id() {
         return Err(RestoreError::WrongBuild);
     }
@@ -305,6 +397,7 @@ pub fn restore(bytes: &[u8], key: &[u8], net: &mut Network) -> Result<CapsuleInf
         net_dirty: true,
         net_news: true,
         poll_at_ns: None,
+        precopied: false,
     };
     let _ = writeln!(capsule.log, "capsule restored on {}", super::vm_name());
     let slot = capsule.slot;

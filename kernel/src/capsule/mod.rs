@@ -113,6 +113,8 @@ pub struct Capsule {
     /// The stack reported news; wake tasks waiting on the network.
     net_news: bool,
     poll_at_ns: Option<u64>,
+    /// A pre-copy base was taken: the next freeze sends only written pages.
+    precopied: bool,
 }
 
 // SAFETY: the root pointer is only used on the one CPU under the rules above.
@@ -322,6 +324,7 @@ pub fn start(config: CapsuleConfig, net: &mut Network) -> Result<(), CapsuleErro
         net_dirty: true,
         net_news: false,
         poll_at_ns: None,
+        precopied: false,
     };
     let _ = writeln!(
         capsule.log,

@@ -50,6 +50,8 @@ struct Connection {
 struct Images {
     outgoing: BTreeMap<String, Vec<u8>>,
     incoming: BTreeMap<String, IncomingImage>,
+    /// Pre-copied bases waiting for their delta.
+    staged: BTreeMap<String, capsules_wire::image::CapsuleImage>,
 }
 
 struct IncomingImage {
@@ -316,6 +318,42 @@ fn handle_request(
                 alloc::format!("no frozen image of '{name}' here"),
             ),
         },
+        Request::PrecopyCapsule { name } => match capsule::migrate::precopy(name, key) {
+            Ok(image) => {
+                let image_len = image.len() as u64;
+                images.outgoing.insert(name.clone(), image);
+                Response::Frozen { image_len }
+            }
+            Err(e) => capsule_error(e),
+        },
+        Request::FreezeDelta { name } => match capsule::migrate::freeze_delta(name, key) {
+            Ok(image) => {
+                let image_len = image.len() as u64;
+                images.outgoing.insert(name.clone(), image);
+                Response::Frozen { image_len }
+            }
+            Err(e) => capsule_error(e),
+        },
+        Request::RestoreStage { name } => match images.incoming.remove(name) {
+            Some(incoming) => {
+                // Verified and decoded now, before the freeze, so none of
+                // it lengthens the pause.
+                match capsule::migrate::stage_base(&incoming.bytes, key) {
+                    Ok(base) => {
+                        images.staged.insert(name.clone(), base);
+                        Response::Done
+                    }
+                    Err(e) => Response::error(
+                        restore_error_code(&e),
+                        alloc::format!("base image refused: {e}"),
+                    ),
+                }
+            }
+            None => Response::error(
+                ErrorCode::NotFound,
+                alloc::format!("no restore of '{name}' in progress"),
+            ),
+        },
         Request::ThawCapsule { name } => {
             images.outgoing.remove(name);
             match capsule::migrate::thaw(name) {
@@ -384,7 +422,10 @@ fn handle_request(
             // before the image exists); the image's own header says how long
             // it must be, and decoding checks that.
             Some(incoming) if incoming.bytes.len() as u64 <= incoming.expected => {
-                match capsule::migrate::restore(&incoming.bytes, key, net) {
+                match match images.staged.remove(name) {
+                    Some(base) => capsule::migrate::restore_merged(base, &incoming.bytes, key, net),
+                    None => capsule::migrate::restore(&incoming.bytes, key, net),
+                } {
                     Ok(info) => Response::CapsuleStarted(wire_info(info)),
                     Err(e) => Response::error(
                         restore_error_code(&e),
@@ -407,6 +448,7 @@ fn handle_request(
         },
         Request::RestoreAbort { name } => {
             images.incoming.remove(name);
+            images.staged.remove(name);
             Response::Done
         }
         Request::HoldTraffic { locator } => {

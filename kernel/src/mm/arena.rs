@@ -205,6 +205,14 @@ pub unsafe fn mapped_bytes(slot: u32) -> Option<&'static [u8]> {
     Some(unsafe { core::slice::from_raw_parts(window_base(slot) as *const u8, mapped as usize) })
 }
 
+/// Offsets of the arena's pages written since the last call (see
+/// [`paging::take_dirty`]). The first call after creation reports every
+/// page that was ever written.
+pub fn take_dirty(slot: u32) -> Option<alloc::vec::Vec<u64>> {
+    let (mapped, _, _) = usage(slot)?;
+    Some(paging::take_dirty(VirtAddr::new(window_base(slot)), mapped))
+}
+
 /// Unmaps the whole arena and returns its frames. Every object in it is gone.
 pub fn destroy(slot: u32) {
     let Some(h) = header(slot) else { return };

@@ -142,6 +142,34 @@ pub fn translate(virt: VirtAddr) -> Option<PhysAddr> {
     })
 }
 
+/// Offsets (from `start`) of the pages in `[start, start + len)` that were
+/// written since the last call, clearing their dirty bits as it goes (and the
+/// TLB entries, so the CPU marks the next write again). Pre-copy migration
+/// sends the whole arena while the capsule runs, then only these pages.
+pub fn take_dirty(start: VirtAddr, len: u64) -> alloc::vec::Vec<u64> {
+    with_tables(|tables| {
+        let mut dirty = alloc::vec::Vec::new();
+        let mut offset = 0;
+        while offset < len {
+            let virt = start + offset;
+            if let TranslateResult::Mapped { flags, .. } = tables.translate(virt)
+                && flags.contains(PageTableFlags::DIRTY)
+            {
+                dirty.push(offset);
+                let page = Page::<Size4KiB>::containing_address(virt);
+                // SAFETY: only the dirty bit changes; the mapping stays.
+                if let Ok(flush) =
+                    unsafe { tables.update_flags(page, flags - PageTableFlags::DIRTY) }
+                {
+                    flush.flush();
+                }
+            }
+            offset += Size4KiB::SIZE;
+        }
+        dirty
+    })
+}
+
 /// Makes sure device memory at `phys` is reachable (identity-mapped). Memory
 /// below 4 GiB always is; higher BARs get 2 MiB identity pages on demand.
 pub fn ensure_identity_mapped(phys: u64, len: u64) {
