@@ -2,8 +2,9 @@
 # Runs every test level of Capsules, in order; stops at the first failure.
 #   1. build the kernel (release ELF that labs and system tests boot)
 #   2. in-kernel tests, booted in QEMU by `cargo test` in kernel/
-#   3. host tests (wire, capsulectl, bench) and system tests (labs of VMs)
+#   3. host tests (wire, apps, capsulectl, bench) and system tests (labs of VMs)
 # Needs root, qemu-system-x86_64, iproute2 and ping (.ci/run installs them).
+# Ends with one line counting every test of every level: "total: N passed, 0 failed".
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,16 +14,28 @@ section() {
     printf '\n==== %s ====\n' "$1"
 }
 
+# Everything the test runners print is also kept here, to count at the end.
+transcript=$(mktemp)
+trap 'rm -f "$transcript"' EXIT
+
 start=$SECONDS
 
 section "1/3 kernel: cargo build --release (kernel/)"
 (cd kernel && cargo build --release)
 
 section "2/3 in-kernel tests in QEMU: cargo test (kernel/)"
-(cd kernel && cargo test)
+(cd kernel && cargo test) 2>&1 | tee -a "$transcript"
 
 section "3/3 host and system tests: cargo test --workspace -- --test-threads=1"
 # One test at a time: every TCG guest keeps a host core busy.
-cargo test --workspace -- --test-threads=1
+cargo test --workspace -- --test-threads=1 2>&1 | tee -a "$transcript"
 
+# In-kernel images print "N passed, 0 failed" (a fault-report image ends
+# "as declared" and counts as one); cargo prints "test result: ok. N passed; M failed".
+total=$(tr -d '\r' < "$transcript" | awk '
+    /^[0-9]+ passed, 0 failed$/ { n += $1 }
+    /^run-kernel-test: ended as declared/ { n += 1 }
+    /^test result: ok\. [0-9]+ passed/ { n += $4 }
+    END { print n + 0 }')
 section "all tests passed in $((SECONDS - start)) s"
+echo "total: $total passed, 0 failed"
