@@ -288,9 +288,9 @@ fn precopy_then_delta_restores_the_latest_state() {
         assert!(migrate::restore(&base, KEY, net).is_err());
         assert!(migrate::restore(&delta, KEY, net).is_err());
         migrate::release("p", Ipv4Addr::new(192, 0, 2, 12), net).unwrap();
-        let staged = migrate::stage_base(&base, KEY).unwrap();
+        let staged = migrate::stage_base(&base, KEY, net).unwrap();
         assert!(
-            migrate::stage_base(&delta, KEY).is_err(),
+            migrate::stage_base(&delta, KEY, net).is_err(),
             "a delta was staged as a base"
         );
         migrate::restore_merged(staged, &delta, KEY, net).unwrap();

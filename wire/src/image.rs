@@ -467,60 +467,6 @@ fn check_seal(bytes: &[u8], key: Option<&[u8]>) -> Result<Sealed, ImageError> {
     })
 }
 
-/// Completes a pre-copied `base` with the `delta` taken at the freeze: the
-/// result is a full image with the delta's metadata and, page by page, the
-/// delta's pages where it has them, else the base's (up to the delta's arena
-/// length).
-pub fn merge(base: CapsuleImage, delta: &CapsuleImage) -> Result<CapsuleImage, ImageError> {
-    if base.kind != ImageKind::Base || delta.kind != ImageKind::Delta {
-        return Err(ImageError::Inconsistent("merge needs a base and a delta"));
-    }
-    if base.build_id != delta.build_id
-        || base.name != delta.name
-        || base.slot != delta.slot
-        || base.locator != delta.locator
-    {
-        return Err(ImageError::Inconsistent("the delta is not of this base"));
-    }
-    // Patch the base in place (this runs while the capsule stands still, so
-    // the base's megabytes are not copied again): a delta page inside a base
-    // segment overwrites it there; the others become segments of their own.
-    let mut segments = base.segments;
-    let mut extra: Vec<Segment> = Vec::new();
-    for seg in &delta.segments {
-        for (i, page) in seg.data.chunks(PAGE_SIZE).enumerate() {
-            let offset = seg.offset + (i * PAGE_SIZE) as u64;
-            let at = segments.partition_point(|s| s.offset + s.data.len() as u64 <= offset);
-            match segments.get_mut(at) {
-                Some(s) if s.offset <= offset => {
-                    let start = (offset - s.offset) as usize;
-                    s.data[start..start + page.len()].copy_from_slice(page);
-                }
-                _ if is_zero_page(page) => {}
-                _ => extra.push(Segment {
-                    offset,
-                    data: page.to_vec(),
-                }),
-            }
-        }
-    }
-    segments.append(&mut extra);
-    segments.sort_by_key(|s| s.offset);
-    // Nothing beyond the delta's arena: the window is mapped only that far.
-    segments.retain(|s| s.offset < delta.arena_len);
-    if let Some(last) = segments.last_mut() {
-        let end = (delta.arena_len - last.offset) as usize;
-        last.data.truncate(end.min(last.data.len()));
-    }
-    let merged = CapsuleImage {
-        kind: ImageKind::Full,
-        segments,
-        ..delta.clone()
-    };
-    merged.check_layout()?;
-    Ok(merged)
-}
-
 /// Re-seals a verified image under another key (moving an image between
 /// clusters, or to and from a file sealed with the host's key).
 pub fn reseal(bytes: &[u8], old_key: &[u8], new_key: &[u8]) -> Result<Vec<u8>, ImageError> {
@@ -666,54 +612,6 @@ mod tests {
         // Resealing for a file adds the digest.
         let file = reseal(&bytes, KEY, &[9; 32]).unwrap();
         assert_eq!(CapsuleImage::decode_unauthenticated(&file).unwrap(), s);
-    }
-
-    #[test]
-    fn merge_takes_delta_pages_over_base_pages() {
-        let page = |b: u8| vec![b; PAGE_SIZE];
-        let mut base = sample();
-        base.kind = ImageKind::Base;
-        base.arena_len = 4 * PAGE_SIZE as u64;
-        base.segments = vec![Segment {
-            offset: 0,
-            data: [page(1), page(2), page(3)].concat(),
-        }];
-        let mut delta = base.clone();
-        delta.kind = ImageKind::Delta;
-        delta.clock_ns = 999;
-        // Page 1 rewritten, page 2 cleared, page 3 newly written.
-        delta.segments = vec![Segment {
-            offset: PAGE_SIZE as u64,
-            data: [page(7), page(0), page(9)].concat(),
-        }];
-        let merged = merge(base.clone(), &delta).unwrap();
-        assert_eq!(merged.kind, ImageKind::Full);
-        assert_eq!(merged.clock_ns, 999);
-        let firsts: Vec<(u64, Vec<u8>)> = merged
-            .segments
-            .iter()
-            .map(|s| {
-                (
-                    s.offset,
-                    s.data.iter().step_by(PAGE_SIZE).copied().collect(),
-                )
-            })
-            .collect();
-        // Page 2 is now zero inside the base's run; page 3 is new.
-        assert_eq!(
-            firsts,
-            [(0, vec![1, 7, 0]), (3 * PAGE_SIZE as u64, vec![9])]
-        );
-        // The kind survives the codec.
-        assert_eq!(
-            CapsuleImage::decode(&delta.encode(KEY), KEY).unwrap().kind,
-            ImageKind::Delta
-        );
-        // A delta of another capsule, or the wrong kinds, are refused.
-        let mut stranger = delta.clone();
-        stranger.slot += 1;
-        assert!(merge(base.clone(), &stranger).is_err());
-        assert!(merge(delta.clone(), &base).is_err());
     }
 
     #[test]

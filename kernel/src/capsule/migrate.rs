@@ -13,14 +13,14 @@ use core::fmt::Write as _;
 use core::net::Ipv4Addr;
 
 use capsules_wire::image::{
-    CapsuleImage, ImageError, ImageKind, Segment, SocketSummary, TaskSummary, merge,
-    segments_from_pages,
+    CapsuleImage, ImageError, ImageKind, Segment, SocketSummary, TaskSummary, segments_from_pages,
 };
 use smoltcp::socket::{Socket, tcp};
 
 use super::log::LogRing;
 use super::{
-    Capsule, CapsuleError, CapsuleInfo, CapsuleRoot, CapsuleState, find_slot, programs, registry,
+    Capsule, CapsuleError, CapsuleInfo, CapsuleRoot, CapsuleState, Program, find_slot, programs,
+    registry,
 };
 use crate::mm::arena;
 use crate::net::Network;
@@ -297,34 +297,95 @@ pub fn restore(bytes: &[u8], key: &[u8], net: &mut Network) -> Result<CapsuleInf
     restore_image(image, net)
 }
 
-/// Checks a pre-copied base as it arrives (before the capsule is frozen, so
-/// none of this lengthens the pause) and keeps it decoded for its delta.
-pub fn stage_base(bytes: &[u8], key: &[u8]) -> Result<CapsuleImage, RestoreError> {
-    let base = CapsuleImage::decode(bytes, key).map_err(RestoreError::Image)?;
+/// A pre-copied base that arrived: verified, and already laid out in its
+/// arena window, so that the commit only patches the delta's pages in.
+pub struct StagedBase {
+    /// The base's metadata (its pages are in the window now).
+    meta: CapsuleImage,
+}
+
+/// Checks a pre-copied base as it arrives and maps it into its arena window —
+/// all before the capsule is frozen, so none of it lengthens the pause.
+pub fn stage_base(bytes: &[u8], key: &[u8], net: &Network) -> Result<StagedBase, RestoreError> {
+    let mut base = CapsuleImage::decode(bytes, key).map_err(RestoreError::Image)?;
     if base.kind != ImageKind::Base {
         return Err(RestoreError::Image(ImageError::Inconsistent(
             "a staged image must be a pre-copy base",
         )));
     }
-    if base.build_id != crate::build_id() {
-        return Err(RestoreError::WrongBuild);
-    }
-    Ok(base)
+    admit(&base, net, true)?;
+    map_arena(&base)?;
+    base.segments = Vec::new();
+    Ok(StagedBase { meta: base })
 }
 
-/// Revives a capsule from a staged base and the delta taken at its freeze.
+/// Drops a staged base that will not be completed.
+pub fn abort_staged(staged: StagedBase) {
+    arena::destroy(staged.meta.slot);
+}
+
+/// Revives a capsule from a staged base and the delta taken at its freeze:
+/// the delta's pages (every page written since the base, zero ones too) are
+/// written over the window, which grows first if the capsule did. On error
+/// the window is unmapped again and nothing remains.
 pub fn restore_merged(
-    base: CapsuleImage,
+    staged: StagedBase,
     delta: &[u8],
     key: &[u8],
     net: &mut Network,
 ) -> Result<CapsuleInfo, RestoreError> {
-    let delta = CapsuleImage::decode(delta, key).map_err(RestoreError::Image)?;
-    let image = merge(base, &delta).map_err(RestoreError::Image)?;
-    restore_image(image, net)
+    let slot = staged.meta.slot;
+    let result = (|| {
+        let delta = CapsuleImage::decode(delta, key).map_err(RestoreError::Image)?;
+        let base = &staged.meta;
+        if delta.kind != ImageKind::Delta
+            || delta.build_id != base.build_id
+            || delta.name != base.name
+            || delta.slot != base.slot
+            || delta.locator != base.locator
+            || delta.arena_len < base.arena_len
+        {
+            return Err(RestoreError::Image(ImageError::Inconsistent(
+                "the delta is not of the staged base",
+            )));
+        }
+        let program = admit(&delta, net, false)?;
+        if delta.arena_len > base.arena_len {
+            arena::map_more(slot, base.arena_len, delta.arena_len)
+                .map_err(|_| RestoreError::Capsule(CapsuleError::OutOfMemory))?;
+        }
+        let window = arena::window_base(slot);
+        for seg in &delta.segments {
+            // Segment bounds were checked against the arena length by decode.
+            // SAFETY: the window is mapped up to `delta.arena_len` and no
+            // task of this capsule exists yet.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    seg.data.as_ptr(),
+                    (window + seg.offset) as *mut u8,
+                    seg.data.len(),
+                )
+            };
+        }
+        if !arena::is_valid(slot) {
+            return Err(RestoreError::Capsule(CapsuleError::BadImage(
+                "the arena header does not match its slot",
+            )));
+        }
+        register(&delta, program, net)
+    })();
+    if result.is_err() {
+        arena::destroy(slot);
+    }
+    result
 }
 
-fn restore_image(image: CapsuleImage, net: &mut Network) -> Result<CapsuleInfo, RestoreError> {
+/// Checks that `image` may be revived here; changes nothing.
+fn admit(
+    image: &CapsuleImage,
+    net: &Network,
+    need_memory: bool,
+) -> Result<&'static Program, RestoreError> {
     if image.build_id != crate::build_id() {
         return Err(RestoreError::WrongBuild);
     }
@@ -355,10 +416,14 @@ fn restore_image(image: CapsuleImage, net: &mut Network) -> Result<CapsuleInfo, 
         )));
     }
     let (_, free_frames) = crate::mm::frame::counts();
-    let needed = image.arena_len / crate::mm::PAGE_SIZE + 256;
-    if free_frames < needed {
+    if need_memory && free_frames < image.arena_len / crate::mm::PAGE_SIZE + 256 {
         return Err(RestoreError::Capsule(CapsuleError::OutOfMemory));
     }
+    Ok(program)
+}
+
+/// Maps the image's arena window and fills it.
+fn map_arena(image: &CapsuleImage) -> Result<(), RestoreError> {
     let segments: Vec<(u64, &[u8])> = image
         .segments
         .iter()
@@ -370,9 +435,23 @@ fn restore_image(image: CapsuleImage, net: &mut Network) -> Result<CapsuleInfo, 
             arena::ArenaError::OutOfMemory => CapsuleError::OutOfMemory,
             _ => CapsuleError::BadImage("the arena header does not match its slot"),
         })
-    })?;
+    })
+}
+
+fn restore_image(image: CapsuleImage, net: &mut Network) -> Result<CapsuleInfo, RestoreError> {
+    let program = admit(&image, net, true)?;
+    map_arena(&image)?;
+    register(&image, program, net).inspect_err(|_| arena::destroy(image.slot))
+}
+
+/// Creates the kernel record of a capsule whose arena is in place, attaches
+/// its locator and announces it; its tasks resume where they stopped.
+fn register(
+    image: &CapsuleImage,
+    program: &'static Program,
+    net: &mut Network,
+) -> Result<CapsuleInfo, RestoreError> {
     if arena::root(image.slot) != Some(image.root as usize) {
-        arena::destroy(image.slot);
         return Err(RestoreError::Capsule(CapsuleError::BadImage(
             "the arena's root pointer does not match the image",
         )));
@@ -412,5 +491,7 @@ fn restore_image(image: CapsuleImage, net: &mut Network) -> Result<CapsuleInfo, 
     super::list()
         .into_iter()
         .find(|c| c.slot == slot)
-        .ok_or(RestoreError::Capsule(CapsuleError::NotFound(image.name)))
+        .ok_or(RestoreError::Capsule(CapsuleError::NotFound(
+            image.name.clone(),
+        )))
 }

@@ -51,7 +51,7 @@ struct Images {
     outgoing: BTreeMap<String, Vec<u8>>,
     incoming: BTreeMap<String, IncomingImage>,
     /// Pre-copied bases waiting for their delta.
-    staged: BTreeMap<String, capsules_wire::image::CapsuleImage>,
+    staged: BTreeMap<String, capsule::migrate::StagedBase>,
 }
 
 struct IncomingImage {
@@ -338,7 +338,10 @@ fn handle_request(
             Some(incoming) => {
                 // Verified and decoded now, before the freeze, so none of
                 // it lengthens the pause.
-                match capsule::migrate::stage_base(&incoming.bytes, key) {
+                if let Some(old) = images.staged.remove(name) {
+                    capsule::migrate::abort_staged(old);
+                }
+                match capsule::migrate::stage_base(&incoming.bytes, key, net) {
                     Ok(base) => {
                         images.staged.insert(name.clone(), base);
                         Response::Done
@@ -448,7 +451,9 @@ fn handle_request(
         },
         Request::RestoreAbort { name } => {
             images.incoming.remove(name);
-            images.staged.remove(name);
+            if let Some(staged) = images.staged.remove(name) {
+                capsule::migrate::abort_staged(staged);
+            }
             Response::Done
         }
         Request::HoldTraffic { locator } => {

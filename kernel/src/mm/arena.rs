@@ -205,6 +205,15 @@ pub unsafe fn mapped_bytes(slot: u32) -> Option<&'static [u8]> {
     Some(unsafe { core::slice::from_raw_parts(window_base(slot) as *const u8, mapped as usize) })
 }
 
+/// Maps `[from, to)` of `slot`'s window (fresh zero pages) while a capsule is
+/// revived: its arena grew after the base of a pre-copy was taken.
+pub fn map_more(slot: u32, from: u64, to: u64) -> Result<(), ArenaError> {
+    if header(slot).is_none() || to > SLOT_SIZE || from > to {
+        return Err(ArenaError::SlotOutOfRange);
+    }
+    map_range(window_base(slot) + from, to - from)
+}
+
 /// Offsets of the arena's pages written since the last call (see
 /// [`paging::take_dirty`]). The first call after creation reports every
 /// page that was ever written.
