@@ -414,3 +414,27 @@ pub fn directory_processes(name: &str) -> Vec<u32> {
         .filter(|pid| capsulectl::lab::is_our_directory(*pid, name))
         .collect()
 }
+
+/// Bytes as text, for messages and comparisons.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The body `/bytes/N` of the http program promises: byte i is (i*31 + i/251) mod 256.
+pub fn http_bytes(n: usize) -> Vec<u8> {
+    (0..n).map(|i| ((i * 31 + i / 251) % 256) as u8).collect()
+}
+
+/// The fields of `ps --json` rows that only a change of the lab could alter
+/// (uptime and memory move on their own).
+pub fn stable(rows: &[serde_json::Value]) -> Vec<String> {
+    rows.iter()
+        .map(|r| {
+            ["name", "program", "locator", "slot", "vm", "state"]
+                .iter()
+                .map(|k| r[*k].to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}

@@ -6,17 +6,13 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use capsules_system_tests::{
-    Lab, capsulectl_bin, describe, require_clients, scratch_dir, wait_for,
+    Lab, capsulectl_bin, describe, http_bytes, require_clients, scratch_dir, stable, text, wait_for,
 };
 
 const SOCAT: (&str, &str) = ("socat", "socat");
 const DIG: (&str, &str) = ("dig", "dnsutils");
 const CURL: (&str, &str) = ("curl", "curl");
 const REDIS_CLI: (&str, &str) = ("redis-cli", "redis-tools");
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// Bytes that do not repeat with any short period, so a lost, duplicated or
 /// reordered segment shows in a byte-for-byte comparison.
@@ -31,11 +27,6 @@ fn pattern(len: usize) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
-}
-
-/// The body `/bytes/N` of the http program promises.
-fn http_bytes(n: usize) -> Vec<u8> {
-    (0..n).map(|i| ((i * 31 + i / 251) % 256) as u8).collect()
 }
 
 #[test]
@@ -401,20 +392,6 @@ fn kv_capsule_serves_redis_cli() {
 fn map_bytes(lab: &Lab) -> Vec<u8> {
     std::fs::read(capsules_system_tests::host::state::lab_dir(&lab.name).join("directory.json"))
         .unwrap_or_default()
-}
-
-/// The fields of `ps` rows that only a change of the lab could alter
-/// (uptime and memory move on their own).
-fn stable(rows: &[serde_json::Value]) -> Vec<String> {
-    rows.iter()
-        .map(|r| {
-            ["name", "program", "locator", "slot", "vm", "state"]
-                .iter()
-                .map(|k| r[*k].to_string())
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect()
 }
 
 #[test]

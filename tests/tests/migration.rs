@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use capsules_system_tests::host::netns::NetnsGuard;
 use capsules_system_tests::{
-    Lab, capsulectl, capsulectl_bin, describe, repo_root, require_clients, scratch_dir,
-    unique_lab_name, wait_for,
+    Lab, capsulectl, capsulectl_bin, describe, http_bytes, repo_root, require_clients, scratch_dir,
+    stable, text, unique_lab_name, wait_for,
 };
 use serde_json::Value;
 
@@ -27,10 +27,6 @@ const CURL: (&str, &str) = ("curl", "curl");
 const REDIS_CLI: (&str, &str) = ("redis-cli", "redis-tools");
 const NSTAT: (&str, &str) = ("nstat", "iproute2");
 const SS: (&str, &str) = ("ss", "iproute2");
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -175,11 +171,6 @@ impl Pattern {
         Pattern::new().fill(&mut v);
         v
     }
-}
-
-/// The body `/bytes/N` of the http program promises.
-fn http_bytes(n: usize) -> Vec<u8> {
-    (0..n).map(|i| ((i * 31 + i / 251) % 256) as u8).collect()
 }
 
 /// `TcpExtTCPTimeouts` of the lab namespace (retransmission timeouts seen by
@@ -391,19 +382,6 @@ fn start_listener(lab: &Lab, file: &Path) -> Bg {
         },
     );
     listener
-}
-
-/// The fields of `ps` rows that only a change of the lab could alter.
-fn stable(rows: &[Value]) -> Vec<String> {
-    rows.iter()
-        .map(|r| {
-            ["name", "program", "locator", "slot", "vm", "state"]
-                .iter()
-                .map(|k| r[*k].to_string())
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------------------
