@@ -256,6 +256,25 @@ pub enum DebugCommand {
         #[arg(long, value_enum)]
         check: Check,
     },
+    /// What one VM itself says it runs (name and state per line), whatever
+    /// the directory records.
+    Capsules {
+        #[arg(long = "lab", default_value = "default")]
+        name: String,
+        #[arg(long)]
+        vm: String,
+    },
+    /// Run a QEMU monitor command (e.g. `info registers`) on a lab VM: a
+    /// post-mortem of a VM that stopped answering on the network.
+    Monitor {
+        #[arg(long = "lab", default_value = "default")]
+        name: String,
+        #[arg(long)]
+        vm: String,
+        /// The monitor command, e.g. `info registers`.
+        #[arg(required = true, num_args = 1..)]
+        command: Vec<String>,
+    },
 }
 
 fn parse_kernel_for(s: &str) -> std::result::Result<(String, PathBuf), String> {
@@ -507,6 +526,21 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Debug(DebugCommand::Control { name, vm, check }) => {
             let report = debug_control(&name, &vm, check)?;
             println!("{}", serde_json::to_string(&report)?);
+            Ok(0)
+        }
+        Command::Debug(DebugCommand::Capsules { name, vm }) => {
+            let session = LabSession::open(&name)?;
+            for info in session.list_capsules(session.vm(&vm)?)? {
+                println!("{} {}", info.name, info.state.label());
+            }
+            Ok(0)
+        }
+        Command::Debug(DebugCommand::Monitor { name, vm, command }) => {
+            let (lab, _) = lab::load_lab(&name)?;
+            println!(
+                "{}",
+                lab::monitor_command(lab.vm(&vm)?, &command.join(" "))?
+            );
             Ok(0)
         }
     }

@@ -20,9 +20,16 @@ pub struct ControlClient {
 /// Reads one frame payload (length prefix checked against the protocol limit).
 pub fn read_frame(stream: &mut TcpStream) -> Result<Vec<u8>> {
     let mut header = [0u8; FRAME_HEADER_LEN];
-    stream
-        .read_exact(&mut header)
-        .context("connection closed before a frame arrived")?;
+    stream.read_exact(&mut header).map_err(|e| {
+        let timed_out = matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        );
+        match stream.read_timeout() {
+            Ok(Some(t)) if timed_out => anyhow!("no answer within {} s", t.as_secs_f64()),
+            _ => anyhow::Error::new(e).context("connection closed before a frame arrived"),
+        }
+    })?;
     let len = u32::from_le_bytes(header) as usize;
     if len > MAX_FRAME_LEN {
         bail!("server sent a frame of {len} bytes, above the limit of {MAX_FRAME_LEN}");
@@ -80,6 +87,16 @@ impl ControlClient {
             .context("cannot send control request")?;
         let reply = read_frame(&mut self.stream)?;
         Ok(self.session.open(seq, &reply))
+    }
+
+    /// Sends a request and does not wait for its answer (which is then never
+    /// read: the connection is of no further use). For the test hook that
+    /// loses a commit's answer.
+    pub fn send_only(&mut self, request: &Request) -> Result<()> {
+        let (_, payload) = self.session.seal(request);
+        self.stream
+            .write_all(&frame(&payload))
+            .context("cannot send control request")
     }
 
     /// Sends arbitrary bytes (already framed or not) and reads one reply frame,

@@ -290,6 +290,7 @@ fn start_lab(lab: &mut LabState, dir: &Path, accel: Accel, build_id: &[u8]) -> R
             mem_mib: lab.mem_mib,
             accel,
             serial_log: vm.serial_log.clone(),
+            monitor: Some(monitor_path(vm)),
             nic: Nic::Tap {
                 ifname: vm.tap.clone(),
                 mac: vm.mac.clone(),
@@ -553,6 +554,41 @@ pub fn load_lab(name: &str) -> Result<(LabState, PathBuf)> {
             dir.display()
         ),
     }
+}
+
+/// The QEMU monitor socket of `vm`, beside its serial log.
+pub fn monitor_path(vm: &VmRecord) -> PathBuf {
+    vm.serial_log.with_file_name(format!("{}.monitor", vm.name))
+}
+
+/// Runs one human-monitor command (such as `info registers`) on `vm`'s QEMU
+/// and returns what it printed: a post-mortem of a VM that stopped answering
+/// on the network.
+pub fn monitor_command(vm: &VmRecord, command: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let path = monitor_path(vm);
+    let mut sock = std::os::unix::net::UnixStream::connect(&path)
+        .with_context(|| format!("cannot connect to the monitor {}", path.display()))?;
+    sock.set_read_timeout(Some(Duration::from_millis(500)))?;
+    sock.write_all(format!("{command}\n").as_bytes())?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The monitor never closes the stream; what it says arrives within the
+    // timeout, after which the read fails and we stop.
+    while let Ok(n) = sock.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&out);
+    // Drop the banner and prompts; keep the command's output.
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with("QEMU ") && !l.starts_with("(qemu)"))
+        .map(|l| l.trim_end_matches('\r'))
+        .collect::<Vec<_>>()
+        .join("\n"))
 }
 
 /// True when `pid` is a live QEMU started for this VM. Checked through its

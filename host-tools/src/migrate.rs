@@ -31,6 +31,10 @@ use crate::state::VmRecord;
 /// the destination while the image is in flight. Unset in normal use.
 pub const CHUNK_DELAY_ENV: &str = "CAPSULES_MIGRATE_CHUNK_DELAY_MS";
 
+/// Test hook: the commit's answer is "lost" (sent, never read), to check
+/// that the move then completes instead of running the capsule twice.
+pub const LOSE_COMMIT_ANSWER_ENV: &str = "CAPSULES_MIGRATE_LOSE_COMMIT_ANSWER";
+
 /// Where the key that seals suspended images on disk lives (created on first use).
 pub const IMAGE_KEY_ENV: &str = "CAPSULES_IMAGE_KEY_FILE";
 const DEFAULT_IMAGE_KEY_FILE: &str = "/var/lib/capsules/image.key";
@@ -267,11 +271,19 @@ pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> 
     let outcome = move_frozen(&mut src_c, &mut dst_c, &src, &dst, &rec.name);
     let (image_len, t_frozen, t_transferred, t_running) = match outcome {
         Ok(times) => times,
+        Err(e) if runs_at_destination_after_all(s, &dst, &rec.name) => {
+            // The commit took effect but its answer was lost: the move is
+            // done, and thawing the source now would run the capsule twice.
+            eprintln!(
+                "capsulectl: warning: {} took '{name}' but its answer was lost ({e:#}); completing the move",
+                dst.name
+            );
+            let t = started.elapsed();
+            (0, t, t, t)
+        }
         Err(e) => {
-            // Nothing runs at the destination: resume at the source.
-            let _ = dst_c.call(&Request::RestoreAbort {
-                name: rec.name.clone(),
-            });
+            // Nothing runs at the destination (checked above on a fresh
+            // connection, which also dropped its restore): resume at the source.
             let thawed = s.connect(&src).and_then(|mut c| {
                 c.call(&Request::ThawCapsule {
                     name: rec.name.clone(),
@@ -323,6 +335,27 @@ pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> 
         total_ms: ms(t_released),
         transfer_mib_s: image_len as f64 / (1 << 20) as f64 / transfer.as_secs_f64().max(1e-6),
     })
+}
+
+/// After a failed move: asks the destination, on a new connection, to drop
+/// any restore of `name` still in progress and whether `name` runs there.
+/// Its control service handles requests in order, so an earlier commit has
+/// taken effect (or never will: the abort removed what it needs) by the time
+/// the answer comes. A destination that does not answer runs nothing we can
+/// reach, so the source takes the capsule back.
+fn runs_at_destination_after_all(s: &LabSession, dst: &VmRecord, name: &str) -> bool {
+    let Ok(mut c) = s.connect(dst) else {
+        return false;
+    };
+    if c.call(&Request::RestoreAbort { name: name.into() })
+        .is_err()
+    {
+        return false;
+    }
+    matches!(
+        c.call(&Request::ListCapsules),
+        Ok(Response::Capsules(list)) if list.iter().any(|i| i.name == name && i.state == CapsuleState::Running)
+    )
 }
 
 type Phases = (
@@ -443,6 +476,10 @@ fn move_frozen(
     let t_frozen = start.elapsed();
     stream_image(src_c, dst_c, src, dst, name, image_len)?;
     let t_transferred = start.elapsed();
+    if std::env::var_os(LOSE_COMMIT_ANSWER_ENV).is_some() {
+        dst_c.send_only(&Request::RestoreCommit { name: name.into() })?;
+        bail!("the answer to the commit was lost (test hook {LOSE_COMMIT_ANSWER_ENV})");
+    }
     let info = commit(dst_c, &dst.name, name)
         .with_context(|| format!("the destination {} did not take the capsule", dst.name))?;
     let t_running = start.elapsed();

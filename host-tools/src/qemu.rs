@@ -61,6 +61,8 @@ pub struct VmSpec {
     pub mem_mib: u32,
     pub accel: Accel,
     pub serial_log: PathBuf,
+    /// A QEMU monitor socket, for post-mortems of a VM that stopped answering.
+    pub monitor: Option<PathBuf>,
     pub nic: Nic,
 }
 
@@ -90,6 +92,10 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if let Some(monitor) = &spec.monitor {
+        args.push("-monitor".into());
+        args.push(format!("unix:{},server=on,wait=off", monitor.display()));
+    }
     match &spec.nic {
         Nic::Tap { ifname, mac } => {
             args.push("-netdev".into());
@@ -153,6 +159,7 @@ pub fn probe_boot(kernel: &Path, accel: Accel, timeout: Duration) -> Result<Prob
         mem_mib: 64,
         accel,
         serial_log: PathBuf::from("/dev/null"),
+        monitor: None,
         nic: Nic::None,
     };
     let mut child = Command::new(QEMU_BINARY)
@@ -260,6 +267,7 @@ mod tests {
             mem_mib: 256,
             accel,
             serial_log: "/run/capsules/l/vm0.serial.log".into(),
+            monitor: Some("/run/capsules/l/vm0.monitor".into()),
             nic,
         }
     }

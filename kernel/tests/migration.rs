@@ -51,11 +51,31 @@ fn counter(_: &[String]) -> Result<(), String> {
     }
 }
 
-static PROGRAMS: &[Program] = &[Program {
-    name: "counter",
-    description: "",
-    main: counter,
-}];
+static ASKED: AtomicU64 = AtomicU64::new(0);
+
+/// Asks the kernel who and where it is, as fast as it can: most of its time
+/// is spent inside capsule API calls, so a freeze usually finds it there.
+fn asker(_: &[String]) -> Result<(), String> {
+    loop {
+        let vm = api::vm_name();
+        let name = api::name();
+        core::hint::black_box((vm, name, api::locator(), api::now_ns()));
+        ASKED.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+static PROGRAMS: &[Program] = &[
+    Program {
+        name: "counter",
+        description: "",
+        main: counter,
+    },
+    Program {
+        name: "asker",
+        description: "",
+        main: asker,
+    },
+];
 static NET: Mutex<Option<Network>> = Mutex::new(None);
 
 fn with_net<R>(f: impl FnOnce(&mut Network) -> R) -> R {
@@ -127,6 +147,40 @@ fn freeze_stops_the_capsule_and_thaw_resumes_it() {
             "thawed capsule did not resume"
         );
         drop(image);
+    });
+}
+
+/// A capsule is frozen wherever its task was switched out and then ends on
+/// this VM (it moved away). Nothing it was in the middle of may stay locked:
+/// the kernel, and the next capsule to arrive, read the same state.
+fn a_capsule_stopped_inside_api_calls_leaves_no_kernel_state_locked() {
+    with_net(|net| {
+        for round in 0..40u64 {
+            capsule::start(
+                CapsuleConfig {
+                    name: "asker".to_string(),
+                    program: "asker".to_string(),
+                    args: Vec::new(),
+                    locator: Ipv4Addr::new(198, 18, 0, 50),
+                    slot: 50,
+                    memory_limit: 8 << 20,
+                },
+                net,
+            )
+            .unwrap();
+            // A different stopping point every round.
+            kloop::run_for(net, None, 15_000_000 + round * 731_000);
+            migrate::freeze("asker", KEY).unwrap();
+            capsule::kill("asker", net).unwrap();
+            // Would spin for ever if the task had died holding a lock.
+            assert_eq!(capsule::vm_name(), "test-vm");
+            assert!(capsule::programs().iter().any(|p| p.name == "asker"));
+        }
+        assert!(
+            ASKED.load(Ordering::Relaxed) > 40,
+            "the asker hardly ran: {}",
+            ASKED.load(Ordering::Relaxed)
+        );
     });
 }
 
@@ -314,6 +368,10 @@ fn kernel_main(_info: &'static BootInfo) -> ! {
             Test {
                 name: "freeze_stops_the_capsule_and_thaw_resumes_it",
                 run: freeze_stops_the_capsule_and_thaw_resumes_it,
+            },
+            Test {
+                name: "a_capsule_stopped_inside_api_calls_leaves_no_kernel_state_locked",
+                run: a_capsule_stopped_inside_api_calls_leaves_no_kernel_state_locked,
             },
             Test {
                 name: "image_carries_the_whole_capsule",

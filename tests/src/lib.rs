@@ -192,8 +192,36 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// On a failing test: the last serial lines of every VM, so a CI log
+    /// shows what the kernels said before the lab is torn down.
+    fn print_serial_tails(&self) {
+        let dir = capsulectl::state::lab_dir(&self.name);
+        let Ok(Some(state)) = capsulectl::state::load(&dir) else {
+            return;
+        };
+        for vm in &state.vms {
+            eprintln!(
+                "--- lab {}: last serial lines of {} ---\n{}",
+                self.name,
+                vm.name,
+                capsulectl::lab::tail(&vm.serial_log, 40)
+            );
+            // Where its CPU is now: a VM that stopped answering shows the
+            // loop it is stuck in (resolve with addr2line on the kernel ELF).
+            if let Ok(regs) = capsulectl::lab::monitor_command(vm, "info registers") {
+                let rip = regs.split_whitespace().find(|w| w.starts_with("RIP="));
+                eprintln!("{}: {}", vm.name, rip.unwrap_or("RIP unknown"));
+            }
+        }
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_serial_tails();
+        }
         let exists = capsulectl::netns::exists(&self.netns())
             || capsulectl::state::lab_dir(&self.name).exists();
         if !self.down && exists {

@@ -956,6 +956,43 @@ fn destination_killed_during_transfer_leaves_the_capsule_serving_on_the_source()
 }
 
 #[test]
+fn a_lost_commit_answer_completes_the_move_instead_of_running_the_capsule_twice() {
+    let lab = Lab::up("mig-lost", 2);
+    let loc = lab.run_locator("kv", "kv", &["--on", "vm1"], &[]);
+    let redis = Redis::connect(&lab, &loc);
+    let stop = Arc::new(AtomicBool::new(false));
+    let last = Arc::new(AtomicU64::new(0));
+    let worker = incr_loop(redis, "counter".into(), 1, stop.clone(), last.clone());
+    let seen = wait_progress(&last, 0, "the first INCR replies");
+    // The destination commits, but capsulectl never reads its answer.
+    let out = ctl_env(
+        &lab,
+        &[("CAPSULES_MIGRATE_LOSE_COMMIT_ANSWER", Path::new("1"))],
+        &["migrate", "kv", "--to", "vm2"],
+    );
+    let said = describe(&out);
+    assert!(out.status.success(), "migrate: {said}");
+    assert!(
+        said.contains("answer was lost") && said.contains("completing the move"),
+        "migrate does not say what happened: {said}"
+    );
+    // Exactly one copy, at the destination, and the directory agrees.
+    for vm in ["vm1", "vm2"] {
+        let listed = lab.ctl_ok(&["debug", "capsules", "--vm", vm]);
+        let here = listed.lines().filter(|l| l.starts_with("kv ")).count();
+        assert_eq!(here, usize::from(vm == "vm2"), "kv on {vm}: {listed}");
+    }
+    let row = lab.ps_row("kv").expect("kv in ps");
+    assert_eq!(row["vm"], "vm2", "{row}");
+    assert_eq!(row["state"], "running", "{row}");
+    // The client's connection goes on at the new place without an error.
+    wait_progress(&last, seen + 20, "INCR replies after the move");
+    stop.store(true, Ordering::Relaxed);
+    let report = worker.join().expect("INCR loop panicked");
+    assert!(report.errors.is_empty(), "INCR loop: {:?}", report.errors);
+}
+
+#[test]
 fn corrupted_and_truncated_images_are_refused_and_change_nothing() {
     require_clients(&[REDIS_CLI]);
     let dir = scratch_dir("mig-badimg");

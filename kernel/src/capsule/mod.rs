@@ -23,7 +23,7 @@ use alloc::vec::Vec;
 use core::fmt::Write as _;
 use core::net::Ipv4Addr;
 
-use spin::Mutex;
+use spin::{Mutex, Once};
 
 use crate::arch::x86_64::trap::TrapFrame;
 use crate::mm::arena;
@@ -198,8 +198,13 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     capsules: BTreeMap::new(),
     cursor: 0,
 });
-static PROGRAMS: Mutex<&'static [Program]> = Mutex::new(&[]);
-static VM_NAME: Mutex<Option<String>> = Mutex::new(None);
+// Set once at boot and read-only afterwards: capsule tasks read them without
+// a lock, so a task switched out (or frozen, or killed) in the middle of a
+// read can never leave a lock held behind it. A spin lock here once did: a
+// `kv` task frozen inside `vm_name()` moved away, and the next capsule to
+// arrive on that VM hung the kernel loop.
+static PROGRAMS: Once<&'static [Program]> = Once::new();
+static VM_NAME: Once<String> = Once::new();
 
 /// Runs `f` on the registry with interrupts off (the scheduler reads it from
 /// trap context). `f` runs in the kernel allocation domain.
@@ -214,17 +219,17 @@ fn registry<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
 
 /// Sets up the capsule machinery: the scheduler hooks and the program table.
 pub fn init(programs: &'static [Program], vm_name: &str) {
-    *PROGRAMS.lock() = programs;
-    *VM_NAME.lock() = Some(vm_name.to_string());
+    PROGRAMS.call_once(|| programs);
+    VM_NAME.call_once(|| vm_name.to_string());
     sched::init(pick_next, on_task_fault);
 }
 
 pub fn programs() -> &'static [Program] {
-    *PROGRAMS.lock()
+    PROGRAMS.get().copied().unwrap_or(&[])
 }
 
 pub fn vm_name() -> String {
-    VM_NAME.lock().clone().unwrap_or_default()
+    VM_NAME.get().cloned().unwrap_or_default()
 }
 
 fn valid_name(name: &str) -> bool {
