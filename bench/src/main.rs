@@ -75,6 +75,10 @@ struct Args {
     /// Migrations per scenario of the migration benchmark.
     #[arg(long, default_value_t = 20)]
     moves: usize,
+    /// Migration scenarios to run, by label (`idle-1c`, `1m-1c`, `16m-1c`,
+    /// `idle-100c`, `1m-100c`, `16m-100c`); all when not given.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// VM memory of the capsule benchmarks, MiB.
     #[arg(long, default_value_t = 512)]
     vm_mem: u32,
@@ -147,6 +151,7 @@ impl BenchLab {
             mem_mib: 256,
             accel: self.accel,
             serial_log: self.vm.serial_log.clone(),
+            monitor: None,
             nic: Nic::Tap {
                 ifname: self.vm.tap.clone(),
                 mac: self.vm.mac.clone(),
@@ -365,7 +370,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     netns::require_root_and_ip()?;
     if args.which == Which::Migration {
-        return migration::bench_migration(args.accel, args.kernel.clone(), args.moves);
+        return migration::bench_migration(args.accel, args.kernel.clone(), args.moves, &args.only);
     }
     if !matches!(args.which, Which::Boot | Which::Ping | Which::All) {
         return capsule_benches(&args);

@@ -98,6 +98,17 @@ pub struct Scenario {
     pub connections: usize,
 }
 
+impl Scenario {
+    /// Short label for `--only`: `idle-1c`, `1m-100c`, …
+    fn tag(&self) -> String {
+        let heap = match self.heap >> 20 {
+            0 => "idle".to_string(),
+            m => format!("{m}m"),
+        };
+        format!("{heap}-{}c", self.connections)
+    }
+}
+
 pub struct ScenarioResult {
     pub label: String,
     pub image_kib: u64,
@@ -208,9 +219,12 @@ fn run_scenario(
 }
 
 /// Runs every scenario with `moves` migrations each and prints a table.
-pub fn bench_migration(accel: AccelChoice, kernel: Option<PathBuf>, moves: usize) -> Result<()> {
-    let lab = TwoVmLab::up("migrate", accel, kernel)?;
-    let session = LabSession::open(&lab.name)?;
+pub fn bench_migration(
+    accel: AccelChoice,
+    kernel: Option<PathBuf>,
+    moves: usize,
+    only: &[String],
+) -> Result<()> {
     let scenarios = [
         Scenario {
             heap: 0,
@@ -237,6 +251,12 @@ pub fn bench_migration(accel: AccelChoice, kernel: Option<PathBuf>, moves: usize
             connections: 100,
         },
     ];
+    let known: Vec<String> = scenarios.iter().map(Scenario::tag).collect();
+    if let Some(unknown) = only.iter().find(|o| !known.contains(o)) {
+        bail!("unknown scenario '{unknown}'; known: {}", known.join(", "));
+    }
+    let lab = TwoVmLab::up("migrate", accel, kernel)?;
+    let session = LabSession::open(&lab.name)?;
     println!(
         "migration ({} moves per scenario, accelerator {})",
         moves, lab.accel
@@ -245,7 +265,10 @@ pub fn bench_migration(accel: AccelChoice, kernel: Option<PathBuf>, moves: usize
         "{:<26} {:>9} {:>17} {:>17} {:>5} {:>6}",
         "scenario", "image KiB", "downtime med/max", "pause med/max", "RTOs", "errors"
     );
-    for sc in &scenarios {
+    for sc in scenarios
+        .iter()
+        .filter(|sc| only.is_empty() || only.contains(&sc.tag()))
+    {
         let r = run_scenario(&lab, &session, sc, moves)?;
         let d = sorted(r.downtime.clone());
         let p = sorted(r.pause.clone());
