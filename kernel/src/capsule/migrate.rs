@@ -167,6 +167,7 @@ pub fn freeze_delta(name: &str, key: &[u8]) -> Result<Vec<u8>, CapsuleError> {
 }
 
 fn snapshot(name: &str, key: &[u8], kind: ImageKind) -> Result<Vec<u8>, CapsuleError> {
+    let started = crate::time::since_boot_ns();
     let (slot, image) = registry(|r| {
         let slot = find_slot(r, name).ok_or_else(|| CapsuleError::NotFound(name.to_string()))?;
         let c = r.capsules.get_mut(&slot).expect("slot just found");
@@ -228,13 +229,18 @@ fn snapshot(name: &str, key: &[u8], kind: ImageKind) -> Result<Vec<u8>, CapsuleE
             })
             .collect(),
     };
+    let copied = crate::time::since_boot_ns();
+    let sealed = image.encode_for_transfer(key);
+    let done = crate::time::since_boot_ns();
     ::log::info!(
-        "capsule {name}: {:?} image, {} KiB mapped, {} KiB in image",
+        "capsule {name}: {:?} image, {} KiB mapped, {} KiB in image; copied in {} us, sealed in {} us",
         kind,
         image.arena_len / 1024,
-        image.segments.iter().map(|s| s.data.len()).sum::<usize>() / 1024
+        image.segments.iter().map(|s| s.data.len()).sum::<usize>() / 1024,
+        (copied - started) / 1000,
+        (done - copied) / 1000
     );
-    Ok(image.encode_for_transfer(key))
+    Ok(sealed)
 }
 
 /// Resumes a frozen capsule where it is (a move failed or was abandoned).
@@ -307,7 +313,9 @@ pub struct StagedBase {
 /// Checks a pre-copied base as it arrives and maps it into its arena window —
 /// all before the capsule is frozen, so none of it lengthens the pause.
 pub fn stage_base(bytes: &[u8], key: &[u8], net: &Network) -> Result<StagedBase, RestoreError> {
+    let started = crate::time::since_boot_ns();
     let mut base = CapsuleImage::decode(bytes, key).map_err(RestoreError::Image)?;
+    let verified = crate::time::since_boot_ns();
     if base.kind != ImageKind::Base {
         return Err(RestoreError::Image(ImageError::Inconsistent(
             "a staged image must be a pre-copy base",
@@ -315,6 +323,13 @@ pub fn stage_base(bytes: &[u8], key: &[u8], net: &Network) -> Result<StagedBase,
     }
     admit(&base, net, true)?;
     map_arena(&base)?;
+    ::log::info!(
+        "capsule {}: base of {} KiB verified in {} us, laid out in {} us",
+        base.name,
+        bytes.len() / 1024,
+        (verified - started) / 1000,
+        (crate::time::since_boot_ns() - verified) / 1000
+    );
     base.segments = Vec::new();
     Ok(StagedBase { meta: base })
 }
@@ -335,8 +350,14 @@ pub fn restore_merged(
     net: &mut Network,
 ) -> Result<CapsuleInfo, RestoreError> {
     let slot = staged.meta.slot;
+    let started = crate::time::since_boot_ns();
     let result = (|| {
         let delta = CapsuleImage::decode(delta, key).map_err(RestoreError::Image)?;
+        ::log::info!(
+            "capsule {}: delta verified in {} us",
+            delta.name,
+            (crate::time::since_boot_ns() - started) / 1000
+        );
         let base = &staged.meta;
         if delta.kind != ImageKind::Delta
             || delta.build_id != base.build_id
