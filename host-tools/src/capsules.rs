@@ -72,6 +72,7 @@ impl LabSession {
     pub fn connect(&self, vm: &VmRecord) -> Result<ControlClient> {
         let addr = std::net::SocketAddr::from((vm.ip, vm.control_port));
         ControlClient::connect_with(addr, &self.key, lab::CONTROL_TIMEOUT, CAPSULE_TIMEOUT)
+            .map(|c| c.named(&vm.name))
             .with_context(|| format!("VM {} ({}) does not answer", vm.name, vm.ip))
     }
 

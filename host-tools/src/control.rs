@@ -15,6 +15,8 @@ use capsules_wire::control::{
 pub struct ControlClient {
     stream: TcpStream,
     session: ClientSession,
+    /// Who answers (a VM's name), for error messages.
+    peer: Option<String>,
 }
 
 /// Reads one frame payload (length prefix checked against the protocol limit).
@@ -64,7 +66,17 @@ impl ControlClient {
         let hello = read_frame(&mut stream).context("no Hello from the control service")?;
         let session =
             ClientSession::new(key, &hello).map_err(|e| anyhow!("bad Hello from {addr}: {e}"))?;
-        Ok(Self { stream, session })
+        Ok(Self {
+            stream,
+            session,
+            peer: None,
+        })
+    }
+
+    /// Names the peer in the errors of later requests ("vm2 did not answer …").
+    pub fn named(mut self, peer: &str) -> Self {
+        self.peer = Some(peer.to_string());
+        self
     }
 
     pub fn hello(&self) -> &Hello {
@@ -82,10 +94,16 @@ impl ControlClient {
     /// I/O failure: `Ok(Err(_))` is the server's (or MAC check's) verdict.
     pub fn try_call(&mut self, request: &Request) -> Result<Result<Response, ClientError>> {
         let (seq, payload) = self.session.seal(request);
-        self.stream
+        let exchanged = self
+            .stream
             .write_all(&frame(&payload))
-            .context("cannot send control request")?;
-        let reply = read_frame(&mut self.stream)?;
+            .context("cannot send control request")
+            .and_then(|()| read_frame(&mut self.stream));
+        let reply = match (exchanged, &self.peer) {
+            (Ok(reply), _) => reply,
+            (Err(e), Some(peer)) => return Err(e.context(format!("{peer} did not answer"))),
+            (Err(e), None) => return Err(e),
+        };
         Ok(self.session.open(seq, &reply))
     }
 

@@ -18,7 +18,9 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
-use capsules_wire::control::{CapsuleInfo, CapsuleState, MAX_IMAGE_CHUNK, Request, Response};
+use capsules_wire::control::{
+    CapsuleInfo, CapsuleState, MAX_IMAGE_CHUNK, PageBatch, Request, Response,
+};
 use capsules_wire::image::{self, CapsuleImage, SocketSummary, TaskSummary};
 use serde::Serialize;
 
@@ -27,8 +29,9 @@ use crate::control::ControlClient;
 use crate::directory::{self, CapsuleRecord};
 use crate::state::VmRecord;
 
-/// Test hook: milliseconds to wait between image chunks, so a test can kill
-/// the destination while the image is in flight. Unset in normal use.
+/// Test hook: milliseconds to wait between image chunks and pre-copy page
+/// batches, so a test can kill the destination while the capsule is in
+/// flight. Unset in normal use.
 pub const CHUNK_DELAY_ENV: &str = "CAPSULES_MIGRATE_CHUNK_DELAY_MS";
 
 /// Test hook: the commit's answer is "lost" (sent, never read), to check
@@ -78,6 +81,14 @@ fn build_id_hex(id: &[u8]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The test hook's pause between image chunks and page batches, if set.
+fn chunk_delay() -> Option<std::time::Duration> {
+    std::env::var(CHUNK_DELAY_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(std::time::Duration::from_millis)
+}
+
 /// Reads a frozen capsule's image from `client` and hands each chunk to `sink`
 /// as it arrives.
 fn read_image(
@@ -87,10 +98,7 @@ fn read_image(
     len: u64,
     mut sink: impl FnMut(u64, Vec<u8>) -> Result<()>,
 ) -> Result<()> {
-    let delay = std::env::var(CHUNK_DELAY_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(std::time::Duration::from_millis);
+    let delay = chunk_delay();
     let mut offset = 0;
     while offset < len {
         if let Some(d) = delay {
@@ -391,13 +399,11 @@ fn stream_image(
         });
         for (offset, data) in rx.iter() {
             expect_done(
-                dst_c
-                    .call(&Request::RestoreChunk {
-                        name: name.into(),
-                        offset,
-                        data,
-                    })
-                    .with_context(|| format!("the destination {} stopped answering", dst.name))?,
+                dst_c.call(&Request::RestoreChunk {
+                    name: name.into(),
+                    offset,
+                    data,
+                })?,
                 "an image chunk",
                 &dst.name,
             )?;
@@ -432,12 +438,15 @@ fn precopy(
             src.name
         ),
     };
+    // The base is the capsule's identity: the destination admits it and
+    // maps its window, then the pages follow while the capsule runs on.
     stream_image(src_c, dst_c, src, dst, name, base_len)?;
     expect_done(
         dst_c.call(&Request::RestoreStage { name: name.into() })?,
         "the base image",
         &dst.name,
     )?;
+    let page_bytes = stream_pages(src_c, dst_c, src, dst, name)?;
     // The delta comes as a second image of the same name.
     expect_done(
         dst_c.call(&Request::RestoreBegin {
@@ -447,7 +456,77 @@ fn precopy(
         "the delta image",
         &dst.name,
     )?;
-    Ok(base_len)
+    Ok(base_len + page_bytes)
+}
+
+/// Pre-copy of the pages: one thread asks the source for batch after batch
+/// (each answer is a short kernel-loop round there, so the capsule keeps
+/// serving) while this one lays them into the destination's window.
+/// Returns the bytes of page data moved.
+fn stream_pages(
+    src_c: &mut ControlClient,
+    dst_c: &mut ControlClient,
+    src: &VmRecord,
+    dst: &VmRecord,
+    name: &str,
+) -> Result<u64> {
+    let (tx, rx) = mpsc::sync_channel::<PageBatch>(4);
+    std::thread::scope(|scope| -> Result<u64> {
+        let rx = rx;
+        let reader = scope.spawn(move || -> Result<()> {
+            let delay = chunk_delay();
+            let mut from = 0;
+            loop {
+                if let Some(d) = delay {
+                    std::thread::sleep(d);
+                }
+                let batch = match src_c.call(&Request::ReadPages {
+                    name: name.into(),
+                    from,
+                })? {
+                    Response::Pages(batch) => batch,
+                    Response::Error { code, message } => bail!(
+                        "{} refused to read pages of '{name}': {message} ({})",
+                        src.name,
+                        code.as_str()
+                    ),
+                    other => bail!(
+                        "unexpected answer to ReadPages from {}: {other:?}",
+                        src.name
+                    ),
+                };
+                if batch.next <= from && batch.next < batch.end {
+                    bail!("{} did not advance its page scan at {from}", src.name);
+                }
+                from = batch.next;
+                let done = batch.next >= batch.end;
+                if !batch.offsets.is_empty() {
+                    tx.send(batch)
+                        .map_err(|_| anyhow!("the destination stopped taking pages"))?;
+                }
+                if done {
+                    return Ok(());
+                }
+            }
+        });
+        let mut bytes = 0;
+        for batch in rx.iter() {
+            bytes += batch.data.len() as u64;
+            expect_done(
+                dst_c.call(&Request::StagePages {
+                    name: name.into(),
+                    batch,
+                })?,
+                "pre-copied pages",
+                &dst.name,
+            )?;
+        }
+        reader
+            .join()
+            .map_err(|_| anyhow!("page reader panicked"))?
+            .with_context(|| format!("reading pages from the source {}", src.name))?;
+        Ok(bytes)
+    })
 }
 
 /// Freeze (only pages written since the pre-copy), stream, commit. Returns

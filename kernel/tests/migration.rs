@@ -8,6 +8,7 @@
 extern crate alloc;
 
 use alloc::string::{String, ToString};
+use alloc::vec;
 use alloc::vec::Vec;
 use core::net::Ipv4Addr;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +22,7 @@ use capsules_kernel::net::Network;
 use capsules_kernel::testing::{Test, run};
 use capsules_kernel::{arch, kloop};
 use capsules_wire::bootcfg::Ipv4Cidr;
+use capsules_wire::control::{MAX_BATCH_PAGES, PageBatch};
 use capsules_wire::image::{CapsuleImage, ImageError, ImageKind};
 use spin::Mutex;
 
@@ -313,30 +315,57 @@ fn precopy_then_delta_restores_the_latest_state() {
         .unwrap();
         kloop::run_for(net, None, 100_000_000);
         let base = migrate::precopy("p", KEY).unwrap();
-        assert_eq!(
-            state_of("p"),
-            Some(CapsuleState::Running),
-            "pre-copy stopped the capsule"
-        );
         let at_base = PUBLISHED.load(Ordering::Relaxed);
+        // The pages, a batch at a time, with the capsule running in between.
+        let mut batches: Vec<PageBatch> = Vec::new();
+        let mut from = 0;
+        loop {
+            let batch = migrate::read_pages("p", from).unwrap();
+            assert!(batch.next > from, "the page scan did not advance");
+            assert!(batch.offsets.len() <= MAX_BATCH_PAGES);
+            assert_eq!(
+                state_of("p"),
+                Some(CapsuleState::Running),
+                "pre-copy stopped the capsule"
+            );
+            from = batch.next;
+            let done = batch.next == batch.end;
+            batches.push(batch);
+            kloop::run_for(net, None, 5_000_000);
+            if done {
+                break;
+            }
+        }
+        assert!(
+            migrate::read_pages("p", 12).is_err(),
+            "an unaligned page offset was read"
+        );
         kloop::run_for(net, None, 100_000_000);
         assert!(
             PUBLISHED.load(Ordering::Relaxed) > at_base,
             "capsule did not run after the pre-copy"
         );
         let delta = migrate::freeze_delta("p", KEY).unwrap();
+        assert!(
+            migrate::read_pages("p", 0).is_err(),
+            "pages were read from a frozen capsule"
+        );
         let at_freeze = PUBLISHED.load(Ordering::Relaxed);
         let (b, d) = (
             CapsuleImage::decode(&base, KEY).unwrap(),
             CapsuleImage::decode(&delta, KEY).unwrap(),
         );
         assert_eq!((b.kind, d.kind), (ImageKind::Base, ImageKind::Delta));
-        let bytes = |i: &CapsuleImage| i.segments.iter().map(|s| s.data.len()).sum::<usize>();
+        assert!(b.segments.is_empty(), "the base carries pages itself");
+        let base_bytes: usize = batches.iter().map(|b| b.data.len()).sum();
+        let delta_bytes: usize = d.segments.iter().map(|s| s.data.len()).sum();
         assert!(
-            bytes(&d) < bytes(&b),
-            "the delta ({}) is not smaller than the base ({})",
-            bytes(&d),
-            bytes(&b)
+            batches.iter().any(|b| b.offsets.first() == Some(&0)),
+            "the arena header page was not sent"
+        );
+        assert!(
+            delta_bytes < base_bytes,
+            "the delta ({delta_bytes}) is not smaller than the pre-copied pages ({base_bytes})"
         );
         // Neither part restores alone.
         assert!(migrate::restore(&base, KEY, net).is_err());
@@ -347,6 +376,15 @@ fn precopy_then_delta_restores_the_latest_state() {
             migrate::stage_base(&delta, KEY, net).is_err(),
             "a delta was staged as a base"
         );
+        // Pages beyond the staged arena are refused, and write nothing.
+        let mut outside = batches[0].clone();
+        outside.offsets = vec![b.arena_len];
+        outside.data.truncate(4096);
+        outside.end = b.arena_len + 4096;
+        assert!(migrate::stage_pages(&staged, &outside).is_err());
+        for batch in &batches {
+            migrate::stage_pages(&staged, batch).unwrap();
+        }
         migrate::restore_merged(staged, &delta, KEY, net).unwrap();
         kloop::run_for(net, None, 100_000_000);
         let after = PUBLISHED.load(Ordering::Relaxed);
@@ -355,6 +393,20 @@ fn precopy_then_delta_restores_the_latest_state() {
             after > at_freeze && after < at_freeze + 1000,
             "count went from {at_freeze} to {after}"
         );
+        // A staged base that is dropped leaves its window free again.
+        let again = migrate::precopy("p", KEY).unwrap();
+        let mut other = CapsuleImage::decode(&again, KEY).unwrap();
+        other.name = "q".into();
+        other.slot = 44;
+        other.locator = Ipv4Addr::new(198, 18, 0, 44);
+        other.root = other.root - arena::window_base(43) + arena::window_base(44);
+        let sealed = other.encode_for_transfer(KEY);
+        let staged = migrate::stage_base(&sealed, KEY, net).unwrap();
+        migrate::abort_staged(staged);
+        let staged = migrate::stage_base(&sealed, KEY, net).unwrap();
+        // A delta of another capsule is refused, and the window is freed too.
+        assert!(migrate::restore_merged(staged, &delta, KEY, net).is_err());
+        migrate::abort_staged(migrate::stage_base(&sealed, KEY, net).unwrap());
         capsule::kill("p", net).unwrap();
     });
 }

@@ -221,6 +221,20 @@ pub enum Request {
     RestoreStage {
         name: String,
     },
+    /// Pre-copy, source side: the next non-zero pages of the arena at or
+    /// after offset `from`, read now while the capsule keeps running (a page
+    /// written after `PrecopyCapsule` also comes with the delta). Each answer
+    /// is small, so the capsule and the network run between requests.
+    ReadPages {
+        name: String,
+        from: u64,
+    },
+    /// Pre-copy, destination side: lay these pages into the arena window of
+    /// the base staged by `RestoreStage`.
+    StagePages {
+        name: String,
+        batch: PageBatch,
+    },
     /// A capsule at `locator` is about to move: hold packets this VM's
     /// capsules send to it instead of sending them into the void.
     HoldTraffic {
@@ -235,6 +249,68 @@ pub enum Request {
 
 /// Largest image chunk in one request or reply (inside a frame).
 pub const MAX_IMAGE_CHUNK: usize = 60 * 1024;
+
+/// Most pages in one [`PageBatch`]: it must fit a frame with room to spare.
+pub const MAX_BATCH_PAGES: usize = 15;
+
+/// Pages of a capsule arena on their way from the source to the destination
+/// during pre-copy, with where the source's scan stands.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PageBatch {
+    /// Where the next `ReadPages` continues (an arena offset).
+    pub next: u64,
+    /// Length of the arena being copied: the copy is over when `next == end`.
+    pub end: u64,
+    /// Page-aligned arena offsets, ascending, each with `PAGE_SIZE` bytes in
+    /// `data` (in the same order).
+    pub offsets: Vec<u64>,
+    pub data: Vec<u8>,
+}
+
+impl PageBatch {
+    pub fn pages(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.offsets
+            .iter()
+            .copied()
+            .zip(self.data.chunks_exact(crate::image::PAGE_SIZE))
+    }
+
+    fn encode(&self, w: &mut Writer) {
+        w.u64(self.next)
+            .u64(self.end)
+            .u32(self.offsets.len() as u32);
+        for o in &self.offsets {
+            w.u64(*o);
+        }
+        w.raw(&self.data);
+    }
+
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        let page = crate::image::PAGE_SIZE;
+        let next = r.u64("batch next")?;
+        let end = r.u64("batch end")?;
+        let count = r.count(8 + page, "page count")?;
+        if count > MAX_BATCH_PAGES || next > end {
+            return Err(DecodeError::Invalid("page batch"));
+        }
+        let mut offsets = Vec::with_capacity(count);
+        for _ in 0..count {
+            let offset = r.u64("page offset")?;
+            let ascending = offsets.last().is_none_or(|last| offset > *last);
+            if !offset.is_multiple_of(page as u64) || !ascending || offset >= end {
+                return Err(DecodeError::Invalid("page offset"));
+            }
+            offsets.push(offset);
+        }
+        let data = r.raw(count * page, "page data")?.to_vec();
+        Ok(Self {
+            next,
+            end,
+            offsets,
+            data,
+        })
+    }
+}
 
 /// Most arguments a capsule program takes, and most bytes in one.
 pub const MAX_ARGS: usize = 32;
@@ -263,6 +339,8 @@ impl Request {
     const PRECOPY: u8 = 20;
     const RESTORE_STAGE: u8 = 21;
     const FREEZE_DELTA: u8 = 22;
+    const READ_PAGES: u8 = 23;
+    const STAGE_PAGES: u8 = 24;
 
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
@@ -335,6 +413,13 @@ impl Request {
             }
             Request::FreezeDelta { name } => {
                 w.u8(Self::FREEZE_DELTA).str(name);
+            }
+            Request::ReadPages { name, from } => {
+                w.u8(Self::READ_PAGES).str(name).u64(*from);
+            }
+            Request::StagePages { name, batch } => {
+                w.u8(Self::STAGE_PAGES).str(name);
+                batch.encode(&mut w);
             }
             Request::HoldTraffic { locator } => {
                 w.u8(Self::HOLD_TRAFFIC).raw(&locator.octets());
@@ -425,6 +510,14 @@ impl Request {
             },
             Self::FREEZE_DELTA => Request::FreezeDelta {
                 name: r.string("capsule name")?,
+            },
+            Self::READ_PAGES => Request::ReadPages {
+                name: r.string("capsule name")?,
+                from: r.u64("page offset")?,
+            },
+            Self::STAGE_PAGES => Request::StagePages {
+                name: r.string("capsule name")?,
+                batch: PageBatch::decode(&mut r)?,
             },
             Self::HOLD_TRAFFIC => Request::HoldTraffic {
                 locator: Ipv4Addr::from(r.array::<4>("locator")?),
@@ -660,6 +753,8 @@ pub enum Response {
     },
     /// Thawed, released, chunk stored, aborted: done, nothing to report.
     Done,
+    /// Pages read for a pre-copy (answer to `ReadPages`).
+    Pages(PageBatch),
     Inspection {
         tasks: Vec<crate::image::TaskSummary>,
         sockets: Vec<crate::image::SocketSummary>,
@@ -683,6 +778,7 @@ impl Response {
     const IMAGE_CHUNK: u8 = 10;
     const DONE: u8 = 11;
     const INSPECTION: u8 = 12;
+    const PAGES: u8 = 13;
     const ERROR: u8 = 0xff;
 
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
@@ -754,6 +850,10 @@ impl Response {
             }
             Response::Done => {
                 w.u8(Self::DONE);
+            }
+            Response::Pages(batch) => {
+                w.u8(Self::PAGES);
+                batch.encode(&mut w);
             }
             Response::Inspection { tasks, sockets } => {
                 w.u8(Self::INSPECTION).u32(tasks.len() as u32);
@@ -830,6 +930,7 @@ impl Response {
                 data: r.bytes("image chunk")?.to_vec(),
             },
             Self::DONE => Response::Done,
+            Self::PAGES => Response::Pages(PageBatch::decode(&mut r)?),
             Self::INSPECTION => {
                 let count = r.count(16, "task count")?;
                 let mut tasks = Vec::with_capacity(count);
@@ -1205,6 +1306,8 @@ mod tests {
                 data: vec![1, 2, 3],
             },
             Response::Done,
+            Response::Pages(sample_batch()),
+            Response::Pages(PageBatch::default()),
             Response::Inspection {
                 tasks: vec![crate::image::TaskSummary {
                     id: 1,
@@ -1280,6 +1383,14 @@ mod tests {
             Request::PrecopyCapsule { name: "a".into() },
             Request::RestoreStage { name: "a".into() },
             Request::FreezeDelta { name: "a".into() },
+            Request::ReadPages {
+                name: "a".into(),
+                from: 8192,
+            },
+            Request::StagePages {
+                name: "a".into(),
+                batch: sample_batch(),
+            },
             Request::ReleaseTraffic {
                 locator: Ipv4Addr::new(198, 18, 0, 1),
             },
@@ -1538,5 +1649,71 @@ mod tests {
             ClientSession::new(&KEY, &h.encode()).err(),
             Some(ClientError::VersionMismatch(2))
         );
+    }
+
+    fn sample_batch() -> PageBatch {
+        let page = crate::image::PAGE_SIZE;
+        PageBatch {
+            next: 5 * page as u64,
+            end: 64 * page as u64,
+            offsets: vec![0, 3 * page as u64],
+            data: (0..2 * page).map(|i| (i % 251) as u8).collect(),
+        }
+    }
+
+    #[test]
+    fn a_full_page_batch_fits_one_frame() {
+        let page = crate::image::PAGE_SIZE;
+        let batch = PageBatch {
+            next: 1 << 30,
+            end: 1 << 30,
+            offsets: (0..MAX_BATCH_PAGES as u64)
+                .map(|i| i * page as u64)
+                .collect(),
+            data: vec![0xa5; MAX_BATCH_PAGES * page],
+        };
+        let request = Request::StagePages {
+            name: "x".repeat(64),
+            batch: batch.clone(),
+        };
+        // Envelope and MAC come on top of the encoded request.
+        assert!(request.encode().len() + 256 < MAX_FRAME_LEN);
+        assert!(Response::Pages(batch).encode().len() + 256 < MAX_FRAME_LEN);
+    }
+
+    #[test]
+    fn malformed_page_batches_are_refused() {
+        let page = crate::image::PAGE_SIZE as u64;
+        let mut bad = Vec::new();
+        let mut unaligned = sample_batch();
+        unaligned.offsets[1] = 3 * page + 8;
+        bad.push(("unaligned", unaligned));
+        let mut descending = sample_batch();
+        descending.offsets = vec![3 * page, 0];
+        bad.push(("descending", descending));
+        let mut repeated = sample_batch();
+        repeated.offsets = vec![page, page];
+        bad.push(("repeated", repeated));
+        let mut beyond = sample_batch();
+        beyond.offsets[1] = beyond.end;
+        bad.push(("beyond the arena", beyond));
+        let mut backwards = sample_batch();
+        backwards.next = backwards.end + page;
+        bad.push(("next after end", backwards));
+        let too_many = PageBatch {
+            next: 0,
+            end: 1 << 30,
+            offsets: (0..=MAX_BATCH_PAGES as u64).map(|i| i * page).collect(),
+            data: vec![1; (MAX_BATCH_PAGES + 1) * page as usize],
+        };
+        bad.push(("too many pages", too_many));
+        for (what, batch) in bad {
+            let bytes = Response::Pages(batch).encode();
+            assert!(Response::decode(&bytes).is_err(), "{what} batch decoded");
+        }
+        // Short page data is truncation, not a shorter page.
+        let mut bytes = Response::Pages(sample_batch()).encode();
+        bytes.truncate(bytes.len() - 1);
+        assert!(Response::decode(&bytes).is_err());
     }
 }

@@ -103,8 +103,11 @@ impl SocketSummary {
 pub enum ImageKind {
     /// The whole capsule, frozen: can be restored on its own.
     Full,
-    /// Pre-copy: every page, taken while the capsule kept running. Useless
-    /// alone; a [`ImageKind::Delta`] completes it.
+    /// Pre-copy: the capsule's identity and arena length when the copy
+    /// began, so the destination can admit it and map its window. The pages
+    /// follow separately, read while the capsule keeps running (control
+    /// requests `ReadPages`/`StagePages`). Useless alone; a
+    /// [`ImageKind::Delta`] completes it.
     Base,
     /// The pages written since the base, and the frozen capsule's metadata.
     /// Pages listed here replace the base's, zero pages included.
@@ -202,7 +205,7 @@ fn mac(key: &[u8], bytes: &[u8]) -> [u8; 32] {
 
 /// Whether a page is all zero, looking at whole words: this scan runs while
 /// the capsule is frozen, over every mapped page.
-fn is_zero_page(page: &[u8]) -> bool {
+pub fn is_zero_page(page: &[u8]) -> bool {
     let mut words = page.chunks_exact(8);
     words.all(|w| u64::from_ne_bytes(w.try_into().expect("chunks of 8")) == 0)
         && words.remainder().iter().all(|b| *b == 0)
@@ -398,7 +401,7 @@ impl CapsuleImage {
             }
             end = seg.offset + len;
         }
-        if self.kind != ImageKind::Delta && self.segments.first().is_none_or(|s| s.offset != 0) {
+        if self.kind == ImageKind::Full && self.segments.first().is_none_or(|s| s.offset != 0) {
             return Err(ImageError::Inconsistent("the arena header page is missing"));
         }
         Ok(())

@@ -12,6 +12,7 @@ use alloc::vec::Vec;
 use core::fmt::Write as _;
 use core::net::Ipv4Addr;
 
+use capsules_wire::control::{MAX_BATCH_PAGES, PageBatch};
 use capsules_wire::image::{
     CapsuleImage, ImageError, ImageKind, Segment, SocketSummary, TaskSummary, segments_from_pages,
 };
@@ -142,6 +143,61 @@ pub fn precopy(name: &str, key: &[u8]) -> Result<Vec<u8>, CapsuleError> {
     snapshot(name, key, ImageKind::Base)
 }
 
+/// Pages scanned per `read_pages` call at most: each call is one kernel loop
+/// round, and the capsule's tasks and network run between calls.
+const SCAN_PAGES_PER_READ: u64 = 256;
+
+/// Pre-copy, source side: the next non-zero pages at or after `from` of the
+/// arena as it is now (the capsule keeps running). A page written after the
+/// pre-copy began is dirty and goes again with the delta, so reading it at
+/// any moment is right. Kernel loop only.
+pub fn read_pages(name: &str, from: u64) -> Result<PageBatch, CapsuleError> {
+    let page = crate::mm::PAGE_SIZE;
+    let (slot, end) = registry(|r| {
+        let slot = find_slot(r, name).ok_or_else(|| CapsuleError::NotFound(name.to_string()))?;
+        let c = r.capsules.get(&slot).expect("slot just found");
+        match (c.state.is_running(), c.precopy_len) {
+            (true, Some(len)) => Ok((slot, len)),
+            (false, _) => Err(CapsuleError::NotRunning(name.to_string())),
+            (true, None) => Err(CapsuleError::BadImage(
+                "no pre-copy of this capsule is in progress",
+            )),
+        }
+    })?;
+    if !from.is_multiple_of(page) || from > end {
+        return Err(CapsuleError::BadImage("page offset outside the pre-copy"));
+    }
+    // SAFETY: the kernel loop (us) runs, so no task of the capsule does.
+    let bytes = unsafe { arena::mapped_bytes(slot) }.expect("capsule keeps its arena");
+    // The arena never shrinks while the capsule lives; stay safe anyway.
+    let stop = end
+        .min(bytes.len() as u64)
+        .min(from + SCAN_PAGES_PER_READ * page);
+    let mut batch = PageBatch {
+        next: stop,
+        end,
+        ..PageBatch::default()
+    };
+    let mut offset = from;
+    while offset < stop {
+        let data = &bytes[offset as usize..(offset + page) as usize];
+        if !capsules_wire::image::is_zero_page(data) {
+            if batch.offsets.len() == MAX_BATCH_PAGES {
+                batch.next = offset;
+                break;
+            }
+            batch.offsets.push(offset);
+            batch.data.extend_from_slice(data);
+        }
+        offset += page;
+    }
+    if stop < end && batch.next == stop && stop == bytes.len() as u64 {
+        // Only if the arena were shorter than when the copy began.
+        batch.next = end;
+    }
+    Ok(batch)
+}
+
 /// Stops a running capsule at its safe points and returns its full image,
 /// sealed with `key`. Its packets are held from now on. Kernel loop only:
 /// every task is switched out, so none is inside kernel code.
@@ -155,7 +211,7 @@ pub fn freeze_delta(name: &str, key: &[u8]) -> Result<Vec<u8>, CapsuleError> {
     let precopied = registry(|r| {
         find_slot(r, name)
             .and_then(|slot| r.capsules.get(&slot))
-            .map(|c| c.precopied)
+            .map(|c| c.precopy_len.is_some())
     })
     .ok_or_else(|| CapsuleError::NotFound(name.to_string()))?;
     if !precopied {
@@ -175,10 +231,11 @@ fn snapshot(name: &str, key: &[u8], kind: ImageKind) -> Result<Vec<u8>, CapsuleE
             return Err(CapsuleError::NotRunning(name.to_string()));
         }
         match kind {
-            ImageKind::Base => c.precopied = true,
+            // Set below, once the length is known.
+            ImageKind::Base => {}
             ImageKind::Full | ImageKind::Delta => {
                 c.state = CapsuleState::Frozen;
-                c.precopied = false;
+                c.precopy_len = None;
             }
         }
         let clock_ns = c.clock_ns();
@@ -214,8 +271,17 @@ fn snapshot(name: &str, key: &[u8], kind: ImageKind) -> Result<Vec<u8>, CapsuleE
     // its arena: it is frozen, or (for a base) simply not scheduled now.
     let bytes = unsafe { arena::mapped_bytes(slot) }.expect("capsule keeps its arena");
     image.arena_len = bytes.len() as u64;
+    if kind == ImageKind::Base {
+        registry(|r| {
+            if let Some(c) = r.capsules.get_mut(&slot) {
+                c.precopy_len = Some(image.arena_len);
+            }
+        });
+    }
     image.segments = match kind {
-        ImageKind::Full | ImageKind::Base => segments_from_pages(bytes),
+        ImageKind::Full => segments_from_pages(bytes),
+        // The pages follow through `read_pages`, a few at a time.
+        ImageKind::Base => Vec::new(),
         // Every written page goes, zero or not: a page cleared since the base
         // must overwrite the base's copy.
         ImageKind::Delta => dirty
@@ -252,7 +318,7 @@ pub fn thaw(name: &str) -> Result<(), CapsuleError> {
             return Err(CapsuleError::NotFrozen(name.to_string()));
         }
         c.state = CapsuleState::Running;
-        c.precopied = false;
+        c.precopy_len = None;
         c.net_dirty = true;
         let _ = writeln!(
             c.log,
@@ -313,30 +379,50 @@ pub struct StagedBase {
 /// Checks a pre-copied base as it arrives and maps it into its arena window —
 /// all before the capsule is frozen, so none of it lengthens the pause.
 pub fn stage_base(bytes: &[u8], key: &[u8], net: &Network) -> Result<StagedBase, RestoreError> {
-    let started = crate::time::since_boot_ns();
-    let mut base = CapsuleImage::decode(bytes, key).map_err(RestoreError::Image)?;
-    let verified = crate::time::since_boot_ns();
-    if base.kind != ImageKind::Base {
+    let base = CapsuleImage::decode(bytes, key).map_err(RestoreError::Image)?;
+    if base.kind != ImageKind::Base || !base.segments.is_empty() {
         return Err(RestoreError::Image(ImageError::Inconsistent(
             "a staged image must be a pre-copy base",
         )));
     }
     admit(&base, net, true)?;
-    map_arena(&base)?;
-    ::log::info!(
-        "capsule {}: base of {} KiB verified in {} us, laid out in {} us",
-        base.name,
-        bytes.len() / 1024,
-        (verified - started) / 1000,
-        (crate::time::since_boot_ns() - verified) / 1000
-    );
-    base.segments = Vec::new();
+    arena::reserve(base.slot, base.arena_len).map_err(|e| {
+        RestoreError::Capsule(match e {
+            arena::ArenaError::SlotInUse => CapsuleError::SlotTaken(base.slot),
+            _ => CapsuleError::OutOfMemory,
+        })
+    })?;
     Ok(StagedBase { meta: base })
+}
+
+/// Lays pre-copied pages into a staged base's window. Offsets were checked
+/// for order and alignment by the wire decoder; here they must also lie in
+/// this base's arena. Nothing is written unless every page fits.
+pub fn stage_pages(staged: &StagedBase, batch: &PageBatch) -> Result<(), RestoreError> {
+    let page = crate::mm::PAGE_SIZE;
+    if batch.end != staged.meta.arena_len
+        || batch
+            .offsets
+            .last()
+            .is_some_and(|o| o + page > staged.meta.arena_len)
+    {
+        return Err(RestoreError::Image(ImageError::Inconsistent(
+            "pages outside the staged arena",
+        )));
+    }
+    for (offset, data) in batch.pages() {
+        if !arena::write_reserved(staged.meta.slot, offset, data) {
+            return Err(RestoreError::Image(ImageError::Inconsistent(
+                "pages outside the staged arena",
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Drops a staged base that will not be completed.
 pub fn abort_staged(staged: StagedBase) {
-    arena::destroy(staged.meta.slot);
+    arena::discard(staged.meta.slot);
 }
 
 /// Revives a capsule from a staged base and the delta taken at its freeze:
@@ -371,31 +457,26 @@ pub fn restore_merged(
             )));
         }
         let program = admit(&delta, net, false)?;
-        if delta.arena_len > base.arena_len {
-            arena::map_more(slot, base.arena_len, delta.arena_len)
-                .map_err(|_| RestoreError::Capsule(CapsuleError::OutOfMemory))?;
-        }
-        let window = arena::window_base(slot);
+        arena::extend_reserved(slot, delta.arena_len)
+            .map_err(|_| RestoreError::Capsule(CapsuleError::OutOfMemory))?;
         for seg in &delta.segments {
             // Segment bounds were checked against the arena length by decode.
-            // SAFETY: the window is mapped up to `delta.arena_len` and no
-            // task of this capsule exists yet.
-            unsafe {
-                core::ptr::copy_nonoverlapping(
-                    seg.data.as_ptr(),
-                    (window + seg.offset) as *mut u8,
-                    seg.data.len(),
-                )
-            };
+            if !arena::write_reserved(slot, seg.offset, &seg.data) {
+                return Err(RestoreError::Image(ImageError::Inconsistent(
+                    "delta pages outside the arena",
+                )));
+            }
         }
-        if !arena::is_valid(slot) {
-            return Err(RestoreError::Capsule(CapsuleError::BadImage(
+        arena::adopt(slot).map_err(|_| {
+            RestoreError::Capsule(CapsuleError::BadImage(
                 "the arena header does not match its slot",
-            )));
-        }
+            ))
+        })?;
         register(&delta, program, net)
     })();
     if result.is_err() {
+        // Whichever it is by now: a reservation or an adopted arena.
+        arena::discard(slot);
         arena::destroy(slot);
     }
     result
@@ -497,7 +578,7 @@ fn register(
         net_dirty: true,
         net_news: true,
         poll_at_ns: None,
-        precopied: false,
+        precopy_len: None,
     };
     let _ = writeln!(capsule.log, "capsule restored on {}", super::vm_name());
     let slot = capsule.slot;

@@ -113,8 +113,10 @@ pub struct Capsule {
     /// The stack reported news; wake tasks waiting on the network.
     net_news: bool,
     poll_at_ns: Option<u64>,
-    /// A pre-copy base was taken: the next freeze sends only written pages.
-    precopied: bool,
+    /// A pre-copy began when the arena was this long: its pages are being
+    /// read (`migrate::read_pages`), and the next freeze sends only the pages
+    /// written since it began.
+    precopy_len: Option<u64>,
 }
 
 // SAFETY: the root pointer is only used on the one CPU under the rules above.
@@ -329,7 +331,7 @@ pub fn start(config: CapsuleConfig, net: &mut Network) -> Result<(), CapsuleErro
         net_dirty: true,
         net_news: false,
         poll_at_ns: None,
-        precopied: false,
+        precopy_len: None,
     };
     let _ = writeln!(
         capsule.log,

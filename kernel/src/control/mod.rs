@@ -357,6 +357,22 @@ fn handle_request(
                 alloc::format!("no restore of '{name}' in progress"),
             ),
         },
+        Request::ReadPages { name, from } => match capsule::migrate::read_pages(name, *from) {
+            Ok(batch) => Response::Pages(batch),
+            Err(e) => capsule_error(e),
+        },
+        Request::StagePages { name, batch } => match images.staged.get(name) {
+            Some(staged) => match capsule::migrate::stage_pages(staged, batch) {
+                Ok(()) => Response::Done,
+                Err(e) => {
+                    Response::error(restore_error_code(&e), alloc::format!("pages refused: {e}"))
+                }
+            },
+            None => Response::error(
+                ErrorCode::NotFound,
+                alloc::format!("no pre-copy of '{name}' staged here"),
+            ),
+        },
         Request::ThawCapsule { name } => {
             images.outgoing.remove(name);
             match capsule::migrate::thaw(name) {

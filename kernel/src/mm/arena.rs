@@ -11,7 +11,7 @@
 
 use core::alloc::Layout;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use linked_list_allocator::Heap;
 use spin::Mutex;
@@ -57,6 +57,11 @@ pub enum ArenaError {
 
 static ACTIVE: [AtomicBool; MAX_SLOTS as usize] =
     [const { AtomicBool::new(false) }; MAX_SLOTS as usize];
+/// Bytes mapped for an arena that is still arriving (pre-copy): its pages
+/// come one batch at a time and its header may not be there yet, so it is
+/// not active (no allocation, no header reads) until [`adopt`]. 0 = none.
+static RESERVED_LEN: [AtomicU64; MAX_SLOTS as usize] =
+    [const { AtomicU64::new(0) }; MAX_SLOTS as usize];
 static DOMAIN: AtomicU32 = AtomicU32::new(KERNEL_DOMAIN);
 
 pub fn window_base(slot: u32) -> u64 {
@@ -191,6 +196,103 @@ pub fn restore(slot: u32, len: u64, segments: &[(u64, &[u8])]) -> Result<(), Are
     }
     ACTIVE[slot as usize].store(true, Ordering::Release);
     Ok(())
+}
+
+/// Maps `len` bytes of `slot`'s window, all zero, for an arena that will
+/// arrive page by page ([`write_reserved`]) and then be [`adopt`]ed.
+pub fn reserve(slot: u32, len: u64) -> Result<(), ArenaError> {
+    if slot >= MAX_SLOTS {
+        return Err(ArenaError::SlotOutOfRange);
+    }
+    if !(HEADER_SIZE..=SLOT_SIZE).contains(&len) || !len.is_multiple_of(PAGE_SIZE) {
+        return Err(ArenaError::LimitTooSmall);
+    }
+    if ACTIVE[slot as usize].load(Ordering::Acquire)
+        || RESERVED_LEN[slot as usize].load(Ordering::Acquire) != 0
+    {
+        return Err(ArenaError::SlotInUse);
+    }
+    map_range(window_base(slot), len)?;
+    RESERVED_LEN[slot as usize].store(len, Ordering::Release);
+    Ok(())
+}
+
+/// Copies `data` to `offset` of a reserved window; false (and nothing
+/// written) when the slot is not reserved or the bytes would not fit.
+pub fn write_reserved(slot: u32, offset: u64, data: &[u8]) -> bool {
+    let Some(len) = RESERVED_LEN
+        .get(slot as usize)
+        .map(|l| l.load(Ordering::Acquire))
+    else {
+        return false;
+    };
+    if len == 0
+        || offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > len)
+    {
+        return false;
+    }
+    // SAFETY: `[offset, offset + data.len())` lies in the mapped reservation,
+    // which nothing else uses before it is adopted.
+    unsafe {
+        core::ptr::copy_nonoverlapping(
+            data.as_ptr(),
+            (window_base(slot) + offset) as *mut u8,
+            data.len(),
+        )
+    };
+    true
+}
+
+/// Grows a reserved window to `len` bytes (fresh zero pages).
+pub fn extend_reserved(slot: u32, len: u64) -> Result<(), ArenaError> {
+    let Some(have) = RESERVED_LEN
+        .get(slot as usize)
+        .map(|l| l.load(Ordering::Acquire))
+        .filter(|l| *l != 0)
+    else {
+        return Err(ArenaError::SlotOutOfRange);
+    };
+    if len > SLOT_SIZE || !len.is_multiple_of(PAGE_SIZE) {
+        return Err(ArenaError::LimitTooSmall);
+    }
+    if len > have {
+        map_range(window_base(slot) + have, len - have)?;
+        RESERVED_LEN[slot as usize].store(len, Ordering::Release);
+    }
+    Ok(())
+}
+
+/// Makes a reserved window an active arena once every page is in: its header
+/// must name this slot. On failure the reservation stays (see [`discard`]).
+pub fn adopt(slot: u32) -> Result<(), ArenaError> {
+    if RESERVED_LEN
+        .get(slot as usize)
+        .is_none_or(|l| l.load(Ordering::Acquire) == 0)
+    {
+        return Err(ArenaError::SlotOutOfRange);
+    }
+    // SAFETY: the header page is mapped (every reservation has it); it is
+    // only read here.
+    let header = unsafe { &*(window_base(slot) as *const ArenaHeader) };
+    if header.magic != MAGIC || header.slot != slot {
+        return Err(ArenaError::SlotOutOfRange);
+    }
+    RESERVED_LEN[slot as usize].store(0, Ordering::Release);
+    ACTIVE[slot as usize].store(true, Ordering::Release);
+    Ok(())
+}
+
+/// Unmaps a reservation that will not become an arena.
+pub fn discard(slot: u32) {
+    let Some(len) = RESERVED_LEN
+        .get(slot as usize)
+        .map(|l| l.swap(0, Ordering::AcqRel))
+    else {
+        return;
+    };
+    unmap_range(window_base(slot), len);
 }
 
 /// The mapped bytes of an arena, to copy into an image. The capsule must be
