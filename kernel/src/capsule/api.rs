@@ -14,7 +14,7 @@ use smoltcp::iface::SocketHandle;
 use smoltcp::socket::{tcp, udp};
 use smoltcp::wire::{IpAddress, IpEndpoint, IpListenEndpoint};
 
-use super::{Capsule, CapsuleRoot, MAX_TASKS, REGISTRY};
+use super::{Capsule, CapsuleRoot, MAX_TASKS, NetWant, REGISTRY};
 use crate::sched::{self, Task, TaskState};
 
 /// Sockets one capsule may hold.
@@ -166,8 +166,27 @@ pub fn join(id: TaskId) {
     }
 }
 
-fn wait_net() {
-    sched::block(TaskState::WaitingNet);
+/// The capsule's network event stamp: read it *before* looking at a socket,
+/// and pass it to [`wait_net`], so news in between wakes the task.
+fn net_seen() -> u64 {
+    with_current(|c, _| c.net_event_ns)
+}
+
+/// Parks the task until `socket` is ready for `want`, or, with no socket,
+/// until the capsule's network has news after `seen`.
+fn wait_net(seen: u64, on: Option<(SocketHandle, NetWant)>) {
+    let Some(task) = sched::current_task() else {
+        return;
+    };
+    // SAFETY: the running task's control block is live while it runs.
+    let id = unsafe { (*task).id };
+    if let Some(wait) = on {
+        with_current(|_, root| root.net_waits.insert(id, wait));
+    }
+    sched::block(TaskState::WaitingNet { seen });
+    if on.is_some() {
+        with_current(|_, root| root.net_waits.remove(&id));
+    }
 }
 
 fn new_tcp_socket(root: &mut CapsuleRoot) -> Result<SocketHandle, NetError> {
@@ -233,6 +252,7 @@ impl TcpListener {
     /// Waits for the next connection.
     pub fn accept(&mut self) -> Result<TcpStream, NetError> {
         loop {
+            let seen = net_seen();
             let port = self.port;
             let accepted = with_current(|c, root| {
                 let index = self.ready.iter().position(|h| {
@@ -264,7 +284,8 @@ impl TcpListener {
                         handle: Some(handle),
                     });
                 }
-                None => wait_net(),
+                // Any of the ready sockets may complete: wait for any news.
+                None => wait_net(seen, None),
             }
         }
     }
@@ -313,11 +334,17 @@ impl TcpStream {
         loop {
             let state = stream.with_socket(|s| s.state());
             match state {
+                tcp::State::SynSent | tcp::State::SynReceived => {
+                    wait_net(0, Some((handle, NetWant::TcpConnected)))
+                }
                 tcp::State::Established | tcp::State::CloseWait => return Ok(stream),
-                tcp::State::Closed => return Err(NetError::ConnectionRefused),
-                _ => wait_net(),
+                _ => return Err(NetError::ConnectionRefused),
             }
         }
+    }
+
+    fn socket(&self) -> SocketHandle {
+        self.handle.expect("stream is open")
     }
 
     fn with_socket<R>(&self, f: impl FnOnce(&mut tcp::Socket<'static>) -> R) -> R {
@@ -353,7 +380,7 @@ impl TcpStream {
             });
             match r {
                 Some(r) => return r,
-                None => wait_net(),
+                None => wait_net(0, Some((self.socket(), NetWant::TcpReadable))),
             }
         }
     }
@@ -379,7 +406,7 @@ impl TcpStream {
             });
             match r {
                 Some(r) => return r,
-                None => wait_net(),
+                None => wait_net(0, Some((self.socket(), NetWant::TcpWritable))),
             }
         }
     }
@@ -478,7 +505,7 @@ impl UdpSocket {
             });
             match r {
                 Some(r) => return r,
-                None => wait_net(),
+                None => wait_net(0, Some((handle, NetWant::UdpSendable))),
             }
         }
     }
@@ -500,7 +527,7 @@ impl UdpSocket {
             match r {
                 Some(Ok(r)) => return Ok(r),
                 Some(Err(_)) => return Err(NetError::InvalidInput),
-                None => wait_net(),
+                None => wait_net(0, Some((handle, NetWant::UdpReceivable))),
             }
         }
     }

@@ -61,7 +61,7 @@ fn task_state(state: TaskState) -> String {
         TaskState::Sleeping { until_ns } => {
             alloc::format!("sleeping until {} ms", until_ns / 1_000_000)
         }
-        TaskState::WaitingNet => "waiting for network".into(),
+        TaskState::WaitingNet { .. } => "waiting for network".into(),
         TaskState::Joining { task } => alloc::format!("joining task {task}"),
         TaskState::Exited => "exited".into(),
     }
@@ -576,7 +576,9 @@ fn register(
         clock_offset_ns: now.saturating_sub(image.clock_ns),
         started_ns: now.saturating_sub(image.clock_ns),
         net_dirty: true,
-        net_news: true,
+        // Past every stamp its tasks saw at the source: tasks waiting for
+        // news in general look again once (spurious wakeups are harmless).
+        net_event_ns: image.clock_ns + 1,
         poll_at_ns: None,
         precopy_len: None,
     };

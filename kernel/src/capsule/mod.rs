@@ -23,6 +23,8 @@ use alloc::vec::Vec;
 use core::fmt::Write as _;
 use core::net::Ipv4Addr;
 
+use smoltcp::iface::{SocketHandle, SocketSet};
+use smoltcp::socket::{tcp, udp};
 use spin::{Mutex, Once};
 
 use crate::arch::x86_64::trap::TrapFrame;
@@ -88,6 +90,45 @@ pub struct CapsuleRoot {
     pub listen_ports: Vec<u16>,
     /// Round-robin position among the tasks.
     rr: usize,
+    /// Tasks parked on one socket, by task id: only that socket's readiness
+    /// wakes them, so a packet for one of a hundred connections wakes one
+    /// task, not a hundred (each would dirty its stack for a pre-copy).
+    pub net_waits: BTreeMap<u32, (SocketHandle, NetWant)>,
+}
+
+/// What a task parked on a socket waits for. Each matches the condition on
+/// which the blocking call in `api` stops waiting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetWant {
+    /// Bytes to read, or the end of the stream.
+    TcpReadable,
+    /// Room to write, or no more sending possible.
+    TcpWritable,
+    /// The handshake is over, one way or the other.
+    TcpConnected,
+    UdpSendable,
+    UdpReceivable,
+}
+
+impl NetWant {
+    fn ready(self, sockets: &SocketSet<'static>, handle: SocketHandle) -> bool {
+        match self {
+            Self::TcpReadable => {
+                let s = sockets.get::<tcp::Socket>(handle);
+                s.can_recv() || !s.may_recv()
+            }
+            Self::TcpWritable => {
+                let s = sockets.get::<tcp::Socket>(handle);
+                s.can_send() || !s.may_send()
+            }
+            Self::TcpConnected => !matches!(
+                sockets.get::<tcp::Socket>(handle).state(),
+                tcp::State::SynSent | tcp::State::SynReceived
+            ),
+            Self::UdpSendable => sockets.get::<udp::Socket>(handle).can_send(),
+            Self::UdpReceivable => sockets.get::<udp::Socket>(handle).can_recv(),
+        }
+    }
 }
 
 /// The kernel's record of a capsule.
@@ -110,8 +151,9 @@ pub struct Capsule {
     started_ns: u64,
     /// A task changed socket state; poll the stack soon.
     net_dirty: bool,
-    /// The stack reported news; wake tasks waiting on the network.
-    net_news: bool,
+    /// Capsule clock of the stack's last news (strictly increasing): tasks
+    /// waiting on no socket in particular wake when it passes what they saw.
+    net_event_ns: u64,
     poll_at_ns: Option<u64>,
     /// A pre-copy began when the arena was this long: its pages are being
     /// read (`migrate::read_pages`), and the next freeze sends only the pages
@@ -312,6 +354,7 @@ pub fn start(config: CapsuleConfig, net: &mut Network) -> Result<(), CapsuleErro
             closing: Vec::new(),
             listen_ports: Vec::new(),
             rr: 0,
+            net_waits: BTreeMap::new(),
         }))
     });
     arena::set_root(slot, root as usize);
@@ -329,7 +372,7 @@ pub fn start(config: CapsuleConfig, net: &mut Network) -> Result<(), CapsuleErro
         clock_offset_ns: now,
         started_ns: now,
         net_dirty: true,
-        net_news: false,
+        net_event_ns: 0,
         poll_at_ns: None,
         precopy_len: None,
     };
@@ -518,7 +561,9 @@ fn poll_capsule(slot: u32, now: u64, net: &mut Network, local: &mut Vec<LocalDel
     registry(|r| {
         if let Some(c) = r.capsules.get_mut(&slot) {
             c.poll_at_ns = poll_at;
-            c.net_news |= changed || had_packets;
+            if changed || had_packets {
+                c.net_event_ns = c.clock_ns().max(c.net_event_ns + 1);
+            }
             // Packets that arrived while we polled keep their order behind any
             // the stack did not take.
             inbound.extend(c.inbound.drain(..));
@@ -590,7 +635,7 @@ fn wake() -> bool {
             if !c.state.is_running() {
                 continue;
             }
-            let news = core::mem::take(&mut c.net_news);
+            let events = c.net_event_ns;
             let clock = c.clock_ns();
             let Some(root) = c.root() else { continue };
             let exited: Vec<u32> = root
@@ -600,10 +645,20 @@ fn wake() -> bool {
                 .map(|t| t.id)
                 .collect();
             let all_exited = root.tasks.iter().all(|t| t.state == TaskState::Exited);
-            for task in root.tasks.iter_mut() {
+            let CapsuleRoot {
+                tasks,
+                net_waits,
+                stack,
+                ..
+            } = root;
+            for task in tasks.iter_mut() {
                 let ready = match task.state {
                     TaskState::Sleeping { until_ns } => until_ns <= clock,
-                    TaskState::WaitingNet => news,
+                    // Reading socket state writes nothing to the arena.
+                    TaskState::WaitingNet { seen } => match net_waits.get(&task.id) {
+                        Some((socket, want)) => want.ready(&stack.sockets, *socket),
+                        None => events > seen,
+                    },
                     TaskState::Joining { task } => exited.contains(&task),
                     TaskState::Runnable | TaskState::Exited => false,
                 };

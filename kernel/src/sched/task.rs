@@ -16,8 +16,13 @@ pub enum TaskState {
     Sleeping {
         until_ns: u64,
     },
-    /// Until the capsule's network stack has news.
-    WaitingNet,
+    /// Until the capsule's network is ready for it. The capsule layer
+    /// decides: readiness of the one socket the task waits on, or else any
+    /// network news after `seen` (its network event stamp when the task
+    /// last looked, so news between looking and parking is not lost).
+    WaitingNet {
+        seen: u64,
+    },
     /// Until the task with this id has exited.
     Joining {
         task: u32,
