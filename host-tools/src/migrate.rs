@@ -572,6 +572,13 @@ fn move_frozen(
     Ok((image_len, t_frozen, t_transferred, t_running))
 }
 
+/// A fresh random nonce for sealing an image.
+fn image_nonce() -> Result<image::ImageNonce> {
+    let mut nonce = image::ImageNonce::default();
+    getrandom::fill(&mut nonce).map_err(|e| anyhow!("no randomness for an image nonce: {e}"))?;
+    Ok(nonce)
+}
+
 /// The key that seals images on disk: 32 random bytes in a 0600 file,
 /// created on first use. Survives labs, so a capsule suspended in one lab
 /// can be resumed in a later one.
@@ -718,7 +725,7 @@ pub fn resume(
     // memory window): they must be free in this lab.
     let mut check = map.clone();
     check.insert(record.clone()).context("cannot resume here")?;
-    let sealed = img.encode_for_transfer(&s.lab.key()?);
+    let sealed = img.encode_for_transfer(&s.lab.key()?, &image_nonce()?);
     let info = restore_image(&mut c, &vm.name, &img.name, &sealed)?;
     if info.state != CapsuleState::Running {
         bail!(

@@ -238,7 +238,7 @@ fn bad_images_are_refused_before_mapping() {
         let mut other_build = CapsuleImage::decode(&image, KEY).unwrap();
         other_build.build_id[0] ^= 0xff;
         assert_eq!(
-            migrate::restore(&other_build.encode(KEY), KEY, net).err(),
+            migrate::restore(&other_build.encode(KEY, &[1; 16]), KEY, net).err(),
             Some(RestoreError::WrongBuild)
         );
         assert_eq!(
@@ -400,7 +400,7 @@ fn precopy_then_delta_restores_the_latest_state() {
         other.slot = 44;
         other.locator = Ipv4Addr::new(198, 18, 0, 44);
         other.root = other.root - arena::window_base(43) + arena::window_base(44);
-        let sealed = other.encode_for_transfer(KEY);
+        let sealed = other.encode_for_transfer(KEY, &[2; 16]);
         let staged = migrate::stage_base(&sealed, KEY, net).unwrap();
         migrate::abort_staged(staged);
         let staged = migrate::stage_base(&sealed, KEY, net).unwrap();

@@ -17,7 +17,7 @@ use crate::auth::{self, Direction, MAC_LEN, NONCE_LEN, Nonce, Tag};
 use crate::codec::{DecodeError, Reader, Writer};
 
 /// Version of this protocol. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest payload a frame may carry.
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
 /// Bytes of the length prefix in front of every frame.
@@ -1644,10 +1644,10 @@ mod tests {
         hello[0] = b'X';
         assert!(ClientSession::new(&KEY, &hello).is_err());
         let mut h = Hello::decode(&server.hello(b"b", "vm")).unwrap();
-        h.protocol_version = 2;
+        h.protocol_version = PROTOCOL_VERSION + 1;
         assert_eq!(
             ClientSession::new(&KEY, &h.encode()).err(),
-            Some(ClientError::VersionMismatch(2))
+            Some(ClientError::VersionMismatch(PROTOCOL_VERSION + 1))
         );
     }
 

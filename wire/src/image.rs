@@ -1,8 +1,10 @@
 //! The capsule image: everything a capsule is, frozen, in one byte string
 //! that a VM of the same kernel build can revive (see docs/image-format.md).
 //!
-//! Layout: a fixed header, the body, then a trailer of SHA-256 over header and
-//! body and an HMAC-SHA256 of the same bytes under the cluster key. Readers
+//! Layout: a fixed header (with a random nonce), the body, then a trailer of
+//! SHA-256 over header and body and a MAC of the same bytes under the cluster
+//! key (Poly1305 under a one-time key derived from the key and the nonce; see
+//! `auth`). Readers
 //! check magic, version, lengths, digest and MAC before they look at anything
 //! else, so a damaged, truncated or forged image is refused before a single
 //! page is mapped.
@@ -12,18 +14,20 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::net::Ipv4Addr;
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-
-use crate::auth::sha256;
+use crate::auth::{self, MAC_LEN, sha256};
 use crate::codec::{DecodeError, Reader, Writer};
 
 pub const IMAGE_MAGIC: [u8; 8] = *b"CPSLIMG\0";
-pub const IMAGE_VERSION: u16 = 2;
+pub const IMAGE_VERSION: u16 = 3;
+/// Random bytes in every header, so that no two images sealed under one key
+/// share a one-time MAC key.
+pub const IMAGE_NONCE_LEN: usize = 16;
+pub type ImageNonce = [u8; IMAGE_NONCE_LEN];
 pub const PAGE_SIZE: usize = 4096;
-/// Magic, version, build id length (u16) + 64 bytes room, body length.
-const HEADER_LEN: usize = 8 + 2 + 2 + 64 + 8;
-const TRAILER_LEN: usize = 32 + 32;
+/// Magic, version, build id length (u16) + 64 bytes room, body length, nonce.
+const HEADER_LEN: usize = 8 + 2 + 2 + 64 + 8 + IMAGE_NONCE_LEN;
+const NONCE_AT: usize = 84;
+const TRAILER_LEN: usize = 32 + MAC_LEN;
 /// Largest arena an image may describe (the window size).
 pub const MAX_ARENA_BYTES: u64 = 1 << 30;
 
@@ -196,11 +200,11 @@ impl From<DecodeError> for ImageError {
     }
 }
 
-fn mac(key: &[u8], bytes: &[u8]) -> [u8; 32] {
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
-    m.update(b"CPSL-IMG");
-    m.update(bytes);
-    m.finalize().into_bytes().into()
+/// The MAC of header and body (`sealed`), whose header holds the nonce.
+fn mac(key: &[u8], sealed: &[u8]) -> auth::Tag {
+    let nonce = &sealed[NONCE_AT..NONCE_AT + IMAGE_NONCE_LEN];
+    let one_time = auth::derive_key(key, &[b"CPSL-IMG", nonce]);
+    auth::one_time_tag(&one_time, &[sealed])
 }
 
 /// Whether a page is all zero, looking at whole words: this scan runs while
@@ -267,18 +271,19 @@ impl CapsuleImage {
     }
 
     /// The image as bytes, sealed with `key`, with its SHA-256 digest.
-    pub fn encode(&self, key: &[u8]) -> Vec<u8> {
-        self.encode_with(key, true)
+    /// `nonce` must be random (never the same twice under one key).
+    pub fn encode(&self, key: &[u8], nonce: &ImageNonce) -> Vec<u8> {
+        self.encode_with(key, nonce, true)
     }
 
     /// The image sealed with `key` only (digest left zero): for images in
     /// flight between VMs, where the MAC is checked anyway and every hash
     /// pass lengthens the pause. [`reseal`] adds the digest for files.
-    pub fn encode_for_transfer(&self, key: &[u8]) -> Vec<u8> {
-        self.encode_with(key, false)
+    pub fn encode_for_transfer(&self, key: &[u8], nonce: &ImageNonce) -> Vec<u8> {
+        self.encode_with(key, nonce, false)
     }
 
-    fn encode_with(&self, key: &[u8], with_digest: bool) -> Vec<u8> {
+    fn encode_with(&self, key: &[u8], nonce: &ImageNonce, with_digest: bool) -> Vec<u8> {
         let body = self.encode_body();
         let mut out = Vec::with_capacity(HEADER_LEN + body.len() + TRAILER_LEN);
         out.extend_from_slice(&IMAGE_MAGIC);
@@ -289,6 +294,7 @@ impl CapsuleImage {
         out.extend_from_slice(&(id_len as u16).to_le_bytes());
         out.extend_from_slice(&id);
         out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        out.extend_from_slice(nonce);
         out.extend_from_slice(&body);
         let digest = if with_digest {
             sha256(&[&out])
@@ -457,12 +463,10 @@ fn check_seal(bytes: &[u8], key: Option<&[u8]>) -> Result<Sealed, ImageError> {
         return Err(ImageError::DigestMismatch);
     }
     if let Some(key) = key {
-        let mut m =
-            <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
-        m.update(b"CPSL-IMG");
-        m.update(content);
-        m.verify_slice(&trailer[32..])
-            .map_err(|_| ImageError::BadMac)?;
+        let tag: auth::Tag = trailer[32..].try_into().expect("trailer length checked");
+        if !auth::tags_equal(&mac(key, content), &tag) {
+            return Err(ImageError::BadMac);
+        }
     }
     Ok(Sealed {
         build_id: bytes[12..12 + id_len].to_vec(),
@@ -499,6 +503,7 @@ mod tests {
     use alloc::vec;
 
     const KEY: &[u8] = &[5; 32];
+    const NONCE: ImageNonce = [0x6e; IMAGE_NONCE_LEN];
 
     fn sample() -> CapsuleImage {
         let mut arena = vec![0u8; 8 * PAGE_SIZE];
@@ -555,7 +560,7 @@ mod tests {
     #[test]
     fn round_trip_with_key() {
         let s = sample();
-        let bytes = s.encode(KEY);
+        let bytes = s.encode(KEY, &NONCE);
         assert_eq!(CapsuleImage::decode(&bytes, KEY).unwrap(), s);
         assert_eq!(CapsuleImage::decode_unauthenticated(&bytes).unwrap(), s);
         assert_eq!(peek_build_id(&bytes), Some(&[0xab; 20][..]));
@@ -563,7 +568,7 @@ mod tests {
 
     #[test]
     fn wrong_key_tamper_truncation_and_garbage_are_refused() {
-        let bytes = sample().encode(KEY);
+        let bytes = sample().encode(KEY, &NONCE);
         assert_eq!(
             CapsuleImage::decode(&bytes, &[6; 32]),
             Err(ImageError::BadMac)
@@ -602,7 +607,7 @@ mod tests {
     #[test]
     fn transfer_images_skip_the_digest_but_not_the_mac() {
         let s = sample();
-        let bytes = s.encode_for_transfer(KEY);
+        let bytes = s.encode_for_transfer(KEY, &NONCE);
         assert_eq!(CapsuleImage::decode(&bytes, KEY).unwrap(), s);
         // Without a key the missing digest is an error, never a free pass.
         assert_eq!(
@@ -619,17 +624,40 @@ mod tests {
 
     #[test]
     fn future_version_is_refused() {
-        let mut bytes = sample().encode(KEY);
-        bytes[8] = 3;
+        let mut bytes = sample().encode(KEY, &NONCE);
+        let future = IMAGE_VERSION + 1;
+        bytes[8..10].copy_from_slice(&future.to_le_bytes());
         assert_eq!(
             CapsuleImage::decode(&bytes, KEY),
-            Err(ImageError::UnsupportedVersion(3))
+            Err(ImageError::UnsupportedVersion(future))
+        );
+    }
+
+    #[test]
+    fn the_nonce_is_sealed_and_changes_the_mac() {
+        let a = sample().encode(KEY, &NONCE);
+        let b = sample().encode(KEY, &[0x11; IMAGE_NONCE_LEN]);
+        assert_eq!(a.len(), b.len());
+        assert_ne!(a[a.len() - MAC_LEN..], b[b.len() - MAC_LEN..]);
+        assert!(CapsuleImage::decode(&b, KEY).is_ok());
+        let mut swapped = a.clone();
+        swapped[NONCE_AT] ^= 1;
+        // Digest first: a file-style image reports the corruption.
+        assert_eq!(
+            CapsuleImage::decode(&swapped, KEY),
+            Err(ImageError::DigestMismatch)
+        );
+        let mut in_flight = sample().encode_for_transfer(KEY, &NONCE);
+        in_flight[NONCE_AT] ^= 1;
+        assert_eq!(
+            CapsuleImage::decode(&in_flight, KEY),
+            Err(ImageError::BadMac)
         );
     }
 
     #[test]
     fn reseal_moves_between_keys() {
-        let bytes = sample().encode(KEY);
+        let bytes = sample().encode(KEY, &NONCE);
         let moved = reseal(&bytes, KEY, &[7; 32]).unwrap();
         assert_eq!(CapsuleImage::decode(&moved, &[7; 32]).unwrap(), sample());
         assert_eq!(CapsuleImage::decode(&moved, KEY), Err(ImageError::BadMac));
@@ -641,25 +669,25 @@ mod tests {
         let mut s = sample();
         s.segments[1].offset = 4095;
         assert!(matches!(
-            CapsuleImage::decode(&s.encode(KEY), KEY),
+            CapsuleImage::decode(&s.encode(KEY, &NONCE), KEY),
             Err(ImageError::Inconsistent(_))
         ));
         let mut s = sample();
         s.segments[1].offset = s.arena_len;
         assert!(matches!(
-            CapsuleImage::decode(&s.encode(KEY), KEY),
+            CapsuleImage::decode(&s.encode(KEY, &NONCE), KEY),
             Err(ImageError::Inconsistent(_))
         ));
         let mut s = sample();
         s.segments.remove(0);
         assert!(matches!(
-            CapsuleImage::decode(&s.encode(KEY), KEY),
+            CapsuleImage::decode(&s.encode(KEY, &NONCE), KEY),
             Err(ImageError::Inconsistent(_))
         ));
         let mut s = sample();
         s.arena_len = MAX_ARENA_BYTES + PAGE_SIZE as u64;
         assert!(matches!(
-            CapsuleImage::decode(&s.encode(KEY), KEY),
+            CapsuleImage::decode(&s.encode(KEY, &NONCE), KEY),
             Err(ImageError::Inconsistent(_))
         ));
     }

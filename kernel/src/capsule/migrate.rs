@@ -296,7 +296,10 @@ fn snapshot(name: &str, key: &[u8], kind: ImageKind) -> Result<Vec<u8>, CapsuleE
             .collect(),
     };
     let copied = crate::time::since_boot_ns();
-    let sealed = image.encode_for_transfer(key);
+    let nonce: [u8; 16] = crate::random::bytes32()[..16]
+        .try_into()
+        .expect("16 of 32 bytes");
+    let sealed = image.encode_for_transfer(key, &nonce);
     let done = crate::time::since_boot_ns();
     ::log::info!(
         "capsule {name}: {:?} image, {} KiB mapped, {} KiB in image; copied in {} us, sealed in {} us",
