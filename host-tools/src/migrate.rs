@@ -248,9 +248,11 @@ pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> 
         );
     }
     // Admission before anything stops: memory and name at the destination.
-    // The image cannot be longer than the mapped arena plus metadata; the
-    // bound leaves room for the capsule to grow until it is frozen.
-    let admission_len = 2 * info.memory_bytes + (1 << 20);
+    // The delta cannot be longer than the mapped arena plus metadata; the
+    // bound leaves room for the capsule to grow until it is frozen (a quarter,
+    // at least 1 MiB). The destination wants free memory for twice this: the
+    // arena, and the delta while it arrives.
+    let admission_len = info.memory_bytes + (info.memory_bytes / 4).max(1 << 20);
     expect_done(
         dst_c.call(&Request::RestoreBegin {
             name: rec.name.clone(),
