@@ -75,12 +75,26 @@ pub fn tap_name(index: usize) -> String {
     format!("tap{index}")
 }
 pub const BRIDGE_NAME: &str = "br0";
+/// The lab LAN carries jumbo frames: the VMs' machine addresses (control
+/// traffic and capsule images) use them; capsules keep 1500 and TCP's MSS
+/// keeps every connection within both ends' MTU.
+pub const LAB_MTU: u32 = 9000;
 
 /// Creates the namespace with loopback up and a bridge holding `gateway/prefix`.
 pub fn create_lab_network(ns: &str, gateway: Ipv4Addr, prefix: u8) -> Result<()> {
     ip(&["netns", "add", ns])?;
     ip(&["-n", ns, "link", "set", "lo", "up"])?;
-    ip(&["-n", ns, "link", "add", BRIDGE_NAME, "type", "bridge"])?;
+    ip(&[
+        "-n",
+        ns,
+        "link",
+        "add",
+        BRIDGE_NAME,
+        "mtu",
+        &LAB_MTU.to_string(),
+        "type",
+        "bridge",
+    ])?;
     ip(&[
         "-n",
         ns,
@@ -97,6 +111,7 @@ pub fn create_lab_network(ns: &str, gateway: Ipv4Addr, prefix: u8) -> Result<()>
 /// Adds a tap, enslaved to the lab bridge and up.
 pub fn add_tap(ns: &str, tap: &str) -> Result<()> {
     ip(&["-n", ns, "tuntap", "add", "dev", tap, "mode", "tap"])?;
+    ip(&["-n", ns, "link", "set", tap, "mtu", &LAB_MTU.to_string()])?;
     ip(&["-n", ns, "link", "set", tap, "master", BRIDGE_NAME])?;
     ip(&["-n", ns, "link", "set", tap, "up"])?;
     Ok(())

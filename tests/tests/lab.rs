@@ -63,6 +63,15 @@ fn two_vm_lab_serves_ping_and_control_and_leaves_nothing_behind() {
             stderr(&out)
         );
     }
+    // The lab LAN carries jumbo frames to the machine addresses: a 9000-byte
+    // IP packet that must not be fragmented (DF) goes out and comes back whole.
+    let out = lab.exec(&["ping", "-c2", "-W2", "-M", "do", "-s", "8972", "192.0.2.11"]);
+    assert!(
+        out.status.success(),
+        "jumbo ping failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
     // Nothing of the lab is configured in the root namespace.
     assert_eq!(root_namespace_addresses(), root_before);
     // `lab exec` passes the exit status through.

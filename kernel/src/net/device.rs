@@ -18,8 +18,9 @@ use crate::drivers::virtio::net::{MAX_FRAME, VirtioNet};
 /// wait for window updates.
 const MAX_BURST: usize = 48;
 
-/// Largest IP packet a capsule stack sends (Ethernet payload).
-pub const IP_MTU: usize = MAX_FRAME - 14;
+/// Largest IP packet a capsule stack sends: the standard Ethernet payload,
+/// so that any host on the LAN can talk to a capsule whatever its own MTU.
+pub const IP_MTU: usize = 1500;
 
 pub struct RxToken {
     data: Vec<u8>,
