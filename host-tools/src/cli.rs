@@ -68,6 +68,13 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Resume a capsule that an interrupted move left frozen on its VM (only
+    /// when it surely does not run on the other VM: `migrate` says so).
+    Thaw {
+        name: String,
+        #[arg(long, default_value = "default")]
+        lab: String,
+    },
     /// Print a capsule's log.
     Logs {
         name: String,
@@ -398,6 +405,11 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Kill { name, lab, force } => {
             let rec = capsules::kill(&LabSession::open(&lab)?, &name, force)?;
             println!("killed {} ({} on {})", rec.name, rec.locator, rec.vm);
+            Ok(0)
+        }
+        Command::Thaw { name, lab } => {
+            let vm = crate::migrate::thaw(&LabSession::open(&lab)?, &name)?;
+            println!("thawed {name} on {vm}");
             Ok(0)
         }
         Command::Logs { name, follow, lab } => {

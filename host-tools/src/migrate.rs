@@ -265,9 +265,13 @@ pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> 
     let base_bytes = match precopy(&mut src_c, &mut dst_c, &src, &dst, &rec.name, admission_len) {
         Ok(len) => len,
         Err(e) => {
-            // The capsule never stopped; only the destination has something to drop.
-            let _ = dst_c.call(&Request::RestoreAbort {
-                name: rec.name.clone(),
+            // The capsule never stopped; only the destination has something
+            // to drop (asked on a new connection: the old one may be what
+            // failed; else the destination drops it by itself after a minute).
+            let _ = s.connect(&dst).and_then(|mut c| {
+                c.call(&Request::RestoreAbort {
+                    name: rec.name.clone(),
+                })
             });
             return Err(e.context(format!(
                 "pre-copy failed; '{name}' keeps running on {}",
@@ -278,10 +282,32 @@ pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> 
     let precopy_ms = ms(precopy_started.elapsed());
     hold_traffic(s, &src.name, rec.locator, true);
     let started = Instant::now();
-    let outcome = move_frozen(&mut src_c, &mut dst_c, &src, &dst, &rec.name);
-    let (image_len, t_frozen, t_transferred, t_running) = match outcome {
-        Ok(times) => times,
-        Err(e) if runs_at_destination_after_all(s, &dst, &rec.name) => {
+    let mut commit_sent = false;
+    let outcome = move_frozen(
+        &mut src_c,
+        &mut dst_c,
+        &src,
+        &dst,
+        &rec.name,
+        &mut commit_sent,
+    );
+    let verdict = match &outcome {
+        Ok(_) => None,
+        // The destination never got the commit: it runs nothing; drop its
+        // restore (on a new connection: the old one may be what failed).
+        Err(_) if !commit_sent => {
+            let _ = s.connect(&dst).and_then(|mut c| {
+                c.call(&Request::RestoreAbort {
+                    name: rec.name.clone(),
+                })
+            });
+            Some(AtDestination::NotThere)
+        }
+        Err(_) => Some(resolve_commit(s, &dst, &rec)),
+    };
+    let (image_len, t_frozen, t_transferred, t_running) = match (outcome, verdict) {
+        (Ok(times), _) => times,
+        (Err(e), Some(AtDestination::Running)) => {
             // The commit took effect but its answer was lost: the move is
             // done, and thawing the source now would run the capsule twice.
             eprintln!(
@@ -291,9 +317,24 @@ pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> 
             let t = started.elapsed();
             (0, t, t, t)
         }
-        Err(e) => {
-            // Nothing runs at the destination (checked above on a fresh
-            // connection, which also dropped its restore): resume at the source.
+        (Err(e), Some(AtDestination::Unknown)) => {
+            // It may run there: thawing here could run it twice. Leave it
+            // frozen (its packets are held) and say how to finish.
+            hold_traffic(s, &src.name, rec.locator, false);
+            return Err(e.context(format!(
+                "'{name}' is left frozen on {src_vm}: {dst_vm} was sent the commit but has not said \
+                 for {secs} s whether it took it. Look with `capsulectl debug capsules --lab {lab} \
+                 --vm {dst_vm}`; if it does not run there, `capsulectl thaw {name} --lab {lab}` resumes \
+                 it on {src_vm}",
+                src_vm = src.name,
+                dst_vm = dst.name,
+                secs = RESOLVE_TIMEOUT.as_secs(),
+                lab = s.lab.name,
+            )));
+        }
+        (Err(e), _) => {
+            // Nothing runs at the destination, and it dropped its restore:
+            // resume at the source.
             let thawed = s.connect(&src).and_then(|mut c| {
                 c.call(&Request::ThawCapsule {
                     name: rec.name.clone(),
@@ -347,25 +388,73 @@ pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> 
     })
 }
 
-/// After a failed move: asks the destination, on a new connection, to drop
-/// any restore of `name` still in progress and whether `name` runs there.
-/// Its control service handles requests in order, so an earlier commit has
-/// taken effect (or never will: the abort removed what it needs) by the time
-/// the answer comes. A destination that does not answer runs nothing we can
-/// reach, so the source takes the capsule back.
-fn runs_at_destination_after_all(s: &LabSession, dst: &VmRecord, name: &str) -> bool {
-    let Ok(mut c) = s.connect(dst) else {
-        return false;
-    };
-    if c.call(&Request::RestoreAbort { name: name.into() })
-        .is_err()
-    {
-        return false;
+/// Whether a capsule whose commit was sent runs at the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AtDestination {
+    Running,
+    NotThere,
+    /// The destination is alive but did not say within [`RESOLVE_TIMEOUT`].
+    Unknown,
+}
+
+/// How long to keep asking a destination that was sent a commit.
+const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// After the commit was sent but its answer did not come: asks the
+/// destination, on new connections, to drop any restore of the capsule still
+/// in progress and whether the capsule runs there. Its control service
+/// handles requests in order, so once the abort is answered an earlier commit
+/// has taken effect, or never will (the abort removed what it needs). It must
+/// be this capsule — same name, slot and locator — to count. A destination
+/// whose QEMU is gone runs nothing. One that is alive and silent for
+/// [`RESOLVE_TIMEOUT`] is `Unknown`: the caller must not thaw the source.
+fn resolve_commit(s: &LabSession, dst: &VmRecord, rec: &CapsuleRecord) -> AtDestination {
+    let deadline = Instant::now() + RESOLVE_TIMEOUT;
+    loop {
+        let answer = s.connect(dst).and_then(|mut c| {
+            c.call(&Request::RestoreAbort {
+                name: rec.name.clone(),
+            })?;
+            c.call(&Request::ListCapsules)
+        });
+        match answer {
+            Ok(Response::Capsules(list)) => {
+                let runs = list.iter().any(|i| {
+                    i.name == rec.name
+                        && i.slot == rec.slot
+                        && i.locator == rec.locator
+                        && i.state == CapsuleState::Running
+                });
+                return if runs {
+                    AtDestination::Running
+                } else {
+                    AtDestination::NotThere
+                };
+            }
+            _ if !dst.pid.is_some_and(|pid| crate::lab::is_our_qemu(pid, dst)) => {
+                return AtDestination::NotThere;
+            }
+            _ if Instant::now() >= deadline => return AtDestination::Unknown,
+            _ => std::thread::sleep(std::time::Duration::from_millis(500)),
+        }
     }
-    matches!(
-        c.call(&Request::ListCapsules),
-        Ok(Response::Capsules(list)) if list.iter().any(|i| i.name == name && i.state == CapsuleState::Running)
-    )
+}
+
+/// `capsulectl thaw NAME`: resumes a capsule left frozen on its VM by an
+/// interrupted move. Only for when it surely runs nowhere else.
+pub fn thaw(s: &LabSession, name: &str) -> Result<String> {
+    let _lock = directory::lock(&s.dir)?;
+    let map = s.load_map()?;
+    let rec = record(s, &map, name)?;
+    let vm = s.vm(&rec.vm)?;
+    expect_done(
+        s.connect(vm)?.call(&Request::ThawCapsule {
+            name: rec.name.clone(),
+        })?,
+        &format!("to thaw '{name}'"),
+        &vm.name,
+    )?;
+    Ok(vm.name.clone())
 }
 
 type Phases = (
@@ -540,6 +629,7 @@ fn move_frozen(
     src: &VmRecord,
     dst: &VmRecord,
     name: &str,
+    commit_sent: &mut bool,
 ) -> Result<Phases> {
     let start = Instant::now();
     let image_len = match src_c.call(&Request::FreezeDelta { name: name.into() })? {
@@ -557,6 +647,9 @@ fn move_frozen(
     let t_frozen = start.elapsed();
     stream_image(src_c, dst_c, src, dst, name, image_len)?;
     let t_transferred = start.elapsed();
+    // From here on the destination may run the capsule: a failure no longer
+    // means the source can simply take it back.
+    *commit_sent = true;
     if std::env::var_os(LOSE_COMMIT_ANSWER_ENV).is_some() {
         dst_c.send_only(&Request::RestoreCommit { name: name.into() })?;
         bail!("the answer to the commit was lost (test hook {LOSE_COMMIT_ANSWER_ENV})");

@@ -985,6 +985,20 @@ fn a_lost_commit_answer_completes_the_move_instead_of_running_the_capsule_twice(
     let row = lab.ps_row("kv").expect("kv in ps");
     assert_eq!(row["vm"], "vm2", "{row}");
     assert_eq!(row["state"], "running", "{row}");
+    // `thaw` is for capsules an interrupted move left frozen: a running one,
+    // or an unknown name, gets a clear refusal and nothing changes.
+    let out = lab.ctl(&["thaw", "kv"]);
+    assert!(
+        !out.status.success() && describe(&out).contains("not frozen"),
+        "thaw of a running capsule: {}",
+        describe(&out)
+    );
+    let out = lab.ctl(&["thaw", "nosuch"]);
+    assert!(
+        !out.status.success() && describe(&out).contains("no capsule named"),
+        "thaw of an unknown capsule: {}",
+        describe(&out)
+    );
     // The client's connection goes on at the new place without an error.
     wait_progress(&last, seen + 20, "INCR replies after the move");
     stop.store(true, Ordering::Relaxed);

@@ -1096,9 +1096,12 @@ impl ServerSession {
             return refuse(self.unauthenticated_error(env.seq, code, msg), code);
         }
         if env.seq <= self.last_seq {
+            // Not signed: a response under this sequence number's one-time
+            // key was already sent, and Poly1305 must never sign two messages
+            // under one key (two would give the key away).
             let code = ErrorCode::BadSequence;
             let msg = alloc::format!("sequence number {} not above {}", env.seq, self.last_seq);
-            return refuse(self.reply(env.seq, &Response::error(code, msg)), code);
+            return refuse(self.unauthenticated_error(env.seq, code, msg), code);
         }
         self.last_seq = env.seq;
         match Request::decode(&env.body) {
@@ -1473,13 +1476,18 @@ mod tests {
         let (mut server, mut client) = pair();
         let (_, payload) = client.seal(&Request::Shutdown);
         assert!(matches!(server.handle(&payload), Incoming::Request { .. }));
-        assert!(matches!(
-            server.handle(&payload),
-            Incoming::Refused {
-                code: ErrorCode::BadSequence,
-                ..
-            }
-        ));
+        let Incoming::Refused {
+            code: ErrorCode::BadSequence,
+            reply,
+        } = server.handle(&payload)
+        else {
+            panic!("a replay was not refused for its sequence number");
+        };
+        // The refusal is not signed: the answer to the original request was,
+        // under the same one-time key, and a second signed message would
+        // reveal that key.
+        let env = Envelope::decode(&reply).unwrap();
+        assert_eq!(env.tag, UNAUTHENTICATED_TAG);
     }
 
     #[test]

@@ -445,7 +445,10 @@ fn check_seal(bytes: &[u8], key: Option<&[u8]>) -> Result<Sealed, ImageError> {
     let mut len = [0u8; 8];
     len.copy_from_slice(&bytes[76..84]);
     let body_len = u64::from_le_bytes(len);
-    let expected = (HEADER_LEN + TRAILER_LEN) as u64 + body_len;
+    // A crafted length must not wrap the sum.
+    let Some(expected) = ((HEADER_LEN + TRAILER_LEN) as u64).checked_add(body_len) else {
+        return Err(ImageError::Truncated);
+    };
     if (bytes.len() as u64) < expected {
         return Err(ImageError::Truncated);
     }
@@ -485,6 +488,15 @@ pub fn reseal(bytes: &[u8], old_key: &[u8], new_key: &[u8]) -> Result<Vec<u8>, I
     out.extend_from_slice(&digest);
     out.extend_from_slice(&tag);
     Ok(out)
+}
+
+/// The kind recorded in an image, read without verifying anything (to pick
+/// how to restore it; the restore then verifies everything).
+pub fn peek_kind(bytes: &[u8]) -> Option<ImageKind> {
+    if bytes.len() <= HEADER_LEN || bytes[..8] != IMAGE_MAGIC {
+        return None;
+    }
+    ImageKind::from_u8(bytes[HEADER_LEN])
 }
 
 /// The build id recorded in an image, read without verifying anything (to
@@ -653,6 +665,25 @@ mod tests {
             CapsuleImage::decode(&in_flight, KEY),
             Err(ImageError::BadMac)
         );
+    }
+
+    #[test]
+    fn a_body_length_near_the_top_of_u64_is_truncation_not_a_wrap() {
+        let mut bytes = sample().encode(KEY, &NONCE);
+        bytes[76..84].copy_from_slice(&(u64::MAX - 50).to_le_bytes());
+        assert_eq!(
+            CapsuleImage::decode(&bytes, KEY),
+            Err(ImageError::Truncated)
+        );
+    }
+
+    #[test]
+    fn kind_can_be_peeked() {
+        let mut s = sample();
+        assert_eq!(peek_kind(&s.encode(KEY, &NONCE)), Some(ImageKind::Full));
+        s.kind = ImageKind::Delta;
+        assert_eq!(peek_kind(&s.encode(KEY, &NONCE)), Some(ImageKind::Delta));
+        assert_eq!(peek_kind(b"not an image at all, not at all"), None);
     }
 
     #[test]

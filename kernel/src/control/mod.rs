@@ -52,6 +52,49 @@ struct Images {
     incoming: BTreeMap<String, IncomingImage>,
     /// Pre-copied bases waiting for their delta.
     staged: BTreeMap<String, capsule::migrate::StagedBase>,
+    /// When a request last named each incoming or staged image: one that
+    /// nobody finishes (its orchestrator died) is dropped after
+    /// [`STALE_IMAGE_NS`], freeing its memory and its arena window.
+    touched: BTreeMap<String, u64>,
+}
+
+/// An image being received, or a staged base, with no request for this long
+/// is dropped.
+const STALE_IMAGE_NS: u64 = 60_000_000_000;
+
+impl Images {
+    fn touch(&mut self, name: &str) {
+        self.touched
+            .insert(name.into(), crate::time::since_boot_ns());
+    }
+
+    /// Drops what no request has named for [`STALE_IMAGE_NS`].
+    fn expire(&mut self) {
+        if self.touched.is_empty() {
+            return;
+        }
+        let now = crate::time::since_boot_ns();
+        let stale: Vec<String> = self
+            .touched
+            .iter()
+            .filter(|(name, at)| {
+                now.saturating_sub(**at) > STALE_IMAGE_NS
+                    || !(self.incoming.contains_key(*name) || self.staged.contains_key(*name))
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            self.touched.remove(&name);
+            let dropped = self.incoming.remove(&name).is_some();
+            let staged = self.staged.remove(&name);
+            if dropped || staged.is_some() {
+                log::warn!("control: dropping the unfinished restore of '{name}'");
+            }
+            if let Some(staged) = staged {
+                capsule::migrate::abort_staged(staged);
+            }
+        }
+    }
 }
 
 struct IncomingImage {
@@ -122,6 +165,7 @@ impl ControlService {
 
     /// Serves every connection once. Returns whether anything happened.
     pub fn poll(&mut self, net: &mut Network) -> bool {
+        self.images.expire();
         let mut busy = false;
         for index in 0..self.connections.len() {
             busy |= self.poll_connection(index, net);
@@ -236,6 +280,13 @@ fn handle_request(
     images: &mut Images,
     key: &[u8],
 ) -> Response {
+    if let Request::RestoreBegin { name, .. }
+    | Request::RestoreChunk { name, .. }
+    | Request::RestoreStage { name }
+    | Request::StagePages { name, .. } = request
+    {
+        images.touch(name);
+    }
     match request {
         Request::Version => Response::Version {
             protocol_version: PROTOCOL_VERSION,
@@ -389,8 +440,14 @@ fn handle_request(
         }
         Request::RestoreBegin { name, image_len } => {
             let (_, free_frames) = crate::mm::frame::counts();
-            // Room for the image itself and the arena it becomes.
-            let needed_frames = 2 * image_len.div_ceil(crate::mm::PAGE_SIZE) + 1024;
+            // Room for the image itself and the arena it becomes; after a
+            // pre-copy the arena is mapped already, and only the delta comes.
+            let image_frames = image_len.div_ceil(crate::mm::PAGE_SIZE);
+            let needed_frames = if images.staged.contains_key(name) {
+                image_frames + 1024
+            } else {
+                2 * image_frames + 1024
+            };
             if images.incoming.len() >= MAX_INCOMING && !images.incoming.contains_key(name) {
                 Response::error(ErrorCode::LimitReached, "too many images being received")
             } else if free_frames < needed_frames {
@@ -441,8 +498,17 @@ fn handle_request(
             // before the image exists); the image's own header says how long
             // it must be, and decoding checks that.
             Some(incoming) if incoming.bytes.len() as u64 <= incoming.expected => {
+                let delta = capsules_wire::image::peek_kind(&incoming.bytes)
+                    == Some(capsules_wire::image::ImageKind::Delta);
                 match match images.staged.remove(name) {
-                    Some(base) => capsule::migrate::restore_merged(base, &incoming.bytes, key, net),
+                    Some(base) if delta => {
+                        capsule::migrate::restore_merged(base, &incoming.bytes, key, net)
+                    }
+                    // A whole image (a resume) replaces a forgotten pre-copy.
+                    Some(base) => {
+                        capsule::migrate::abort_staged(base);
+                        capsule::migrate::restore(&incoming.bytes, key, net)
+                    }
                     None => capsule::migrate::restore(&incoming.bytes, key, net),
                 } {
                     Ok(info) => Response::CapsuleStarted(wire_info(info)),
