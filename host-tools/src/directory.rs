@@ -20,7 +20,6 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File};
-use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -288,20 +287,7 @@ pub fn load(lab_dir: &Path, range: CapsuleRange) -> Result<DirectoryMap> {
 /// Writes the map atomically: a reader (the DNS server) sees the old file or
 /// the new one, never a mix, and a crash leaves one of them whole.
 pub fn save(lab_dir: &Path, map: &DirectoryMap) -> Result<()> {
-    let path = map_path(lab_dir);
-    let tmp = lab_dir.join(format!("{MAP_FILE}.tmp"));
-    let json = serde_json::to_vec_pretty(map)?;
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(&json)?;
-    f.sync_all()?;
-    fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))?;
-    Ok(())
+    crate::state::write_atomically(&map_path(lab_dir), &serde_json::to_vec_pretty(map)?, 0o644)
 }
 
 /// An exclusive flock on the lab's directory lock file; released on drop

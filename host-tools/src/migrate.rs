@@ -725,7 +725,7 @@ pub fn suspend(s: &LabSession, name: &str, out: &Path) -> Result<(CapsuleRecord,
         })?;
         let sealed = image::reseal(&bytes, &s.lab.key()?, &file_key)
             .map_err(|e| anyhow!("the image from {} does not verify: {e}", vm.name))?;
-        write_atomically(out, &sealed)
+        crate::state::write_atomically(out, &sealed, 0o600)
     })();
     if let Err(e) = saved {
         let _ = c.call(&Request::ThawCapsule {
@@ -745,22 +745,6 @@ pub fn suspend(s: &LabSession, name: &str, out: &Path) -> Result<(CapsuleRecord,
     map.remove(&rec.name);
     directory::save(&s.dir, &map)?;
     Ok((rec, image_len))
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("partial");
-    {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Reads and verifies a suspended image file.

@@ -104,23 +104,29 @@ pub fn state_file(dir: &Path) -> PathBuf {
     dir.join(STATE_FILE)
 }
 
-/// Writes the state atomically (temporary file + rename), readable by root only.
-pub fn save(dir: &Path, state: &LabState) -> Result<()> {
-    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-    let json = serde_json::to_vec_pretty(state)?;
+/// Replaces `path` with `bytes` atomically (a synced temporary file beside
+/// it, then rename): a reader sees the old file or the new one, never a mix,
+/// and a crash leaves one of them whole.
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
+        .mode(mode)
         .open(&tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(&json)?;
+    f.write_all(bytes)?;
     f.sync_all()?;
-    fs::rename(&tmp, state_file(dir))
-        .with_context(|| format!("cannot replace {}", state_file(dir).display()))?;
-    Ok(())
+    fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
+}
+
+/// Writes the state atomically, readable by root only (it holds the key).
+pub fn save(dir: &Path, state: &LabState) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    write_atomically(&state_file(dir), &serde_json::to_vec_pretty(state)?, 0o600)
 }
 
 /// Reads a lab's state; `Ok(None)` when the lab has no state file.

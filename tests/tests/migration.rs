@@ -301,50 +301,75 @@ struct IncrReport {
     errors: Vec<String>,
 }
 
-/// INCRs `key` on `redis` until `stop`; every reply must be one more than
-/// the previous (the first is `first`). `last` publishes the latest reply.
-fn incr_loop(
-    mut redis: Redis,
-    key: String,
-    first: i64,
+/// One redis connection INCRing `counter` in a loop on its own thread:
+/// every reply must be exactly one more than the one before, from 1 on.
+struct IncrClient {
     stop: Arc<AtomicBool>,
+    /// The latest reply.
     last: Arc<AtomicU64>,
-) -> std::thread::JoinHandle<IncrReport> {
-    std::thread::spawn(move || {
-        let mut expected = first;
-        let mut replies = 0;
-        let mut errors = Vec::new();
-        while !stop.load(Ordering::Relaxed) {
-            match redis.call(&[b"INCR", key.as_bytes()]) {
-                Ok(Reply::Int(n)) if n == expected => {
-                    replies += 1;
-                    expected += 1;
-                    last.store(n as u64, Ordering::Relaxed);
-                }
-                Ok(other) => {
-                    errors.push(format!("INCR reply {other:?}, expected {expected}"));
-                    break;
-                }
-                Err(e) => {
-                    errors.push(format!("INCR after {replies} replies: {e}"));
-                    break;
-                }
-            }
-        }
-        IncrReport {
-            redis,
-            replies,
-            errors,
-        }
-    })
+    worker: std::thread::JoinHandle<IncrReport>,
 }
 
-/// Waits until `last` moves past `from` (the client is being served).
-fn wait_progress(last: &AtomicU64, from: u64, what: &str) -> u64 {
-    wait_for(Duration::from_secs(20), what, || {
-        let now = last.load(Ordering::Relaxed);
-        (now > from).then_some(now)
-    })
+impl IncrClient {
+    /// Starts the loop and waits for its first replies; returns the client
+    /// and the latest reply seen.
+    fn start(mut redis: Redis) -> (Self, u64) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let last = Arc::new(AtomicU64::new(0));
+        let worker = {
+            let (stop, last) = (stop.clone(), last.clone());
+            std::thread::spawn(move || {
+                let mut expected = 1;
+                let mut replies = 0;
+                let mut errors = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match redis.call(&[b"INCR", b"counter"]) {
+                        Ok(Reply::Int(n)) if n == expected => {
+                            replies += 1;
+                            expected += 1;
+                            last.store(n as u64, Ordering::Relaxed);
+                        }
+                        Ok(other) => {
+                            errors.push(format!("INCR reply {other:?}, expected {expected}"));
+                            break;
+                        }
+                        Err(e) => {
+                            errors.push(format!("INCR after {replies} replies: {e}"));
+                            break;
+                        }
+                    }
+                }
+                IncrReport {
+                    redis,
+                    replies,
+                    errors,
+                }
+            })
+        };
+        let client = IncrClient { stop, last, worker };
+        let seen = client.wait(0, "the first INCR replies");
+        (client, seen)
+    }
+
+    /// Waits (at most 20 s) until the latest reply is above `from`; returns it.
+    fn wait(&self, from: u64, what: &str) -> u64 {
+        wait_for(Duration::from_secs(20), what, || {
+            let now = self.last.load(Ordering::Relaxed);
+            (now > from).then_some(now)
+        })
+    }
+
+    fn latest(&self) -> u64 {
+        self.last.load(Ordering::Relaxed)
+    }
+
+    /// Stops the loop, failing the test if any reply was wrong or missing.
+    fn finish(self) -> IncrReport {
+        self.stop.store(true, Ordering::Relaxed);
+        let report = self.worker.join().expect("INCR loop panicked");
+        assert!(report.errors.is_empty(), "INCR loop: {:?}", report.errors);
+        report
+    }
 }
 
 /// Complete lines of a file (a trailing partial line is left out).
@@ -536,10 +561,7 @@ fn redis_connection_counts_without_a_gap_across_ten_migrations() {
         assert_eq!(redis.cmd(&["SET", k, v]), Reply::Simple("OK".into()));
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let last = Arc::new(AtomicU64::new(0));
-    let worker = incr_loop(redis, "counter".into(), 1, stop.clone(), last.clone());
-    let mut seen = wait_progress(&last, 0, "the first INCR replies");
+    let (client, mut seen) = IncrClient::start(redis);
     let mut moves = Vec::new();
     let mut vm = "vm1";
     for i in 0..10 {
@@ -547,12 +569,10 @@ fn redis_connection_counts_without_a_gap_across_ten_migrations() {
         moves.push(migrate(&lab, "kv", to));
         vm = to;
         // The same connection is served at the new place.
-        seen = wait_progress(&last, seen, &format!("INCR replies after move {}", i + 1));
+        seen = client.wait(seen, &format!("INCR replies after move {}", i + 1));
         std::thread::sleep(Duration::from_millis(200));
     }
-    stop.store(true, Ordering::Relaxed);
-    let report = worker.join().expect("INCR loop panicked");
-    assert!(report.errors.is_empty(), "INCR loop: {:?}", report.errors);
+    let report = client.finish();
     let mut redis = report.redis;
     assert_eq!(
         redis.cmd(&["GET", "counter"]),
@@ -874,10 +894,7 @@ fn destination_killed_during_transfer_leaves_the_capsule_serving_on_the_source()
 
     // A client connected before the attempt, busy throughout.
     let redis = Redis::connect(&lab, &loc);
-    let stop = Arc::new(AtomicBool::new(false));
-    let last = Arc::new(AtomicU64::new(0));
-    let worker = incr_loop(redis, "counter".into(), 1, stop.clone(), last.clone());
-    let seen = wait_progress(&last, 0, "the first INCR replies");
+    let (client, seen) = IncrClient::start(redis);
 
     let vms = lab.vm_ls();
     let vm2_pid = vms
@@ -911,7 +928,7 @@ fn destination_killed_during_transfer_leaves_the_capsule_serving_on_the_source()
              should fail and thaw 'kv' on vm1; the client meanwhile is stuck at INCR reply {} \
              (it was at {seen} before the attempt)",
             killed_at.elapsed(),
-            last.load(Ordering::Relaxed)
+            client.latest()
         );
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -930,10 +947,8 @@ fn destination_killed_during_transfer_leaves_the_capsule_serving_on_the_source()
     assert_eq!(row["vm"], "vm1", "{row}");
     assert_eq!(row["state"], "running", "{row}");
     // The connection made before the attempt goes on without an error.
-    wait_progress(&last, seen + 20, "INCR replies after the failed move");
-    stop.store(true, Ordering::Relaxed);
-    let report = worker.join().expect("INCR loop panicked");
-    assert!(report.errors.is_empty(), "INCR loop: {:?}", report.errors);
+    client.wait(seen + 20, "INCR replies after the failed move");
+    let report = client.finish();
     let mut redis = report.redis;
     assert_eq!(redis.cmd(&["STRLEN", "big"]), Reply::Int(big.len() as i64));
     assert_eq!(redis.cmd(&["GET", "big"]), Reply::Bulk(Some(big.clone())));
@@ -960,10 +975,7 @@ fn a_lost_commit_answer_completes_the_move_instead_of_running_the_capsule_twice(
     let lab = Lab::up("mig-lost", 2);
     let loc = lab.run_locator("kv", "kv", &["--on", "vm1"], &[]);
     let redis = Redis::connect(&lab, &loc);
-    let stop = Arc::new(AtomicBool::new(false));
-    let last = Arc::new(AtomicU64::new(0));
-    let worker = incr_loop(redis, "counter".into(), 1, stop.clone(), last.clone());
-    let seen = wait_progress(&last, 0, "the first INCR replies");
+    let (client, seen) = IncrClient::start(redis);
     // The destination commits, but capsulectl never reads its answer.
     let out = ctl_env(
         &lab,
@@ -1000,10 +1012,8 @@ fn a_lost_commit_answer_completes_the_move_instead_of_running_the_capsule_twice(
         describe(&out)
     );
     // The client's connection goes on at the new place without an error.
-    wait_progress(&last, seen + 20, "INCR replies after the move");
-    stop.store(true, Ordering::Relaxed);
-    let report = worker.join().expect("INCR loop panicked");
-    assert!(report.errors.is_empty(), "INCR loop: {:?}", report.errors);
+    client.wait(seen + 20, "INCR replies after the move");
+    client.finish();
 }
 
 #[test]
@@ -1111,10 +1121,7 @@ fn migration_to_a_different_kernel_build_is_refused_before_freezing() {
     );
     let loc = lab.run_locator("kv", "kv", &["--on", "vm1"], &[]);
     let redis = Redis::connect(&lab, &loc);
-    let stop = Arc::new(AtomicBool::new(false));
-    let last = Arc::new(AtomicU64::new(0));
-    let worker = incr_loop(redis, "counter".into(), 1, stop.clone(), last.clone());
-    let seen = wait_progress(&last, 0, "the first INCR replies");
+    let (client, seen) = IncrClient::start(redis);
     let uptime = |lab: &Lab| {
         lab.ps_row("kv").expect("kv in ps")["uptime_ns"]
             .as_u64()
@@ -1143,10 +1150,8 @@ fn migration_to_a_different_kernel_build_is_refused_before_freezing() {
         up_after > up_before,
         "uptime stood still: {up_before} then {up_after}"
     );
-    wait_progress(&last, seen + 20, "INCR replies after the refusal");
-    stop.store(true, Ordering::Relaxed);
-    let report = worker.join().expect("INCR loop panicked");
-    assert!(report.errors.is_empty(), "INCR loop: {:?}", report.errors);
+    client.wait(seen + 20, "INCR replies after the refusal");
+    client.finish();
 }
 
 #[test]

@@ -169,31 +169,25 @@ pub fn read_pages(name: &str, from: u64) -> Result<PageBatch, CapsuleError> {
     }
     // SAFETY: the kernel loop (us) runs, so no task of the capsule does.
     let bytes = unsafe { arena::mapped_bytes(slot) }.expect("capsule keeps its arena");
-    // The arena never shrinks while the capsule lives; stay safe anyway.
-    let stop = end
-        .min(bytes.len() as u64)
-        .min(from + SCAN_PAGES_PER_READ * page);
+    let stop = end.min(from + SCAN_PAGES_PER_READ * page);
     let mut batch = PageBatch {
         next: stop,
         end,
         ..PageBatch::default()
     };
-    let mut offset = from;
-    while offset < stop {
+    // The arena never shrinks while the capsule lives; were it shorter, the
+    // missing pages would count as zero.
+    for offset in (from..stop.min(bytes.len() as u64)).step_by(page as usize) {
         let data = &bytes[offset as usize..(offset + page) as usize];
-        if !capsules_wire::image::is_zero_page(data) {
-            if batch.offsets.len() == MAX_BATCH_PAGES {
-                batch.next = offset;
-                break;
-            }
-            batch.offsets.push(offset);
-            batch.data.extend_from_slice(data);
+        if capsules_wire::image::is_zero_page(data) {
+            continue;
         }
-        offset += page;
-    }
-    if stop < end && batch.next == stop && stop == bytes.len() as u64 {
-        // Only if the arena were shorter than when the copy began.
-        batch.next = end;
+        if batch.offsets.len() == MAX_BATCH_PAGES {
+            batch.next = offset;
+            break;
+        }
+        batch.offsets.push(offset);
+        batch.data.extend_from_slice(data);
     }
     Ok(batch)
 }

@@ -68,6 +68,19 @@ impl Images {
             .insert(name.into(), crate::time::since_boot_ns());
     }
 
+    /// Keeps an image taken of capsule `name` for `ReadImage` and answers
+    /// with its length.
+    fn hand_out(&mut self, name: &str, taken: Result<Vec<u8>, capsule::CapsuleError>) -> Response {
+        match taken {
+            Ok(image) => {
+                let image_len = image.len() as u64;
+                self.outgoing.insert(name.into(), image);
+                Response::Frozen { image_len }
+            }
+            Err(e) => capsule_error(e),
+        }
+    }
+
     /// Drops what no request has named for [`STALE_IMAGE_NS`].
     fn expire(&mut self) {
         if self.touched.is_empty() {
@@ -348,14 +361,9 @@ fn handle_request(
                 Err(e) => capsule_error(e),
             }
         }
-        Request::FreezeCapsule { name } => match capsule::migrate::freeze(name, key) {
-            Ok(image) => {
-                let image_len = image.len() as u64;
-                images.outgoing.insert(name.clone(), image);
-                Response::Frozen { image_len }
-            }
-            Err(e) => capsule_error(e),
-        },
+        Request::FreezeCapsule { name } => {
+            images.hand_out(name, capsule::migrate::freeze(name, key))
+        }
         Request::ReadImage { name, offset, len } => match images.outgoing.get(name) {
             Some(image) => {
                 let start = (*offset).min(image.len() as u64) as usize;
@@ -369,22 +377,12 @@ fn handle_request(
                 alloc::format!("no frozen image of '{name}' here"),
             ),
         },
-        Request::PrecopyCapsule { name } => match capsule::migrate::precopy(name, key) {
-            Ok(image) => {
-                let image_len = image.len() as u64;
-                images.outgoing.insert(name.clone(), image);
-                Response::Frozen { image_len }
-            }
-            Err(e) => capsule_error(e),
-        },
-        Request::FreezeDelta { name } => match capsule::migrate::freeze_delta(name, key) {
-            Ok(image) => {
-                let image_len = image.len() as u64;
-                images.outgoing.insert(name.clone(), image);
-                Response::Frozen { image_len }
-            }
-            Err(e) => capsule_error(e),
-        },
+        Request::PrecopyCapsule { name } => {
+            images.hand_out(name, capsule::migrate::precopy(name, key))
+        }
+        Request::FreezeDelta { name } => {
+            images.hand_out(name, capsule::migrate::freeze_delta(name, key))
+        }
         Request::RestoreStage { name } => match images.incoming.remove(name) {
             Some(incoming) => {
                 // Verified and decoded now, before the freeze, so none of

@@ -165,37 +165,14 @@ pub fn create(slot: u32, limit: u64) -> Result<(), ArenaError> {
 /// from its image. The header page must be among the segments and must name
 /// this slot, else nothing stays mapped.
 pub fn restore(slot: u32, len: u64, segments: &[(u64, &[u8])]) -> Result<(), ArenaError> {
-    if slot >= MAX_SLOTS {
-        return Err(ArenaError::SlotOutOfRange);
-    }
-    if !(HEADER_SIZE..=SLOT_SIZE).contains(&len) || !len.is_multiple_of(PAGE_SIZE) {
-        return Err(ArenaError::LimitTooSmall);
-    }
-    if segments
-        .iter()
-        .any(|(off, data)| off + data.len() as u64 > len)
-    {
-        return Err(ArenaError::LimitTooSmall);
-    }
-    if ACTIVE[slot as usize].load(Ordering::Acquire) {
-        return Err(ArenaError::SlotInUse);
-    }
-    let base = window_base(slot);
-    map_range(base, len)?;
+    reserve(slot, len)?;
     for (offset, data) in segments {
-        // SAFETY: the range was just mapped (checked to lie inside `len`).
-        unsafe {
-            core::ptr::copy_nonoverlapping(data.as_ptr(), (base + offset) as *mut u8, data.len())
-        };
+        if !write_reserved(slot, *offset, data) {
+            discard(slot);
+            return Err(ArenaError::LimitTooSmall);
+        }
     }
-    // SAFETY: the header page is mapped; it is only read here.
-    let header = unsafe { &*(base as *const ArenaHeader) };
-    if header.magic != MAGIC || header.slot != slot {
-        unmap_range(base, len);
-        return Err(ArenaError::SlotOutOfRange);
-    }
-    ACTIVE[slot as usize].store(true, Ordering::Release);
-    Ok(())
+    adopt(slot).inspect_err(|_| discard(slot))
 }
 
 /// Maps `len` bytes of `slot`'s window, all zero, for an arena that will
