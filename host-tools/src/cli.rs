@@ -145,6 +145,10 @@ pub enum Command {
         /// Leave the lab up afterwards.
         #[arg(long)]
         keep: bool,
+        /// Draw the clients' request latency over time, each move marked
+        /// from freeze to running again, into this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -519,6 +523,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             moves,
             accel,
             keep,
+            plot,
             json,
         } => {
             let report = crate::demo::demo(&crate::demo::DemoOptions {
@@ -526,6 +531,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 moves,
                 accel,
                 keep,
+                plot,
             })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

@@ -28,6 +28,8 @@ pub struct DemoOptions {
     pub accel: AccelChoice,
     /// Leave the lab up afterwards.
     pub keep: bool,
+    /// Draw the clients' latency over time, with each move marked, to this SVG file.
+    pub plot: Option<std::path::PathBuf>,
 }
 
 /// What one client saw.
