@@ -1,5 +1,5 @@
 //! Links the kernel as a static, non-PIE ELF at 1 MiB with a PVH note and a GNU
-//! build id (the id that control clients and, later, migration compare).
+//! build id (the id that control clients and migration compare).
 
 fn main() {
     let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");

@@ -3,7 +3,7 @@
 #   1. build the kernel (release ELF that labs and system tests boot)
 #   2. in-kernel tests, booted in QEMU by `cargo test` in kernel/
 #   3. host tests (wire, apps, capsulectl, bench) and system tests (labs of VMs)
-# Needs root, qemu-system-x86_64, iproute2 and ping (.ci/run installs them).
+# Needs root; installs the Debian packages it lacks first (scripts/packages.sh).
 # Ends with one line counting every test of every level: "total: N passed, 0 failed".
 set -euo pipefail
 
@@ -20,8 +20,14 @@ trap 'rm -f "$transcript"' EXIT
 
 start=$SECONDS
 
-section "1/3 kernel: cargo build --release (kernel/)"
+section "0/3 packages: bash scripts/packages.sh test"
+bash scripts/packages.sh test </dev/null
+
+section "1/3 builds: the kernel and capsulectl (release)"
 (cd kernel && cargo build --release)
+# The release capsulectl is what the README's demo runs; its build directory
+# also seeds the fresh clone that the main-command test builds.
+cargo build --release -p capsulectl
 
 section "2/3 in-kernel tests in QEMU: cargo test (kernel/)"
 (cd kernel && cargo test) 2>&1 | tee -a "$transcript"

@@ -79,6 +79,10 @@ struct Args {
     /// `idle-100c`, `1m-100c`, `16m-100c`); all when not given.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Migration benchmark: draw the first scenario's client latency over
+    /// time, each move shaded from freeze to running again, to this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
     /// VM memory of the capsule benchmarks, MiB.
     #[arg(long, default_value_t = 512)]
     vm_mem: u32,
@@ -370,7 +374,13 @@ fn main() -> Result<()> {
     let args = Args::parse();
     netns::require_root_and_ip()?;
     if args.which == Which::Migration {
-        return migration::bench_migration(args.accel, args.kernel.clone(), args.moves, &args.only);
+        return migration::bench_migration(
+            args.accel,
+            args.kernel.clone(),
+            args.moves,
+            &args.only,
+            args.plot.as_deref(),
+        );
     }
     if !matches!(args.which, Which::Boot | Which::Ping | Which::All) {
         return capsule_benches(&args);

@@ -4,6 +4,8 @@
 //! with 1 or 100 open connections. One client does INCR in a loop on one
 //! connection (and checks every reply); the others stay open and idle. The
 //! Linux peer's retransmission timeouts are counted from its TCP statistics.
+//! `--plot FILE.svg` draws the first scenario's run: the latency of every
+//! INCR over time, each move shaded from freeze to running again.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -16,8 +18,9 @@ use anyhow::{Context, Result, bail};
 use capsulectl::capsules::{self, LabSession, RunOptions};
 use capsulectl::lab::{self, UpOptions};
 use capsulectl::migrate;
+use capsulectl::plot;
 use capsulectl::qemu::AccelChoice;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::{median, sorted};
 
@@ -116,6 +119,10 @@ pub struct ScenarioResult {
     pub pause: Vec<f64>,
     pub timeouts: u64,
     pub errors: Vec<String>,
+    /// Per INCR reply: (seconds since the client started, latency in ms).
+    pub latencies: Vec<(f64, f64)>,
+    /// Per move, on the same clock: the capsule stood still.
+    pub bands: Vec<plot::Band>,
 }
 
 fn run_scenario(
@@ -146,8 +153,11 @@ fn run_scenario(
     }
     let stop = Arc::new(AtomicBool::new(false));
     let longest = Arc::new(Mutex::new(0f64));
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    // The client's and the moves' shared clock.
+    let t0 = Instant::now();
     let client = {
-        let (stop, longest) = (stop.clone(), longest.clone());
+        let (stop, longest, latencies) = (stop.clone(), longest.clone(), latencies.clone());
         std::thread::spawn(move || -> Result<u64> {
             let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
             s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -158,8 +168,10 @@ fn run_scenario(
             let mut last = Instant::now();
             let mut replies = 0;
             while !stop.load(Ordering::Relaxed) {
+                let sent = Instant::now();
                 w.write_all(b"INCR bench\r\n")?;
                 let line = resp_line(&mut r)?;
+                let received = Instant::now();
                 let v: i64 = line
                     .trim_end()
                     .trim_start_matches(':')
@@ -171,6 +183,10 @@ fn run_scenario(
                     bail!("INCR went from {p} to {v}");
                 }
                 last_value = Some(v);
+                latencies.lock().expect("lock").push((
+                    received.duration_since(t0).as_secs_f64(),
+                    received.duration_since(sent).as_secs_f64() * 1000.0,
+                ));
                 let gap = last.elapsed().as_secs_f64() * 1000.0;
                 let mut l = longest.lock().expect("lock");
                 *l = l.max(gap);
@@ -189,13 +205,23 @@ fn run_scenario(
         pause: Vec::new(),
         timeouts: 0,
         errors: Vec::new(),
+        latencies: Vec::new(),
+        bands: Vec::new(),
     };
     let mut on = "vm1";
     for _ in 0..moves {
         let to = if on == "vm1" { "vm2" } else { "vm1" };
         *longest.lock().expect("lock") = 0.0;
+        let called = t0.elapsed().as_secs_f64();
         match migrate::migrate(session, &name, to) {
             Ok(r) => {
+                let from_s = called + r.freeze_offset_ms / 1000.0;
+                result.bands.push(plot::Band {
+                    label: format!("{} {}→{}", name, r.from, r.to),
+                    from_s,
+                    to_s: from_s + r.downtime_ms / 1000.0,
+                    series: Some(0),
+                });
                 result.downtime.push(r.downtime_ms);
                 result.image_kib = r.image_bytes / 1024;
                 on = to;
@@ -213,6 +239,7 @@ fn run_scenario(
         Err(_) => result.errors.push("client panicked".into()),
     }
     result.timeouts = tcp_timeouts(&lab.netns)?.saturating_sub(timeouts_before);
+    result.latencies = std::mem::take(&mut *latencies.lock().expect("lock"));
     drop(idle);
     let _ = capsules::kill(session, &name, true);
     Ok(result)
@@ -224,6 +251,7 @@ pub fn bench_migration(
     kernel: Option<PathBuf>,
     moves: usize,
     only: &[String],
+    mut plot_to: Option<&Path>,
 ) -> Result<()> {
     let scenarios = [
         Scenario {
@@ -291,6 +319,29 @@ pub fn bench_migration(
         for e in &r.errors {
             eprintln!("  error: {e}");
         }
+        if let Some(path) = plot_to.take() {
+            plot::write_svg(&figure(&r, &lab.accel), path)?;
+            eprintln!("  plot of this scenario: {}", path.display());
+        }
     }
     Ok(())
+}
+
+/// The `--plot` picture of one scenario's run.
+fn figure(r: &ScenarioResult, accel: &str) -> plot::Figure {
+    plot::Figure {
+        title: format!(
+            "Migration benchmark: INCR latency while kv moves ({})",
+            r.label
+        ),
+        subtitle: format!(
+            "accelerator {accel}; {} moves, each shaded from freeze to running again",
+            r.bands.len()
+        ),
+        series: vec![plot::Series {
+            label: "kv: INCR on one connection".into(),
+            points: r.latencies.clone(),
+        }],
+        bands: r.bands.clone(),
+    }
 }

@@ -45,7 +45,7 @@ impl LabSession {
         let key = lab.key()?;
         if !netns::exists(&lab.netns) {
             bail!(
-                "lab '{name}' has state but no namespace {}: `capsulectl lab down --name {name}` cleans it",
+                "lab '{name}' has state but no namespace {}: `capsulectl lab down --lab {name}` cleans it",
                 lab.netns
             );
         }

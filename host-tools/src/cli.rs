@@ -3,9 +3,9 @@
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use capsules_wire::control::{ClientError, MAX_FRAME_LEN, Request, Response, frame};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::capsules::{self, LabSession, RunOptions};
@@ -16,10 +16,49 @@ use crate::qemu::AccelChoice;
 use crate::render;
 
 #[derive(Debug, Parser)]
-#[command(name = "capsulectl", version, about = "Run and inspect Capsules VMs")]
+#[command(
+    name = "capsulectl",
+    version,
+    about = "Run compute capsules in QEMU VMs and move them, open connections and all",
+    after_help = "Every command works on one lab: --lab LAB, else $CAPSULES_LAB, else 'default'."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The environment variable that names the lab when `--lab` is not given.
+pub const LAB_ENV: &str = "CAPSULES_LAB";
+pub const DEFAULT_LAB: &str = "default";
+
+/// The lab a command works on.
+#[derive(Debug, Clone, Args)]
+pub struct LabArg {
+    /// Lab to work on.
+    #[arg(
+        id = "lab",
+        long = "lab",
+        env = LAB_ENV,
+        default_value = DEFAULT_LAB,
+        value_name = "LAB"
+    )]
+    pub name: String,
+}
+
+/// The lab a lab command works on. `--name` was these commands' spelling
+/// before every command took `--lab`; it stays, hidden, for older scripts.
+#[derive(Debug, Clone, Args)]
+pub struct LabNameArg {
+    /// Lab to work on.
+    #[arg(
+        id = "lab",
+        long = "lab",
+        alias = "name",
+        env = LAB_ENV,
+        default_value = DEFAULT_LAB,
+        value_name = "LAB"
+    )]
+    pub name: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -40,8 +79,8 @@ pub enum Command {
         /// VM to run on (default: the running VM with the fewest capsules).
         #[arg(long)]
         on: Option<String>,
-        #[arg(long, default_value = "default")]
-        lab: String,
+        #[command(flatten)]
+        lab: LabArg,
         /// Memory limit in MiB (default: the VM's, 64 MiB).
         #[arg(long)]
         memory: Option<u64>,
@@ -54,26 +93,32 @@ pub enum Command {
     },
     /// List the lab's capsules with their state on their VMs.
     Ps {
-        #[arg(long, default_value = "default")]
-        lab: String,
+        #[command(flatten)]
+        lab: LabArg,
         #[arg(long)]
         json: bool,
     },
     /// Stop a capsule and remove it from the directory.
     Kill {
         name: String,
-        #[arg(long, default_value = "default")]
-        lab: String,
+        #[command(flatten)]
+        lab: LabArg,
         /// Forget the capsule even when its VM does not answer.
         #[arg(long)]
         force: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Resume a capsule that an interrupted move left frozen on its VM (only
     /// when it surely does not run on the other VM: `migrate` says so).
     Thaw {
         name: String,
-        #[arg(long, default_value = "default")]
-        lab: String,
+        #[command(flatten)]
+        lab: LabArg,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Print a capsule's log.
     Logs {
@@ -81,13 +126,16 @@ pub enum Command {
         /// Keep printing until the capsule ends.
         #[arg(short, long)]
         follow: bool,
-        #[arg(long, default_value = "default")]
-        lab: String,
+        #[command(flatten)]
+        lab: LabArg,
+        /// One JSON object per log line: {"capsule": NAME, "line": TEXT}.
+        #[arg(long)]
+        json: bool,
     },
     /// Programs the lab's kernel can run.
     Programs {
-        #[arg(long, default_value = "default")]
-        lab: String,
+        #[command(flatten)]
+        lab: LabArg,
         #[arg(long)]
         json: bool,
     },
@@ -97,8 +145,8 @@ pub enum Command {
         /// Destination VM.
         #[arg(long)]
         to: String,
-        #[arg(long, default_value = "default")]
-        lab: String,
+        #[command(flatten)]
+        lab: LabArg,
         #[arg(long)]
         json: bool,
     },
@@ -108,8 +156,11 @@ pub enum Command {
         /// Image file to write.
         #[arg(short, long)]
         output: std::path::PathBuf,
-        #[arg(long, default_value = "default")]
-        lab: String,
+        #[command(flatten)]
+        lab: LabArg,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Revive a suspended capsule on a VM of the same kernel build.
     Resume {
@@ -120,22 +171,27 @@ pub enum Command {
         /// New capsule name (default: the saved one).
         #[arg(long)]
         name: Option<String>,
-        #[arg(long, default_value = "default")]
-        lab: String,
+        #[command(flatten)]
+        lab: LabArg,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Show a capsule image file or a running capsule: metadata, tasks, memory, sockets.
     Inspect {
         /// An image file, or the name of a capsule in the lab.
         target: String,
-        #[arg(long, default_value = "default")]
-        lab: String,
+        #[command(flatten)]
+        lab: LabArg,
         #[arg(long)]
         json: bool,
     },
     /// Bring up a two-VM lab, run http and kv under real client load, move
     /// them back and forth, and report downtime, client pauses and errors.
     Demo {
-        #[arg(long, default_value = "demo")]
+        /// The demo's own lab, cleared first if it exists ($CAPSULES_LAB is
+        /// not read here: the demo must never take down a lab in use).
+        #[arg(long, default_value = "demo", value_name = "LAB")]
         lab: String,
         /// Moves per capsule.
         #[arg(long, default_value_t = 3)]
@@ -155,6 +211,19 @@ pub enum Command {
     /// The lab's directory (locator map and DNS server).
     #[command(subcommand)]
     Directory(DirectoryCommand),
+    /// Print a shell completion script: `capsulectl completions bash >
+    /// /etc/bash_completion.d/capsulectl`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or write one page per command into a
+    /// directory: `capsulectl man | man -l -`.
+    Man {
+        /// Write capsulectl.1 and a page per subcommand here instead.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
     /// Protocol checks against a VM's control service (for tests).
     #[command(subcommand, hide = true)]
     Debug(DebugCommand),
@@ -164,8 +233,8 @@ pub enum Command {
 pub enum LabCommand {
     /// Create the lab namespace and boot its VMs.
     Up {
-        #[arg(long, default_value = "default")]
-        name: String,
+        #[command(flatten)]
+        lab: LabNameArg,
         /// Number of VMs.
         #[arg(long, default_value_t = 2)]
         vms: usize,
@@ -185,16 +254,23 @@ pub enum LabCommand {
         /// that capsules never move between different builds.
         #[arg(long, value_parser = parse_kernel_for)]
         kernel_for: Vec<(String, PathBuf)>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
-    /// Stop the VMs and delete the lab namespace.
+    /// Stop the VMs and delete the lab namespace; returns once no process of
+    /// the lab is left.
     Down {
-        #[arg(long, default_value = "default")]
-        name: String,
+        #[command(flatten)]
+        lab: LabNameArg,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Run a command inside the lab namespace.
     Exec {
-        #[arg(long, default_value = "default")]
-        name: String,
+        #[command(flatten)]
+        lab: LabNameArg,
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -206,26 +282,32 @@ pub enum DirectoryCommand {
     /// Serve DNS for the lab's map in the foreground (inside the lab
     /// namespace; `lab up` starts this in the background).
     Serve {
-        #[arg(long, default_value = "default")]
-        lab: String,
+        #[command(flatten)]
+        lab: LabArg,
         /// Address to answer on (default: the lab bridge, port 53).
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
     },
     /// Start the lab's directory server in the background (after a crash or stop).
     Start {
-        #[arg(long, default_value = "default")]
-        lab: String,
+        #[command(flatten)]
+        lab: LabArg,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Stop the lab's directory server (the map stays on disk).
     Stop {
-        #[arg(long, default_value = "default")]
-        lab: String,
+        #[command(flatten)]
+        lab: LabArg,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Whether the directory server runs, its pid, address and map size.
     Status {
-        #[arg(long, default_value = "default")]
-        lab: String,
+        #[command(flatten)]
+        lab: LabArg,
         #[arg(long)]
         json: bool,
     },
@@ -235,8 +317,8 @@ pub enum DirectoryCommand {
 pub enum VmCommand {
     /// List the lab's VMs with what their control services report.
     Ls {
-        #[arg(long, default_value = "default")]
-        name: String,
+        #[command(flatten)]
+        lab: LabNameArg,
         /// JSON array instead of a table.
         #[arg(long)]
         json: bool,
@@ -260,8 +342,8 @@ pub enum DebugCommand {
     /// Send one kind of request and report the answer as JSON, then check
     /// that the VM still serves an authenticated client.
     Control {
-        #[arg(long, default_value = "default")]
-        name: String,
+        #[command(flatten)]
+        lab: LabNameArg,
         #[arg(long)]
         vm: String,
         #[arg(long, value_enum)]
@@ -270,21 +352,27 @@ pub enum DebugCommand {
     /// What one VM itself says it runs (name and state per line), whatever
     /// the directory records.
     Capsules {
-        #[arg(long = "lab", default_value = "default")]
-        name: String,
+        #[command(flatten)]
+        lab: LabArg,
         #[arg(long)]
         vm: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Run a QEMU monitor command (e.g. `info registers`) on a lab VM: a
     /// post-mortem of a VM that stopped answering on the network.
     Monitor {
-        #[arg(long = "lab", default_value = "default")]
-        name: String,
+        #[command(flatten)]
+        lab: LabArg,
         #[arg(long)]
         vm: String,
         /// The monitor command, e.g. `info registers`.
         #[arg(required = true, num_args = 1..)]
         command: Vec<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -298,68 +386,73 @@ fn parse_kernel_for(s: &str) -> std::result::Result<(String, PathBuf), String> {
     Ok((vm.to_string(), PathBuf::from(path)))
 }
 
+/// Prints `value` as pretty JSON (for `--json`).
+fn print_json(value: &impl Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Whether this command line asks for JSON: progress bars stay off then, so
+/// that stderr carries nothing but errors.
+fn wants_json(command: &Command) -> bool {
+    match command {
+        Command::Lab(LabCommand::Up { json, .. } | LabCommand::Down { json, .. })
+        | Command::Vm(VmCommand::Ls { json, .. })
+        | Command::Run { json, .. }
+        | Command::Ps { json, .. }
+        | Command::Kill { json, .. }
+        | Command::Thaw { json, .. }
+        | Command::Logs { json, .. }
+        | Command::Programs { json, .. }
+        | Command::Migrate { json, .. }
+        | Command::Suspend { json, .. }
+        | Command::Resume { json, .. }
+        | Command::Inspect { json, .. }
+        | Command::Demo { json, .. }
+        | Command::Directory(
+            DirectoryCommand::Start { json, .. }
+            | DirectoryCommand::Stop { json, .. }
+            | DirectoryCommand::Status { json, .. },
+        )
+        | Command::Debug(
+            DebugCommand::Capsules { json, .. } | DebugCommand::Monitor { json, .. },
+        ) => *json,
+        _ => false,
+    }
+}
+
+/// What `lab up --json` prints: the lab without its key.
+fn lab_json(report: &lab::UpReport) -> serde_json::Value {
+    let state = &report.state;
+    serde_json::json!({
+        "lab": report.lab,
+        "netns": state.netns,
+        "accelerator": state.accel,
+        "accelerator_reason": report.accel_reason,
+        "kernel": state.kernel,
+        "build_id": state.kernel_build_id,
+        "mem_mib": state.mem_mib,
+        "vms": state.vms.iter().map(|vm| serde_json::json!({
+            "name": vm.name,
+            "ip": vm.ip,
+            "mac": vm.mac,
+            "pid": vm.pid,
+        })).collect::<Vec<_>>(),
+        "directory": lab::directory_addr(state).to_string(),
+        "directory_pid": state.directory_pid,
+        "capsule_range": state.capsule_range.to_string(),
+    })
+}
+
 /// Runs a parsed command line; returns the process exit status.
 pub fn run(cli: Cli) -> Result<i32> {
+    if wants_json(&cli.command) {
+        crate::progress::set_quiet(true);
+    }
     match cli.command {
-        Command::Lab(LabCommand::Up {
-            name,
-            vms,
-            mem,
-            accel,
-            kernel,
-            capsule_range,
-            kernel_for,
-        }) => {
-            let report = lab::up_with_overrides(
-                &UpOptions {
-                    name,
-                    vms,
-                    mem_mib: mem,
-                    accel,
-                    kernel,
-                    capsule_range,
-                },
-                &kernel_for,
-            )?;
-            println!(
-                "lab '{}' is up in namespace {} (accelerator: {})",
-                report.lab, report.state.netns, report.accel_reason
-            );
-            println!(
-                "kernel {} (build id {})",
-                report.state.kernel.display(),
-                report.state.kernel_build_id
-            );
-            print!("{}", render::lab_table(&report.state));
-            println!(
-                "directory: DNS on {} (pid {}), capsule locators from {}",
-                lab::directory_addr(&report.state),
-                report.state.directory_pid.unwrap_or_default(),
-                report.state.capsule_range
-            );
-            Ok(0)
-        }
-        Command::Lab(LabCommand::Down { name }) => {
-            lab::down(&name)?;
-            println!("lab '{name}' is down");
-            Ok(0)
-        }
-        Command::Lab(LabCommand::Exec { name, command }) => {
-            lab::validate_lab_name(&name)?;
-            netns::require_root_and_ip()?;
-            let ns = netns::netns_name(&name);
-            if !netns::exists(&ns) {
-                bail!("no lab named '{name}' (namespace {ns} does not exist)");
-            }
-            // exec replaces this process, so the command's exit status is ours.
-            let err = netns::exec_command(&ns, &command).exec();
-            bail!(
-                "cannot run 'ip netns exec {ns} {}': {err}",
-                command.join(" ")
-            )
-        }
-        Command::Vm(VmCommand::Ls { name, json }) => {
-            let vms = lab::list(&name)?;
+        Command::Lab(cmd) => lab_command(cmd),
+        Command::Vm(VmCommand::Ls { lab, json }) => {
+            let vms = lab::list(&lab.name)?;
             if json {
                 println!("{}", render::vm_json(&vms));
             } else {
@@ -376,7 +469,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             json,
             args,
         } => {
-            let session = LabSession::open(&lab)?;
+            let session = LabSession::open(&lab.name)?;
             let started = capsules::run(
                 &session,
                 &RunOptions {
@@ -388,7 +481,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 },
             )?;
             if json {
-                println!("{}", serde_json::to_string(&started)?);
+                print_json(&started)?;
             } else {
                 println!(
                     "started {} ({}) at {} on {} — DNS name {}",
@@ -398,44 +491,66 @@ pub fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Ps { lab, json } => {
-            let rows = capsules::ps(&LabSession::open(&lab)?)?;
+            let rows = capsules::ps(&LabSession::open(&lab.name)?)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                print_json(&rows)?;
             } else {
                 print!("{}", render::ps_table(&rows));
             }
             Ok(0)
         }
-        Command::Kill { name, lab, force } => {
-            let rec = capsules::kill(&LabSession::open(&lab)?, &name, force)?;
-            println!("killed {} ({} on {})", rec.name, rec.locator, rec.vm);
+        Command::Kill {
+            name,
+            lab,
+            force,
+            json,
+        } => {
+            let rec = capsules::kill(&LabSession::open(&lab.name)?, &name, force)?;
+            if json {
+                print_json(&rec)?;
+            } else {
+                println!("killed {} ({} on {})", rec.name, rec.locator, rec.vm);
+            }
             Ok(0)
         }
-        Command::Thaw { name, lab } => {
-            let vm = crate::migrate::thaw(&LabSession::open(&lab)?, &name)?;
-            println!("thawed {name} on {vm}");
+        Command::Thaw { name, lab, json } => {
+            let vm = crate::migrate::thaw(&LabSession::open(&lab.name)?, &name)?;
+            if json {
+                print_json(&serde_json::json!({"name": name, "vm": vm, "state": "running"}))?;
+            } else {
+                println!("thawed {name} on {vm}");
+            }
             Ok(0)
         }
-        Command::Logs { name, follow, lab } => {
-            let session = LabSession::open(&lab)?;
+        Command::Logs {
+            name,
+            follow,
+            lab,
+            json,
+        } => {
+            let session = LabSession::open(&lab.name)?;
+            let logs = |out: &mut dyn std::io::Write| {
+                let poll = std::time::Duration::from_millis(200);
+                capsules::logs(&session, &name, follow, poll, out)
+            };
             let stdout = std::io::stdout();
-            capsules::logs(
-                &session,
-                &name,
-                follow,
-                std::time::Duration::from_millis(200),
-                &mut stdout.lock(),
-            )?;
+            if json {
+                let mut lines = render::JsonLines::new(&name, stdout.lock());
+                logs(&mut lines)?;
+                lines.finish()?;
+            } else {
+                logs(&mut stdout.lock())?;
+            }
             Ok(0)
         }
         Command::Programs { lab, json } => {
-            let list = capsules::programs(&LabSession::open(&lab)?)?;
+            let list = capsules::programs(&LabSession::open(&lab.name)?)?;
             if json {
                 let v: Vec<serde_json::Value> = list
                     .iter()
                     .map(|p| serde_json::json!({"name": p.name, "description": p.description}))
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                print_json(&v)?;
             } else {
                 let rows: Vec<Vec<String>> = list
                     .iter()
@@ -451,9 +566,9 @@ pub fn run(cli: Cli) -> Result<i32> {
             lab,
             json,
         } => {
-            let report = crate::migrate::migrate(&LabSession::open(&lab)?, &name, &to)?;
+            let report = crate::migrate::migrate(&LabSession::open(&lab.name)?, &name, &to)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                print_json(&report)?;
             } else {
                 println!(
                     "migrated {} {} -> {}: freeze {:.1} ms, transfer {:.1} ms ({:.1} MiB/s), restore {:.1} ms, release {:.1} ms",
@@ -473,17 +588,31 @@ pub fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Suspend { name, output, lab } => {
-            let (rec, bytes) = crate::migrate::suspend(&LabSession::open(&lab)?, &name, &output)?;
-            println!(
-                "suspended {} ({} at {}, slot {}) from {} to {} ({bytes} bytes)",
-                rec.name,
-                rec.program,
-                rec.locator,
-                rec.slot,
-                rec.vm,
-                output.display()
-            );
+        Command::Suspend {
+            name,
+            output,
+            lab,
+            json,
+        } => {
+            let (rec, bytes) =
+                crate::migrate::suspend(&LabSession::open(&lab.name)?, &name, &output)?;
+            if json {
+                print_json(&serde_json::json!({
+                    "capsule": rec,
+                    "file": output,
+                    "bytes": bytes,
+                }))?;
+            } else {
+                println!(
+                    "suspended {} ({} at {}, slot {}) from {} to {} ({bytes} bytes)",
+                    rec.name,
+                    rec.program,
+                    rec.locator,
+                    rec.slot,
+                    rec.vm,
+                    output.display()
+                );
+            }
             Ok(0)
         }
         Command::Resume {
@@ -491,17 +620,22 @@ pub fn run(cli: Cli) -> Result<i32> {
             on,
             name,
             lab,
+            json,
         } => {
             let rec = crate::migrate::resume(
-                &LabSession::open(&lab)?,
+                &LabSession::open(&lab.name)?,
                 &file,
                 on.as_deref(),
                 name.as_deref(),
             )?;
-            println!(
-                "resumed {} ({} at {}) on {}",
-                rec.name, rec.program, rec.locator, rec.vm
-            );
+            if json {
+                print_json(&rec)?;
+            } else {
+                println!(
+                    "resumed {} ({} at {}) on {}",
+                    rec.name, rec.program, rec.locator, rec.vm
+                );
+            }
             Ok(0)
         }
         Command::Inspect { target, lab, json } => {
@@ -509,10 +643,10 @@ pub fn run(cli: Cli) -> Result<i32> {
             let inspection = if path.exists() {
                 crate::migrate::inspect_file(path)?
             } else {
-                crate::migrate::inspect_capsule(&LabSession::open(&lab)?, &target)?
+                crate::migrate::inspect_capsule(&LabSession::open(&lab.name)?, &target)?
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&inspection)?);
+                print_json(&inspection)?;
             } else {
                 print!("{}", crate::migrate::render_inspection(&inspection));
             }
@@ -534,31 +668,149 @@ pub fn run(cli: Cli) -> Result<i32> {
                 plot,
             })?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                print_json(&report)?;
             } else {
                 print!("{}", crate::demo::render(&report));
             }
             Ok(if report.errors == 0 { 0 } else { 1 })
         }
         Command::Directory(cmd) => directory_command(cmd),
-        Command::Debug(DebugCommand::Control { name, vm, check }) => {
-            let report = debug_control(&name, &vm, check)?;
-            println!("{}", serde_json::to_string(&report)?);
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "capsulectl",
+                &mut std::io::stdout(),
+            );
             Ok(0)
         }
-        Command::Debug(DebugCommand::Capsules { name, vm }) => {
-            let session = LabSession::open(&name)?;
-            for info in session.list_capsules(session.vm(&vm)?)? {
-                println!("{} {}", info.name, info.state.label());
+        Command::Man { out_dir } => {
+            let command = Cli::command();
+            match out_dir {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                    clap_mangen::generate_to(command, &dir).with_context(|| {
+                        format!("cannot write man pages into {}", dir.display())
+                    })?;
+                    println!("man pages written to {}", dir.display());
+                }
+                None => clap_mangen::Man::new(command).render(&mut std::io::stdout())?,
             }
             Ok(0)
         }
-        Command::Debug(DebugCommand::Monitor { name, vm, command }) => {
-            let (lab, _) = lab::load_lab(&name)?;
+        Command::Debug(cmd) => debug_command(cmd),
+    }
+}
+
+fn lab_command(cmd: LabCommand) -> Result<i32> {
+    match cmd {
+        LabCommand::Up {
+            lab,
+            vms,
+            mem,
+            accel,
+            kernel,
+            capsule_range,
+            kernel_for,
+            json,
+        } => {
+            let report = lab::up_with_overrides(
+                &UpOptions {
+                    name: lab.name,
+                    vms,
+                    mem_mib: mem,
+                    accel,
+                    kernel,
+                    capsule_range,
+                },
+                &kernel_for,
+            )?;
+            if json {
+                print_json(&lab_json(&report))?;
+                return Ok(0);
+            }
             println!(
-                "{}",
-                lab::monitor_command(lab.vm(&vm)?, &command.join(" "))?
+                "lab '{}' is up in namespace {} (accelerator: {})",
+                report.lab, report.state.netns, report.accel_reason
             );
+            println!(
+                "kernel {} (build id {})",
+                report.state.kernel.display(),
+                report.state.kernel_build_id
+            );
+            print!("{}", render::lab_table(&report.state));
+            println!(
+                "directory: DNS on {} (pid {}), capsule locators from {}",
+                lab::directory_addr(&report.state),
+                report.state.directory_pid.unwrap_or_default(),
+                report.state.capsule_range
+            );
+            Ok(0)
+        }
+        LabCommand::Down { lab, json } => {
+            lab::down(&lab.name)?;
+            if json {
+                print_json(&serde_json::json!({"lab": lab.name, "state": "down"}))?;
+            } else {
+                println!("lab '{}' is down", lab.name);
+            }
+            Ok(0)
+        }
+        LabCommand::Exec { lab, command } => {
+            let name = lab.name;
+            lab::validate_lab_name(&name)?;
+            netns::require_root_and_ip()?;
+            let ns = netns::netns_name(&name);
+            if !netns::exists(&ns) {
+                bail!("no lab named '{name}' (namespace {ns} does not exist)");
+            }
+            // exec replaces this process, so the command's exit status is ours.
+            let err = netns::exec_command(&ns, &command).exec();
+            bail!(
+                "cannot run 'ip netns exec {ns} {}': {err}",
+                command.join(" ")
+            )
+        }
+    }
+}
+
+fn debug_command(cmd: DebugCommand) -> Result<i32> {
+    match cmd {
+        DebugCommand::Control { lab, vm, check } => {
+            let report = debug_control(&lab.name, &vm, check)?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(0)
+        }
+        DebugCommand::Capsules { lab, vm, json } => {
+            let session = LabSession::open(&lab.name)?;
+            let list = session.list_capsules(session.vm(&vm)?)?;
+            if json {
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|c| serde_json::json!({"name": c.name, "state": c.state.label()}))
+                    .collect();
+                print_json(&v)?;
+            } else {
+                for info in list {
+                    println!("{} {}", info.name, info.state.label());
+                }
+            }
+            Ok(0)
+        }
+        DebugCommand::Monitor {
+            lab,
+            vm,
+            command,
+            json,
+        } => {
+            let (state, _) = lab::load_lab(&lab.name)?;
+            let output = lab::monitor_command(state.vm(&vm)?, &command.join(" "))?;
+            if json {
+                print_json(&serde_json::json!({"vm": vm, "output": output}))?;
+            } else {
+                println!("{output}");
+            }
             Ok(0)
         }
     }
@@ -568,7 +820,7 @@ fn directory_command(cmd: DirectoryCommand) -> Result<i32> {
     match cmd {
         DirectoryCommand::Serve { lab, listen } => {
             netns::require_root_and_ip()?;
-            let (state, dir) = lab::load_lab(&lab)?;
+            let (state, dir) = lab::load_lab(&lab.name)?;
             // Always inside the lab namespace, wherever it was started from:
             // the bridge address exists only there.
             let _inside = NetnsGuard::enter(&state.netns)?;
@@ -576,29 +828,49 @@ fn directory_command(cmd: DirectoryCommand) -> Result<i32> {
             directory::serve(&dir, addr, directory::DNS_ZONE, state.capsule_range)?;
             Ok(0)
         }
-        DirectoryCommand::Start { lab } => {
+        DirectoryCommand::Start { lab, json } => {
+            let lab = lab.name;
             netns::require_root_and_ip()?;
             let (mut state, dir) = lab::load_lab(&lab)?;
             let _lock = directory::lock(&dir)?;
             lab::start_directory(&mut state, &dir)?;
-            println!(
-                "directory of lab '{lab}' serves DNS on {} (pid {})",
-                lab::directory_addr(&state),
-                state.directory_pid.unwrap_or_default()
-            );
+            if json {
+                print_json(&serde_json::json!({
+                    "lab": lab,
+                    "running": true,
+                    "pid": state.directory_pid,
+                    "listen": lab::directory_addr(&state).to_string(),
+                }))?;
+            } else {
+                println!(
+                    "directory of lab '{lab}' serves DNS on {} (pid {})",
+                    lab::directory_addr(&state),
+                    state.directory_pid.unwrap_or_default()
+                );
+            }
             Ok(0)
         }
-        DirectoryCommand::Stop { lab } => {
+        DirectoryCommand::Stop { lab, json } => {
+            let lab = lab.name;
             netns::require_root_and_ip()?;
             let (mut state, dir) = lab::load_lab(&lab)?;
             lab::stop_directory(&mut state, &dir)?;
-            println!(
-                "directory of lab '{lab}' stopped (its map stays in {})",
-                dir.display()
-            );
+            if json {
+                print_json(&serde_json::json!({
+                    "lab": lab,
+                    "running": false,
+                    "map": directory::map_path(&dir),
+                }))?;
+            } else {
+                println!(
+                    "directory of lab '{lab}' stopped (its map stays in {})",
+                    dir.display()
+                );
+            }
             Ok(0)
         }
         DirectoryCommand::Status { lab, json } => {
+            let lab = lab.name;
             netns::require_root_and_ip()?;
             let (state, dir) = lab::load_lab(&lab)?;
             let map = directory::load(&dir, state.capsule_range)?;
@@ -614,7 +886,7 @@ fn directory_command(cmd: DirectoryCommand) -> Result<i32> {
                 "map": directory::map_path(&dir),
             });
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                print_json(&report)?;
             } else {
                 println!(
                     "directory of lab '{lab}': {} (pid {}), DNS on {}, {} capsule(s), range {}",
@@ -700,7 +972,7 @@ mod tests {
     #[test]
     fn lab_up_defaults_and_flags() {
         let Command::Lab(LabCommand::Up {
-            name,
+            lab,
             vms,
             mem,
             accel,
@@ -711,30 +983,30 @@ mod tests {
             panic!("not lab up");
         };
         assert_eq!(
-            (name.as_str(), vms, mem, accel, kernel),
+            (lab.name.as_str(), vms, mem, accel, kernel),
             ("default", 2, 256, AccelChoice::Auto, None)
         );
         let Command::Lab(LabCommand::Up {
-            name, vms, accel, ..
-        }) = parse(&["lab", "up", "--name", "x", "--vms", "3", "--accel", "tcg"])
+            lab, vms, accel, ..
+        }) = parse(&["lab", "up", "--lab", "x", "--vms", "3", "--accel", "tcg"])
             .unwrap()
             .command
         else {
             panic!("not lab up");
         };
-        assert_eq!((name.as_str(), vms, accel), ("x", 3, AccelChoice::Tcg));
+        assert_eq!((lab.name.as_str(), vms, accel), ("x", 3, AccelChoice::Tcg));
     }
 
     #[test]
     fn exec_takes_everything_after_double_dash() {
-        let Command::Lab(LabCommand::Exec { name, command }) =
+        let Command::Lab(LabCommand::Exec { lab, command }) =
             parse(&["lab", "exec", "--", "ping", "-c1", "192.0.2.11"])
                 .unwrap()
                 .command
         else {
             panic!("not lab exec");
         };
-        assert_eq!(name, "default");
+        assert_eq!(lab.name, "default");
         assert_eq!(command, ["ping", "-c1", "192.0.2.11"]);
         assert!(parse(&["lab", "exec"]).is_err());
     }
@@ -762,7 +1034,7 @@ mod tests {
                 program.as_str(),
                 name.as_deref(),
                 on.as_deref(),
-                lab.as_str()
+                lab.name.as_str()
             ),
             ("echo", Some("web"), Some("vm2"), "default")
         );
@@ -794,5 +1066,139 @@ mod tests {
             panic!("not vm ls");
         };
         assert!(json);
+    }
+
+    /// Every leaf command of the tree with its path, e.g. ["lab", "up"].
+    fn leaves(cmd: &clap::Command, path: Vec<String>, out: &mut Vec<(Vec<String>, clap::Command)>) {
+        if cmd.get_subcommands().next().is_none() {
+            out.push((path, cmd.clone()));
+            return;
+        }
+        for sub in cmd.get_subcommands() {
+            let mut p = path.clone();
+            p.push(sub.get_name().to_string());
+            leaves(sub, p, out);
+        }
+    }
+
+    fn all_leaves() -> Vec<(Vec<String>, clap::Command)> {
+        let mut out = Vec::new();
+        leaves(&Cli::command(), Vec::new(), &mut out);
+        out
+    }
+
+    /// Commands that work on no lab: they print what capsulectl itself is.
+    const LABLESS: [&str; 2] = ["completions", "man"];
+
+    #[test]
+    fn every_command_takes_lab_and_honours_capsules_lab() {
+        let leaves = all_leaves();
+        assert!(leaves.len() > 20, "{} commands", leaves.len());
+        for (path, cmd) in leaves {
+            if LABLESS.contains(&path[0].as_str()) {
+                continue;
+            }
+            let lab = cmd
+                .get_arguments()
+                .find(|a| a.get_long() == Some("lab"))
+                .unwrap_or_else(|| panic!("`{}` has no --lab", path.join(" ")));
+            let env = lab.get_env().map(|e| e.to_string_lossy().into_owned());
+            if path == ["demo"] {
+                // The demo clears its lab first: an inherited name must not
+                // point it at a lab in use.
+                assert_eq!(env, None);
+            } else {
+                assert_eq!(env.as_deref(), Some(LAB_ENV), "`{}`", path.join(" "));
+            }
+        }
+    }
+
+    #[test]
+    fn every_command_that_prints_a_result_takes_json() {
+        // lab exec runs another program; debug control always prints JSON;
+        // completions and man print files for other programs.
+        let without: [&[&str]; 5] = [
+            &["lab", "exec"],
+            &["debug", "control"],
+            &["directory", "serve"],
+            &["completions"],
+            &["man"],
+        ];
+        for (path, cmd) in all_leaves() {
+            if without.iter().any(|w| *w == path.as_slice()) {
+                continue;
+            }
+            assert!(
+                cmd.get_arguments().any(|a| a.get_long() == Some("json")),
+                "`{}` has no --json",
+                path.join(" ")
+            );
+        }
+    }
+
+    fn lab_of(args: &[&str]) -> String {
+        match parse(args).unwrap().command {
+            Command::Lab(LabCommand::Up { lab, .. })
+            | Command::Lab(LabCommand::Down { lab, .. })
+            | Command::Lab(LabCommand::Exec { lab, .. })
+            | Command::Vm(VmCommand::Ls { lab, .. }) => lab.name,
+            Command::Ps { lab, .. } | Command::Migrate { lab, .. } => lab.name,
+            Command::Demo { lab, .. } => lab,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn name_stays_a_hidden_alias_of_lab_on_lab_commands() {
+        for cmd in [&["lab", "up"][..], &["lab", "down"], &["vm", "ls"]] {
+            let mut args = cmd.to_vec();
+            args.extend(["--name", "old"]);
+            assert_eq!(lab_of(&args), "old", "{args:?}");
+            let mut args = cmd.to_vec();
+            args.extend(["--lab", "new"]);
+            assert_eq!(lab_of(&args), "new", "{args:?}");
+        }
+        assert_eq!(
+            lab_of(&["lab", "exec", "--name", "old", "--", "true"]),
+            "old"
+        );
+        // Hidden: help names only --lab.
+        let help = Cli::command()
+            .find_subcommand_mut("lab")
+            .unwrap()
+            .find_subcommand_mut("down")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("--lab <LAB>"), "{help}");
+        assert!(!help.contains("--name"), "{help}");
+        // Capsule commands keep --name for the capsule's name.
+        assert!(parse(&["ps", "--name", "x"]).is_err());
+    }
+
+    #[test]
+    fn the_flag_names_the_lab() {
+        // $CAPSULES_LAB is checked on the binary (tests/cli.rs): setting it
+        // here would race with the other tests of this process.
+        assert_eq!(
+            lab_of(&["migrate", "x", "--to", "vm2", "--lab", "flag"]),
+            "flag"
+        );
+        assert_eq!(lab_of(&["demo"]), "demo");
+    }
+
+    #[test]
+    fn completions_and_man_are_generated_from_the_definitions() {
+        for shell in ["bash", "zsh", "fish"] {
+            assert!(parse(&["completions", shell]).is_ok());
+        }
+        assert!(parse(&["completions", "cmd.exe"]).is_err());
+        let mut roff = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut roff)
+            .unwrap();
+        let roff = String::from_utf8(roff).unwrap();
+        assert!(roff.contains(".TH capsulectl"), "{roff}");
+        assert!(roff.contains("migrate"), "{roff}");
     }
 }

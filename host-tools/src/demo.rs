@@ -3,7 +3,9 @@
 //! client doing INCR on one connection, an HTTP client fetching `/bytes/N`
 //! over one kept-alive connection — moves both capsules back and forth, and
 //! reports downtime per move, the longest pause the clients saw, what was
-//! verified, and errors (there should be none).
+//! verified, and errors (there should be none). With `--plot FILE.svg` it
+//! also draws each request's latency over time with the moves shaded
+//! ([`crate::plot`]).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -19,6 +21,7 @@ use crate::capsules::{self, LabSession, RunOptions};
 use crate::directory::CapsuleRange;
 use crate::lab::{self, UpOptions};
 use crate::migrate::{self, MigrationReport};
+use crate::plot;
 use crate::qemu::AccelChoice;
 
 pub struct DemoOptions {
@@ -39,6 +42,21 @@ pub struct ClientReport {
     pub bytes_verified: u64,
     pub longest_pause_ms: f64,
     pub errors: Vec<String>,
+    /// Per reply: (seconds since the clients started, latency in ms). For
+    /// the plot; not in the JSON report (`replies` counts them).
+    #[serde(skip)]
+    pub latencies: Vec<(f64, f64)>,
+}
+
+impl ClientReport {
+    /// Records a reply, received at `at`, to a request sent at `sent`.
+    fn reply(&mut self, t0: Instant, sent: Instant, at: Instant) {
+        self.replies += 1;
+        self.latencies.push((
+            at.duration_since(t0).as_secs_f64(),
+            at.duration_since(sent).as_secs_f64() * 1000.0,
+        ));
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -49,6 +67,9 @@ pub struct DemoReport {
     pub kv: ClientReport,
     pub http: ClientReport,
     pub errors: usize,
+    /// The SVG written for `--plot`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plot: Option<std::path::PathBuf>,
 }
 
 /// Bytes per HTTP request: large enough to span several TCP windows.
@@ -57,7 +78,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Let traffic flow between moves.
 const BETWEEN_MOVES: Duration = Duration::from_millis(400);
 
-fn kv_client(addr: SocketAddr, stop: Arc<AtomicBool>) -> ClientReport {
+fn kv_client(addr: SocketAddr, stop: Arc<AtomicBool>, t0: Instant) -> ClientReport {
     let mut report = ClientReport::default();
     let result = (|| -> Result<()> {
         let mut stream = TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT)?;
@@ -68,6 +89,7 @@ fn kv_client(addr: SocketAddr, stop: Arc<AtomicBool>) -> ClientReport {
         let mut last: Option<i64> = None;
         let mut last_reply = Instant::now();
         while !stop.load(Ordering::Relaxed) {
+            let sent = Instant::now();
             stream.write_all(b"INCR demo:counter\r\n")?;
             line.clear();
             reader.read_line(&mut line)?;
@@ -82,7 +104,7 @@ fn kv_client(addr: SocketAddr, stop: Arc<AtomicBool>) -> ClientReport {
                 bail!("INCR went from {prev} to {value}");
             }
             last = Some(value);
-            report.replies += 1;
+            report.reply(t0, sent, Instant::now());
             let gap = last_reply.elapsed().as_secs_f64() * 1000.0;
             report.longest_pause_ms = report.longest_pause_ms.max(gap);
             last_reply = Instant::now();
@@ -95,7 +117,7 @@ fn kv_client(addr: SocketAddr, stop: Arc<AtomicBool>) -> ClientReport {
     report
 }
 
-fn http_client(addr: SocketAddr, stop: Arc<AtomicBool>) -> ClientReport {
+fn http_client(addr: SocketAddr, stop: Arc<AtomicBool>, t0: Instant) -> ClientReport {
     let mut report = ClientReport::default();
     let result = (|| -> Result<()> {
         let stream = TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT)?;
@@ -107,6 +129,7 @@ fn http_client(addr: SocketAddr, stop: Arc<AtomicBool>) -> ClientReport {
         let mut body = vec![0u8; HTTP_BODY as usize];
         let mut line = String::new();
         while !stop.load(Ordering::Relaxed) {
+            let sent = Instant::now();
             write!(
                 writer,
                 "GET /bytes/{HTTP_BODY} HTTP/1.1\r\nHost: demo\r\n\r\n"
@@ -134,12 +157,13 @@ fn http_client(addr: SocketAddr, stop: Arc<AtomicBool>) -> ClientReport {
                 bail!("Content-Length {length:?}, expected {HTTP_BODY}");
             }
             reader.read_exact(&mut body)?;
+            let received = Instant::now();
             if let Some(i) =
                 (0..HTTP_BODY).find(|i| body[*i as usize] != capsules_apps::http::pattern_byte(*i))
             {
                 bail!("body byte {i} is wrong");
             }
-            report.replies += 1;
+            report.reply(t0, sent, received);
             report.bytes_verified += HTTP_BODY;
             let gap = last_reply.elapsed().as_secs_f64() * 1000.0;
             report.longest_pause_ms = report.longest_pause_ms.max(gap);
@@ -198,18 +222,21 @@ fn run_demo(opts: &DemoOptions, accel: &str) -> Result<DemoReport> {
     // Give the capsules a moment to listen before the clients connect.
     thread::sleep(Duration::from_millis(300));
     let stop = Arc::new(AtomicBool::new(false));
+    // The clients' and the moves' shared clock.
+    let t0 = Instant::now();
     let kv = {
         let stop = stop.clone();
         let addr = SocketAddr::from((db.locator, 6379));
-        thread::spawn(move || kv_client(addr, stop))
+        thread::spawn(move || kv_client(addr, stop, t0))
     };
     let http = {
         let stop = stop.clone();
         let addr = SocketAddr::from((web.locator, 80));
-        thread::spawn(move || http_client(addr, stop))
+        thread::spawn(move || http_client(addr, stop, t0))
     };
     thread::sleep(BETWEEN_MOVES);
     let mut migrations = Vec::new();
+    let mut bands = Vec::new();
     let mut errors = Vec::new();
     let mut places = [
         (web.name.clone(), web.vm.clone()),
@@ -218,8 +245,17 @@ fn run_demo(opts: &DemoOptions, accel: &str) -> Result<DemoReport> {
     for round in 0..opts.moves {
         for (name, vm) in places.iter_mut() {
             let to = other_vm(vm);
+            let called = t0.elapsed().as_secs_f64();
             match migrate::migrate(&session, name, to) {
                 Ok(r) => {
+                    let from_s = called + r.freeze_offset_ms / 1000.0;
+                    bands.push(plot::Band {
+                        label: format!("{name} {}→{}", r.from, r.to),
+                        from_s,
+                        to_s: from_s + r.downtime_ms / 1000.0,
+                        // The series are kv (0) and http (1).
+                        series: Some(usize::from(*name == web.name)),
+                    });
                     eprintln!(
                         "demo: move {}: {name} {} -> {}: downtime {:.1} ms, image {} KiB",
                         round + 1,
@@ -249,14 +285,47 @@ fn run_demo(opts: &DemoOptions, accel: &str) -> Result<DemoReport> {
     for e in &errors {
         eprintln!("demo: error: {e}");
     }
-    Ok(DemoReport {
+    let mut report = DemoReport {
         lab: opts.lab.clone(),
         accelerator: accel.to_string(),
         migrations,
         kv,
         http,
         errors: total_errors,
-    })
+        plot: None,
+    };
+    if let Some(path) = &opts.plot {
+        plot::write_svg(&figure(&report, bands), path)?;
+        report.plot = Some(path.clone());
+    }
+    Ok(report)
+}
+
+/// The `--plot` picture of a demo run: both clients' latency, each move shaded.
+pub fn figure(report: &DemoReport, bands: Vec<plot::Band>) -> plot::Figure {
+    plot::Figure {
+        title: "Capsules demo: request latency while the capsules move".into(),
+        subtitle: format!(
+            "lab '{}', accelerator {}; {} moves, each shaded from freeze to running again",
+            report.lab,
+            report.accelerator,
+            bands.len()
+        ),
+        series: vec![
+            plot::Series {
+                label: "kv: INCR on one connection (demo-kv)".into(),
+                points: report.kv.latencies.clone(),
+            },
+            plot::Series {
+                label: format!(
+                    "http: GET {} KiB, kept-alive connection (demo-http)",
+                    HTTP_BODY / 1024
+                ),
+                points: report.http.latencies.clone(),
+            },
+        ],
+        bands,
+    }
 }
 
 pub fn render(report: &DemoReport) -> String {
@@ -306,6 +375,58 @@ pub fn render(report: &DemoReport) -> String {
     for e in report.kv.errors.iter().chain(&report.http.errors) {
         let _ = writeln!(out, "error: {e}");
     }
+    if let Some(p) = &report.plot {
+        let _ = writeln!(
+            out,
+            "plot: {} (latency of every reply, {} moves shaded)",
+            p.display(),
+            report.migrations.len()
+        );
+    }
     let _ = writeln!(out, "errors: {}", report.errors);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_counts_replies_without_dumping_latencies_and_the_figure_has_every_move() {
+        let client = |n: u64| ClientReport {
+            replies: n,
+            latencies: (0..n).map(|i| (i as f64 * 0.01, 0.2)).collect(),
+            ..Default::default()
+        };
+        let report = DemoReport {
+            lab: "demo".into(),
+            accelerator: "tcg".into(),
+            migrations: Vec::new(),
+            kv: client(300),
+            http: client(20),
+            errors: 0,
+            plot: Some("/tmp/x.svg".into()),
+        };
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["kv"]["replies"], 300);
+        assert!(json["kv"].get("latencies").is_none(), "{json}");
+        assert_eq!(json["plot"], "/tmp/x.svg");
+        let band = |label: &str, from_s: f64, series| plot::Band {
+            label: label.into(),
+            from_s,
+            to_s: from_s + 0.005,
+            series: Some(series),
+        };
+        let fig = figure(
+            &report,
+            vec![
+                band("demo-http vm1→vm2", 0.4, 1),
+                band("demo-kv vm2→vm1", 0.8, 0),
+            ],
+        );
+        assert_eq!(fig.series[0].points.len(), 300);
+        assert_eq!(fig.series[1].points.len(), 20);
+        let svg = plot::svg(&fig).unwrap();
+        assert_eq!(svg.matches("<rect class=\"move\"").count(), 2);
+    }
 }

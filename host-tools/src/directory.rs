@@ -42,7 +42,7 @@ pub const DNS_ZONE: &str = "capsule";
 pub const MAX_SLOT: u32 = 4095;
 /// Longest capsule name: one DNS label.
 pub const MAX_CAPSULE_NAME: usize = 63;
-/// TTL of answers: short, since capsules come, go and (later) move.
+/// TTL of answers: short, since capsules come, go and move.
 pub const DNS_TTL: u32 = 5;
 const MAP_FILE: &str = "directory.json";
 const LOCK_FILE: &str = "directory.lock";

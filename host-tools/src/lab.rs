@@ -17,6 +17,7 @@ use serde::Serialize;
 use crate::control::ControlClient;
 use crate::directory::CapsuleRange;
 use crate::netns::{self, NetnsGuard};
+use crate::progress::Progress;
 use crate::qemu::{self, Accel, AccelChoice, Nic, VmSpec};
 use crate::state::{self, LabState, VmRecord};
 
@@ -194,7 +195,7 @@ pub fn up_with_overrides(opts: &UpOptions, kernel_for: &[(String, PathBuf)]) -> 
     let dir = state::lab_dir(&opts.name);
     if netns::exists(&ns) || state::load(&dir)?.is_some() {
         bail!(
-            "lab '{}' already exists (namespace {ns}, state {}): use `capsulectl lab down --name {}` first",
+            "lab '{}' already exists (namespace {ns}, state {}): use `capsulectl lab down --lab {}` first",
             opts.name,
             dir.display(),
             opts.name
@@ -248,7 +249,15 @@ pub fn up_with_overrides(opts: &UpOptions, kernel_for: &[(String, PathBuf)]) -> 
     // Saved before anything is created, so `lab down` can clean up whatever a
     // failed or interrupted `lab up` leaves behind.
     state::save(&dir, &lab)?;
-    match start_lab(&mut lab, &dir, accel, &build_id) {
+    // Counts VMs whose control service answers; on a terminal only, and only
+    // once booting takes a moment.
+    let progress = Progress::count(
+        opts.vms as u64,
+        format!("lab '{}': booting {} VMs", opts.name, opts.vms),
+    );
+    let started = start_lab(&mut lab, &dir, accel, &build_id, &progress);
+    progress.finish();
+    match started {
         Ok(()) => Ok(UpReport {
             lab: opts.name.clone(),
             accel_reason,
@@ -263,7 +272,13 @@ pub fn up_with_overrides(opts: &UpOptions, kernel_for: &[(String, PathBuf)]) -> 
     }
 }
 
-fn start_lab(lab: &mut LabState, dir: &Path, accel: Accel, build_id: &[u8]) -> Result<()> {
+fn start_lab(
+    lab: &mut LabState,
+    dir: &Path,
+    accel: Accel,
+    build_id: &[u8],
+    progress: &Progress,
+) -> Result<()> {
     netns::create_lab_network(&lab.netns, lab.gateway, LAB_PREFIX)?;
     for vm in &lab.vms {
         netns::add_tap(&lab.netns, &vm.tap)?;
@@ -301,8 +316,9 @@ fn start_lab(lab: &mut LabState, dir: &Path, accel: Accel, build_id: &[u8]) -> R
         state::save(dir, lab)?;
         children.push(child);
     }
-    wait_ready(lab, &mut children, &key, build_id, READY_TIMEOUT)?;
+    wait_ready_with_progress(lab, &mut children, &key, build_id, READY_TIMEOUT, progress)?;
     drop(_inside);
+    progress.set_message(format!("lab '{}': starting the directory", lab.name));
     start_directory(lab, dir)
 }
 
@@ -430,8 +446,20 @@ pub fn capsulectl_exe() -> Result<PathBuf> {
 /// Stops the lab's directory server (SIGTERM, then SIGKILL), by its recorded
 /// pid only, and forgets the pid.
 pub fn stop_directory(lab: &mut LabState, dir: &Path) -> Result<()> {
+    let exited = end_directory(lab, dir)?;
+    wait_reaped(exited.into_iter());
+    Ok(())
+}
+
+/// Ends the directory server and records that; returns its pid and start
+/// time for `wait_reaped` (the exited process may still await its reaping).
+fn end_directory(lab: &mut LabState, dir: &Path) -> Result<Option<(u32, Option<u64>)>> {
+    let mut exited = None;
     if let Some(pid) = lab.directory_pid {
         let ours = |p: u32| is_our_directory(p, &lab.name);
+        if ours(pid) {
+            exited = Some((pid, process_start_ticks(pid)));
+        }
         for sig in [libc::SIGTERM, libc::SIGKILL] {
             if !ours(pid) {
                 break;
@@ -450,7 +478,7 @@ pub fn stop_directory(lab: &mut LabState, dir: &Path) -> Result<()> {
     if dir.exists() {
         state::save(dir, lab)?;
     }
-    Ok(())
+    Ok(exited)
 }
 
 /// Polls every VM until its control service gives an authenticated Version
@@ -461,6 +489,18 @@ pub fn wait_ready(
     key: &[u8],
     build_id: &[u8],
     timeout: Duration,
+) -> Result<()> {
+    wait_ready_with_progress(lab, children, key, build_id, timeout, &Progress::hidden())
+}
+
+/// [`wait_ready`], counting ready VMs on `progress`.
+fn wait_ready_with_progress(
+    lab: &LabState,
+    children: &mut [Child],
+    key: &[u8],
+    build_id: &[u8],
+    timeout: Duration,
+    progress: &Progress,
 ) -> Result<()> {
     let start = Instant::now();
     let mut ready = vec![false; lab.vms.len()];
@@ -489,7 +529,10 @@ pub fn wait_ready(
                 None => encode_hex(build_id),
             };
             match ask_version(vm, key) {
-                Ok((_, reported, _)) if encode_hex(&reported) == expected => ready[i] = true,
+                Ok((_, reported, _)) if encode_hex(&reported) == expected => {
+                    ready[i] = true;
+                    progress.inc(1);
+                }
                 Ok((_, reported, _)) => bail!(
                     "{}",
                     vm_failure_report(
@@ -525,6 +568,7 @@ pub fn wait_ready(
                 .collect();
             bail!("{}", reports.join("\n"));
         }
+        progress.tick();
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(())
@@ -550,7 +594,7 @@ pub fn load_lab(name: &str) -> Result<(LabState, PathBuf)> {
     match state::load(&dir)? {
         Some(lab) => Ok((lab, dir)),
         None => bail!(
-            "no lab named '{name}' (no state in {}): start one with `capsulectl lab up --name {name}`",
+            "no lab named '{name}' (no state in {}): start one with `capsulectl lab up --lab {name}`",
             dir.display()
         ),
     }
@@ -608,17 +652,6 @@ fn cmdline_is_our_qemu(raw: &[u8], vm: &VmRecord) -> bool {
         && args.contains(&serial.as_bytes())
 }
 
-fn wait_gone(pid: u32, vm: &VmRecord, timeout: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if !is_our_qemu(pid, vm) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    !is_our_qemu(pid, vm)
-}
-
 /// Sends `sig` to our QEMU. The process is pinned with a pidfd first and
 /// checked through /proc afterwards, so the signal cannot reach a process that
 /// reused the pid in between.
@@ -657,44 +690,92 @@ fn signal_checked(pid: u32, sig: libc::c_int, is_ours: &dyn Fn(u32) -> bool) {
     }
 }
 
-/// Stops one VM: authenticated Shutdown, then SIGTERM, then SIGKILL.
-fn stop_vm(vm: &VmRecord, key: &[u8], in_namespace: bool) -> Result<()> {
-    let Some(pid) = vm.pid else { return Ok(()) };
-    if !is_our_qemu(pid, vm) {
-        return Ok(());
+/// When a process started, in clock ticks since boot (field 22 of
+/// /proc/PID/stat): with the pid, it names one process for its whole life,
+/// zombie state included, so a recycled pid is never taken for it.
+fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count the
+    // fields after its closing parenthesis.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// How long `lab down` waits for the parent of an exited QEMU (init, as
+/// `lab up` has long returned) to reap it. Instant under systemd; some
+/// container inits reap about once a second.
+const REAP_GRACE: Duration = Duration::from_secs(5);
+
+/// Stops a lab's VMs together: authenticated Shutdown to each, then SIGTERM,
+/// then SIGKILL to those still running, each step with a bounded wait. Returns
+/// the exited QEMUs (pid, start time) for `wait_reaped`, or fails naming the
+/// one that survived SIGKILL.
+fn stop_vms(vms: &[VmRecord], key: &[u8], in_namespace: bool) -> Result<Vec<(u32, Option<u64>)>> {
+    // Each running QEMU of ours, pinned by its start time.
+    let ours: Vec<(&VmRecord, u32, Option<u64>)> = vms
+        .iter()
+        .filter_map(|vm| {
+            let pid = vm.pid?;
+            let start = process_start_ticks(pid);
+            is_our_qemu(pid, vm).then_some((vm, pid, start))
+        })
+        .collect();
+    let running = |(vm, pid, _): &&(&VmRecord, u32, Option<u64>)| is_our_qemu(*pid, vm);
+    let wait_all = |timeout: Duration| {
+        let start = Instant::now();
+        while ours.iter().any(|p| running(&p)) && start.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    if in_namespace {
+        for (vm, _, _) in &ours {
+            let _ = connect(vm, key).and_then(|mut c| c.shutdown());
+        }
+        wait_all(Duration::from_secs(3));
     }
-    if in_namespace
-        && connect(vm, key).and_then(|mut c| c.shutdown()).is_ok()
-        && wait_gone(pid, vm, Duration::from_secs(3))
+    for sig in [libc::SIGTERM, libc::SIGKILL] {
+        for (vm, pid, _) in ours.iter().filter(running) {
+            signal(*pid, sig, vm);
+        }
+        wait_all(Duration::from_secs(3));
+    }
+    if let Some((vm, pid, _)) = ours.iter().find(running) {
+        bail!("QEMU pid {pid} of {} survived SIGKILL", vm.name);
+    }
+    Ok(ours.iter().map(|(_, pid, ticks)| (*pid, *ticks)).collect())
+}
+
+/// An exited process stays a zombie until its parent reaps it. Waits (at
+/// most REAP_GRACE) for that, so that no process of a lab is left when
+/// `lab down` returns. Each process is given as its pid and start time.
+fn wait_reaped(processes: impl Iterator<Item = (u32, Option<u64>)>) {
+    let pinned: Vec<(u32, u64)> = processes
+        .filter_map(|(pid, ticks)| Some((pid, ticks?)))
+        .collect();
+    let start = Instant::now();
+    while start.elapsed() < REAP_GRACE
+        && pinned
+            .iter()
+            .any(|(pid, ticks)| process_start_ticks(*pid) == Some(*ticks))
     {
-        return Ok(());
+        std::thread::sleep(Duration::from_millis(20));
     }
-    for (sig, grace) in [(libc::SIGTERM, 3), (libc::SIGKILL, 3)] {
-        if !is_our_qemu(pid, vm) {
-            return Ok(());
-        }
-        signal(pid, sig, vm);
-        if wait_gone(pid, vm, Duration::from_secs(grace)) {
-            return Ok(());
-        }
-    }
-    bail!("QEMU pid {pid} of {} survived SIGKILL", vm.name)
 }
 
 /// Stops every VM of a lab and deletes its network and state.
 pub fn down_state(lab: &LabState, dir: &Path) -> Result<()> {
     let key = lab.key()?;
-    stop_directory(&mut lab.clone(), dir)?;
+    let mut exited: Vec<_> = end_directory(&mut lab.clone(), dir)?.into_iter().collect();
     {
         let guard = if netns::exists(&lab.netns) {
             Some(NetnsGuard::enter(&lab.netns)?)
         } else {
             None
         };
-        for vm in &lab.vms {
-            stop_vm(vm, &key, guard.is_some())?;
-        }
+        exited.extend(stop_vms(&lab.vms, &key, guard.is_some())?);
     }
+    // Together, so that the wait is one reaping round, not one per process.
+    wait_reaped(exited.into_iter());
     let taps: Vec<String> = lab.vms.iter().map(|vm| vm.tap.clone()).collect();
     netns::delete_lab_network(&lab.netns, &taps)?;
     if dir.exists() {

@@ -13,6 +13,8 @@ pub mod elf;
 pub mod lab;
 pub mod migrate;
 pub mod netns;
+pub mod plot;
+pub mod progress;
 pub mod qemu;
 pub mod render;
 pub mod state;

@@ -27,6 +27,7 @@ use serde::Serialize;
 use crate::capsules::LabSession;
 use crate::control::ControlClient;
 use crate::directory::{self, CapsuleRecord};
+use crate::progress::Progress;
 use crate::state::VmRecord;
 
 /// Test hook: milliseconds to wait between image chunks and pre-copy page
@@ -53,6 +54,10 @@ pub struct MigrationReport {
     /// Bytes of the pre-copied base, sent while the capsule kept running.
     pub base_bytes: u64,
     pub precopy_ms: f64,
+    /// When the freeze was requested, in ms since `migrate` was called: with
+    /// the caller's clock at the call, places the downtime on its timeline
+    /// (the demo's and the benchmark's latency plots).
+    pub freeze_offset_ms: f64,
     /// Freeze requested → the capsule runs at the destination.
     pub downtime_ms: f64,
     pub freeze_ms: f64,
@@ -146,12 +151,14 @@ fn freeze(client: &mut ControlClient, vm: &str, name: &str) -> Result<u64> {
     }
 }
 
-/// Sends an image to `client` in chunks and commits it.
+/// Sends an image to `client` in chunks and commits it, counting the bytes
+/// sent on `progress`.
 fn restore_image(
     client: &mut ControlClient,
     vm: &str,
     name: &str,
     bytes: &[u8],
+    progress: &Progress,
 ) -> Result<CapsuleInfo> {
     expect_done(
         client.call(&Request::RestoreBegin {
@@ -172,7 +179,9 @@ fn restore_image(
             "an image chunk",
             vm,
         )?;
+        progress.inc(chunk.len() as u64);
     }
+    progress.finish();
     commit(client, vm, name)
 }
 
@@ -201,6 +210,7 @@ fn hold_traffic(s: &LabSession, skip: &str, locator: std::net::Ipv4Addr, hold: b
 
 /// `capsulectl migrate NAME --to VM`.
 pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> {
+    let called = Instant::now();
     let _lock = directory::lock(&s.dir)?;
     let mut map = s.load_map()?;
     let rec = record(s, &map, name)?;
@@ -378,6 +388,7 @@ pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> 
         image_bytes: image_len,
         base_bytes,
         precopy_ms,
+        freeze_offset_ms: ms(started.duration_since(called)),
         downtime_ms: ms(t_running),
         freeze_ms: ms(t_frozen),
         transfer_ms: ms(transfer),
@@ -537,7 +548,12 @@ fn precopy(
         "the base image",
         &dst.name,
     )?;
-    let page_bytes = stream_pages(src_c, dst_c, src, dst, name)?;
+    let progress = Progress::bytes(
+        0,
+        format!("pre-copy of '{name}' {} -> {}", src.name, dst.name),
+    );
+    let page_bytes = stream_pages(src_c, dst_c, src, dst, name, &progress)?;
+    progress.finish();
     // The delta comes as a second image of the same name.
     expect_done(
         dst_c.call(&Request::RestoreBegin {
@@ -553,13 +569,15 @@ fn precopy(
 /// Pre-copy of the pages: one thread asks the source for batch after batch
 /// (each answer is a short kernel-loop round there, so the capsule keeps
 /// serving) while this one lays them into the destination's window.
-/// Returns the bytes of page data moved.
+/// Returns the bytes of page data moved. `progress` follows the source's
+/// scan through the arena (zero pages are scanned, not sent).
 fn stream_pages(
     src_c: &mut ControlClient,
     dst_c: &mut ControlClient,
     src: &VmRecord,
     dst: &VmRecord,
     name: &str,
+    progress: &Progress,
 ) -> Result<u64> {
     let (tx, rx) = mpsc::sync_channel::<PageBatch>(4);
     std::thread::scope(|scope| -> Result<u64> {
@@ -603,6 +621,7 @@ fn stream_pages(
         let mut bytes = 0;
         for batch in rx.iter() {
             bytes += batch.data.len() as u64;
+            let (next, end) = (batch.next, batch.end);
             expect_done(
                 dst_c.call(&Request::StagePages {
                     name: name.into(),
@@ -611,6 +630,8 @@ fn stream_pages(
                 "pre-copied pages",
                 &dst.name,
             )?;
+            progress.set_length(end);
+            progress.set_position(next);
         }
         reader
             .join()
@@ -718,11 +739,17 @@ pub fn suspend(s: &LabSession, name: &str, out: &Path) -> Result<(CapsuleRecord,
     let mut c = s.connect(&vm)?;
     let image_len = freeze(&mut c, &vm.name, &rec.name)?;
     let saved = (|| -> Result<()> {
+        let progress = Progress::bytes(
+            image_len,
+            format!("suspend '{name}' {} -> {}", vm.name, out.display()),
+        );
         let mut bytes = Vec::with_capacity(image_len as usize);
         read_image(&mut c, &vm.name, &rec.name, image_len, |_, data| {
+            progress.inc(data.len() as u64);
             bytes.extend_from_slice(&data);
             Ok(())
         })?;
+        progress.finish();
         let sealed = image::reseal(&bytes, &s.lab.key()?, &file_key)
             .map_err(|e| anyhow!("the image from {} does not verify: {e}", vm.name))?;
         crate::state::write_atomically(out, &sealed, 0o600)
@@ -805,7 +832,11 @@ pub fn resume(
     let mut check = map.clone();
     check.insert(record.clone()).context("cannot resume here")?;
     let sealed = img.encode_for_transfer(&s.lab.key()?, &image_nonce()?);
-    let info = restore_image(&mut c, &vm.name, &img.name, &sealed)?;
+    let progress = Progress::bytes(
+        sealed.len() as u64,
+        format!("resume '{}' {} -> {}", img.name, path.display(), vm.name),
+    );
+    let info = restore_image(&mut c, &vm.name, &img.name, &sealed, &progress)?;
     if info.state != CapsuleState::Running {
         bail!(
             "{} restored '{}' but it is {}",

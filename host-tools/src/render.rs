@@ -141,6 +141,58 @@ pub fn vm_json(vms: &[VmInfo]) -> String {
     serde_json::to_string_pretty(vms).expect("VmInfo always serialises")
 }
 
+/// A writer that turns a log's bytes into JSON lines, one object per line of
+/// text: `{"capsule":"web","line":"listening on 80"}`. A line cut between two
+/// writes is joined first; `finish` prints a last line without a newline.
+pub struct JsonLines<'a, W: std::io::Write> {
+    capsule: &'a str,
+    pending: Vec<u8>,
+    out: W,
+}
+
+impl<'a, W: std::io::Write> JsonLines<'a, W> {
+    pub fn new(capsule: &'a str, out: W) -> Self {
+        Self {
+            capsule,
+            pending: Vec::new(),
+            out,
+        }
+    }
+
+    fn emit(&mut self, line: &[u8]) -> std::io::Result<()> {
+        let line = String::from_utf8_lossy(line);
+        let object = serde_json::json!({
+            "capsule": self.capsule,
+            "line": line.trim_end_matches('\r'),
+        });
+        writeln!(self.out, "{object}")
+    }
+
+    /// Prints what is left after the last newline, if anything.
+    pub fn finish(mut self) -> std::io::Result<()> {
+        if !self.pending.is_empty() {
+            let rest = std::mem::take(&mut self.pending);
+            self.emit(&rest)?;
+        }
+        self.out.flush()
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for JsonLines<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            self.emit(&line[..end])?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +258,23 @@ mod tests {
         assert_eq!(arr[0]["build_id"], "ab01");
         assert_eq!(arr[0]["ip"], "192.0.2.10");
         assert_eq!(arr[1]["build_id"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn log_bytes_become_one_json_object_per_line() {
+        use std::io::Write;
+        let mut out = Vec::new();
+        let mut lines = JsonLines::new("web", &mut out);
+        lines.write_all(b"listening on 80\r\nhalf a ").unwrap();
+        lines.write_all(b"line\n\"quoted\"").unwrap();
+        lines.finish().unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let parsed: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let texts: Vec<&str> = parsed.iter().map(|v| v["line"].as_str().unwrap()).collect();
+        assert_eq!(texts, ["listening on 80", "half a line", "\"quoted\""]);
+        assert!(parsed.iter().all(|v| v["capsule"] == "web"));
     }
 }

@@ -144,7 +144,7 @@ impl Lab {
             up_output: String::new(),
             down: false,
         };
-        lab.up_output = capsulectl_ok(&["lab", "up", "--name", &lab.name, "--vms", &vms]);
+        lab.up_output = capsulectl_ok(&["lab", "up", "--lab", &lab.name, "--vms", &vms]);
         lab
     }
 
@@ -160,14 +160,14 @@ impl Lab {
 
     /// Runs a command inside the lab namespace through `capsulectl lab exec`.
     pub fn exec(&self, argv: &[&str]) -> Output {
-        let mut args = vec!["lab", "exec", "--name", &self.name, "--"];
+        let mut args = vec!["lab", "exec", "--lab", &self.name, "--"];
         args.extend_from_slice(argv);
         capsulectl(&args)
     }
 
     /// `vm ls --json`, parsed.
     pub fn vm_ls(&self) -> Vec<serde_json::Value> {
-        let out = capsulectl_ok(&["vm", "ls", "--name", &self.name, "--json"]);
+        let out = capsulectl_ok(&["vm", "ls", "--lab", &self.name, "--json"]);
         let v: serde_json::Value =
             serde_json::from_str(&out).unwrap_or_else(|e| panic!("vm ls --json: {e}: {out}"));
         v.as_array().expect("vm ls --json is an array").clone()
@@ -176,7 +176,7 @@ impl Lab {
     /// A protocol check through the hidden `debug control` command.
     pub fn control_check(&self, vm: &str, check: &str) -> serde_json::Value {
         let out = capsulectl_ok(&[
-            "debug", "control", "--name", &self.name, "--vm", vm, "--check", check,
+            "debug", "control", "--lab", &self.name, "--vm", vm, "--check", check,
         ]);
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("debug control: {e}: {out}"))
     }
@@ -184,7 +184,7 @@ impl Lab {
     /// `lab down`, asserting success.
     pub fn down(&mut self) {
         self.down = true;
-        capsulectl_ok(&["lab", "down", "--name", &self.name]);
+        capsulectl_ok(&["lab", "down", "--lab", &self.name]);
     }
 
     pub fn netns(&self) -> String {
@@ -225,7 +225,7 @@ impl Drop for Lab {
         let exists = capsulectl::netns::exists(&self.netns())
             || capsulectl::state::lab_dir(&self.name).exists();
         if !self.down && exists {
-            let out = capsulectl(&["lab", "down", "--name", &self.name]);
+            let out = capsulectl(&["lab", "down", "--lab", &self.name]);
             if !out.status.success() {
                 eprintln!(
                     "teardown of lab {} failed: {}",

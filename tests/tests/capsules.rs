@@ -85,7 +85,7 @@ fn dns_names_echo_bytes_and_ticker_reaches_the_lab() {
     // A ticker capsule connects out to a listener in the lab namespace.
     let file = dir.join("ticks");
     let mut listener = Command::new(capsulectl_bin())
-        .args(["lab", "exec", "--name", &lab.name, "--", "socat", "-u"])
+        .args(["lab", "exec", "--lab", &lab.name, "--", "socat", "-u"])
         .arg("TCP-LISTEN:9000,reuseaddr,bind=192.0.2.1")
         .arg(format!("CREATE:{}", file.display()))
         .stdin(Stdio::null())

@@ -35,6 +35,41 @@ fn assert_nothing_left(lab: &Lab) {
     );
 }
 
+/// A process named by its pid and start time (field 22 of /proc/PID/stat),
+/// so a recycled pid is not taken for it.
+fn start_ticks(pid: u64) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19).map(str::to_string)
+}
+
+/// The lab's QEMU processes (pid, start time) as `vm ls` reports them.
+fn qemu_processes(lab: &Lab) -> Vec<(u64, String)> {
+    lab.vm_ls()
+        .iter()
+        .filter_map(|vm| {
+            let pid = vm["pid"].as_u64()?;
+            Some((pid, start_ticks(pid)?))
+        })
+        .collect()
+}
+
+/// No process of `processes` exists any more, not even as a zombie that
+/// waits to be reaped: `lab down` returns only when the lab is gone.
+fn assert_processes_gone(processes: &[(u64, String)]) {
+    for (pid, ticks) in processes {
+        if start_ticks(*pid).as_ref() == Some(ticks) {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .unwrap_or_default()
+                .lines()
+                .find(|l| l.starts_with("State:"))
+                .unwrap_or("")
+                .to_string();
+            panic!("QEMU pid {pid} still exists after `lab down` ({state})");
+        }
+    }
+}
+
 #[test]
 fn two_vm_lab_serves_ping_and_control_and_leaves_nothing_behind() {
     let root_before = root_namespace_addresses();
@@ -107,7 +142,7 @@ fn two_vm_lab_serves_ping_and_control_and_leaves_nothing_behind() {
     assert_eq!(r["outcome"], "ok", "{r}");
 
     // A second lab of the same name is refused clearly.
-    let again = capsulectl(&["lab", "up", "--name", &lab.name, "--vms", "1"]);
+    let again = capsulectl(&["lab", "up", "--lab", &lab.name, "--vms", "1"]);
     assert!(!again.status.success());
     assert!(
         stderr(&again).contains("already exists"),
@@ -115,10 +150,14 @@ fn two_vm_lab_serves_ping_and_control_and_leaves_nothing_behind() {
         stderr(&again)
     );
 
+    let qemus = qemu_processes(&lab);
+    assert_eq!(qemus.len(), 2, "{qemus:?}");
     lab.down();
+    assert_processes_gone(&qemus);
     assert_nothing_left(&lab);
 
-    // Down again: the lab is unknown now, which is a clear error.
+    // Down again: the lab is unknown now, which is a clear error. The old
+    // spelling --name still names the lab.
     let again = capsulectl(&["lab", "down", "--name", &lab.name]);
     assert!(!again.status.success());
     assert!(
@@ -130,9 +169,10 @@ fn two_vm_lab_serves_ping_and_control_and_leaves_nothing_behind() {
 
 #[test]
 fn lab_down_cleans_up_a_lab_whose_vm_died() {
-    let mut lab = Lab::up("dead", 1);
+    let mut lab = Lab::up("dead", 2);
     let vms = lab.vm_ls();
     let pid = vms[0]["pid"].as_u64().expect("pid") as i32;
+    let qemus = qemu_processes(&lab);
     // Our own VM, started by this test through capsulectl; killed by pid.
     // SAFETY: kill has no memory-safety preconditions.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
@@ -146,6 +186,7 @@ fn lab_down_cleans_up_a_lab_whose_vm_died() {
     }
     assert_eq!(state_seen, "dead");
     lab.down();
+    assert_processes_gone(&qemus);
     assert_nothing_left(&lab);
 }
 
@@ -154,9 +195,10 @@ fn commands_on_an_unknown_lab_fail_clearly() {
     require_lab_prerequisites();
     let name = unique_lab_name("none");
     for args in [
-        vec!["lab", "down", "--name", name.as_str()],
-        vec!["vm", "ls", "--name", name.as_str()],
-        vec!["lab", "exec", "--name", name.as_str(), "--", "true"],
+        vec!["lab", "down", "--lab", name.as_str()],
+        vec!["vm", "ls", "--lab", name.as_str()],
+        vec!["lab", "exec", "--lab", name.as_str(), "--", "true"],
+        vec!["ps", "--lab", name.as_str()],
     ] {
         let out = capsulectl(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
@@ -211,7 +253,7 @@ fn failed_lab_up_shows_the_logs_and_removes_everything() {
     let out = capsulectl(&[
         "lab",
         "up",
-        "--name",
+        "--lab",
         &name,
         "--vms",
         "1",

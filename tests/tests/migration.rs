@@ -1107,7 +1107,7 @@ fn migration_to_a_different_kernel_build_is_refused_before_freezing() {
     let out = capsulectl(&[
         "lab",
         "up",
-        "--name",
+        "--lab",
         &name,
         "--vms",
         "2",

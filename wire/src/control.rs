@@ -5,8 +5,8 @@
 //! first with a [`Hello`] (protocol version, kernel build id, VM name and a
 //! fresh nonce). After that the client sends request envelopes and the server
 //! answers each with a response envelope carrying the same sequence number.
-//! Envelopes are authenticated with HMAC-SHA256 under the cluster key (see
-//! [`crate::auth`]). The full description is in docs/control-protocol.md.
+//! Envelopes are authenticated with Poly1305 under one-time keys derived from
+//! the cluster key with HMAC-SHA256 (see [`crate::auth`]). The full description is in docs/control-protocol.md.
 
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -205,9 +205,10 @@ pub enum Request {
     InspectCapsule {
         name: String,
     },
-    /// Pre-copy, source side: serialise every page of the capsule while it
-    /// keeps running (a base image; dirty-page tracking starts now). A later
-    /// `FreezeCapsule` then yields only the pages written since.
+    /// Pre-copy, source side: start tracking written pages and hand out a
+    /// base image that holds the capsule's identity and arena length, no
+    /// pages: those follow with `ReadPages` while the capsule keeps running,
+    /// and a later `FreezeDelta` yields only the pages written since.
     PrecopyCapsule {
         name: String,
     },

@@ -314,8 +314,8 @@ impl CapsuleImage {
         Self::decode_body(bytes, sealed)
     }
 
-    /// Decodes after checking only the digest, for reading an image whose key
-    /// is not at hand (`inspect` of a file). Never use it to restore.
+    /// Decodes after checking only the digest (when the image carries one),
+    /// for reading an image whose key is not at hand. Never use it to restore.
     pub fn decode_unauthenticated(bytes: &[u8]) -> Result<Self, ImageError> {
         let sealed = check_seal(bytes, None)?;
         Self::decode_body(bytes, sealed)

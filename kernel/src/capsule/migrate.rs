@@ -135,10 +135,11 @@ pub fn inspect(name: &str) -> Result<(Vec<TaskSummary>, Vec<SocketSummary>), Cap
     })
 }
 
-/// Serialises every page of a running capsule without stopping it (a base
-/// image for pre-copy) and starts tracking the pages it writes from here on.
-/// Kernel loop only: no task of the capsule is running meanwhile, so the copy
-/// is consistent with the dirty bits cleared at the same moment.
+/// Starts pre-copy of a running capsule without stopping it: hands out a base
+/// image (identity and arena length, no pages: those are read in batches with
+/// `ReadPages` while it runs) and starts tracking the pages it writes from
+/// here on. Kernel loop only: no task of the capsule is running meanwhile, so
+/// the dirty bits are cleared at one consistent moment.
 pub fn precopy(name: &str, key: &[u8]) -> Result<Vec<u8>, CapsuleError> {
     snapshot(name, key, ImageKind::Base)
 }
