@@ -21,7 +21,13 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
 fi
 
 serial_log=$(mktemp)
-trap 'rm -f "$serial_log"' EXIT
+# A cluster key delivered the way labs deliver it: a root-only file handed to
+# QEMU's fw_cfg as opt/capsules/key, never on the command line. Its bytes are
+# fixed so that the fw_cfg test image can check what arrives.
+key_file=$(mktemp)
+trap 'rm -f "$serial_log" "$key_file"' EXIT
+chmod 600 "$key_file"
+printf '%s' 'capsules in-kernel test key 0001' >"$key_file"
 
 # Two virtio-net devices joined by a QEMU-internal hub: the NIC tests send on
 # one and receive on the other, with no host network involved.
@@ -29,6 +35,7 @@ timeout --foreground -k 5 "$timeout_s" qemu-system-x86_64 \
     -machine q35 -cpu max -m 256 -smp 1 -accel "$accel" \
     -nodefaults -no-user-config -display none -no-reboot \
     -kernel "$elf" -append "$cmdline" \
+    -fw_cfg "name=opt/capsules/key,file=$key_file" \
     -serial stdio \
     -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
     -netdev hubport,id=port0,hubid=0 -device virtio-net-pci,netdev=port0,mac=52:54:00:00:00:01 \

@@ -151,7 +151,8 @@ impl BenchLab {
     fn boot(&mut self) -> Result<Duration> {
         let spec = VmSpec {
             kernel: self.kernel.clone(),
-            cmdline: lab::vm_cmdline(&self.vm, LAB_GATEWAY, &self.key),
+            cmdline: lab::vm_cmdline(&self.vm, LAB_GATEWAY, Default::default()),
+            key_file: Some(capsulectl::state::write_key_file(&self.dir, &self.key)?),
             mem_mib: 256,
             accel: self.accel,
             serial_log: self.vm.serial_log.clone(),

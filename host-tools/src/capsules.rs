@@ -98,6 +98,31 @@ impl LabSession {
     pub fn load_map(&self) -> Result<DirectoryMap> {
         directory::load(&self.dir, self.lab.capsule_range)
     }
+
+    /// Takes the directory lock and loads the map, after finishing or rolling
+    /// back whatever a dead process left open (an intent in the map means its
+    /// writer died: it held this lock until its outcome). A recovery that
+    /// cannot be decided yet fails the command only if it concerns
+    /// `capsule`; for the others it is a warning.
+    pub fn lock_map(&self, capsule: Option<&str>) -> Result<(directory::MapLock, DirectoryMap)> {
+        let lock = directory::lock(&self.dir)?;
+        let mut map = self.load_map()?;
+        let open: Vec<String> = map
+            .capsules
+            .values()
+            .filter(|r| r.intent.is_some())
+            .map(|r| r.name.clone())
+            .collect();
+        for name in open {
+            if let Err(e) = crate::recover::recover_all(self, &mut map, Some(&name)) {
+                if capsule == Some(name.as_str()) {
+                    return Err(e);
+                }
+                eprintln!("capsulectl: warning: {e:#}");
+            }
+        }
+        Ok((lock, map))
+    }
 }
 
 /// What `run` needs.
@@ -169,8 +194,7 @@ pub fn run(s: &LabSession, opts: &RunOptions) -> Result<Started> {
     if let Some(name) = &opts.name {
         directory::validate_capsule_name(name)?;
     }
-    let _lock = directory::lock(&s.dir)?;
-    let mut map = s.load_map()?;
+    let (_lock, mut map) = s.lock_map(opts.name.as_deref())?;
     let name = match &opts.name {
         Some(n) => n.clone(),
         None => map.default_name(&opts.program),
@@ -188,6 +212,9 @@ pub fn run(s: &LabSession, opts: &RunOptions) -> Result<Started> {
     // VM has started the capsule; on any failure it is dropped unsaved.
     let (locator, slot) = map.allocate()?;
     let memory_limit = opts.memory_mib.unwrap_or(0) * 1024 * 1024;
+    // A name used before goes on counting: any copy of the old capsule that
+    // might still surface somewhere is older than this one.
+    let epoch = map.last_epoch(&name) + 1;
     let request = Request::RunCapsule(RunCapsule {
         name: name.clone(),
         program: opts.program.clone(),
@@ -195,6 +222,7 @@ pub fn run(s: &LabSession, opts: &RunOptions) -> Result<Started> {
         locator,
         slot,
         memory_limit,
+        epoch,
     });
     let info = match s.call(vm, &request)? {
         Response::CapsuleStarted(info) => info,
@@ -216,6 +244,9 @@ pub fn run(s: &LabSession, opts: &RunOptions) -> Result<Started> {
         vm: vm.name.clone(),
         memory_limit,
         created_unix,
+        epoch,
+        intent: None,
+        lost: None,
     })?;
     if let Err(e) = directory::save(&s.dir, &map) {
         // Do not leave a capsule running that the directory does not know.
@@ -232,19 +263,34 @@ pub fn run(s: &LabSession, opts: &RunOptions) -> Result<Started> {
     })
 }
 
-/// One row of `ps`.
+/// One row of `ps`: one copy of a capsule on one VM, or a directory record
+/// that no VM reports a copy of.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PsRow {
     pub name: String,
     pub program: String,
     pub locator: Ipv4Addr,
     pub slot: u32,
+    /// Where this copy is (for a record without a copy: where the
+    /// directory says it should be).
     pub vm: String,
-    /// running, exited, faulted, killed, missing (the VM does not know it) or
-    /// unreachable (the VM does not answer).
+    /// running, frozen, exited, faulted, killed or migrated (what the VM
+    /// reports); missing (its VM does not know it), unreachable (its VM does
+    /// not answer) or lost (the VM that held the only copy died).
     pub state: String,
-    /// Why a faulted capsule ended.
+    /// Why a faulted capsule ended, or why a lost one is lost.
     pub reason: Option<String>,
+    /// This copy's epoch as its VM reports it.
+    pub epoch: Option<u64>,
+    /// The epoch the directory committed for the capsule (none: the
+    /// directory does not know the capsule at all).
+    pub directory_epoch: Option<u64>,
+    /// Whether this is the copy the directory names (its VM and epoch). Any
+    /// other copy is stale or unknown: a `recover` or the next capsule
+    /// command ends it.
+    pub recorded: bool,
+    /// An operation in progress, or left half done by a process that died.
+    pub intent: Option<String>,
     pub tasks: Option<u32>,
     pub memory_bytes: Option<u64>,
     pub memory_limit: Option<u64>,
@@ -253,61 +299,108 @@ pub struct PsRow {
     pub args: Vec<String>,
 }
 
-/// Joins directory records with what each VM reports (`None`: VM silent).
+impl PsRow {
+    fn of_copy(i: &CapsuleInfo, vm: &str, rec: Option<&CapsuleRecord>) -> Self {
+        Self {
+            name: i.name.clone(),
+            program: i.program.clone(),
+            locator: i.locator,
+            slot: i.slot,
+            vm: vm.to_string(),
+            state: i.state.label().into(),
+            reason: match &i.state {
+                CapsuleState::Faulted { reason } => Some(reason.clone()),
+                _ => None,
+            },
+            epoch: Some(i.epoch),
+            directory_epoch: rec.map(|r| r.epoch),
+            recorded: rec.is_some_and(|r| r.vm == vm && r.epoch == i.epoch),
+            intent: rec.and_then(|r| r.intent.as_ref()).map(|i| i.describe()),
+            tasks: Some(i.tasks),
+            memory_bytes: Some(i.memory_bytes),
+            memory_limit: Some(i.memory_limit),
+            sockets: Some(i.sockets),
+            uptime_ns: Some(i.uptime_ns),
+            args: rec.map(|r| r.args.clone()).unwrap_or_default(),
+        }
+    }
+
+    fn of_record(c: &CapsuleRecord, state: &str) -> Self {
+        Self {
+            name: c.name.clone(),
+            program: c.program.clone(),
+            locator: c.locator,
+            slot: c.slot,
+            vm: c.vm.clone(),
+            state: state.into(),
+            reason: c.lost.clone(),
+            epoch: None,
+            directory_epoch: Some(c.epoch),
+            recorded: true,
+            intent: c.intent.as_ref().map(|i| i.describe()),
+            tasks: None,
+            memory_bytes: None,
+            memory_limit: None,
+            sockets: None,
+            uptime_ns: None,
+            args: c.args.clone(),
+        }
+    }
+}
+
+/// Joins directory records with what each VM reports (`None`: VM silent):
+/// a row for every copy any VM reports — so that two copies can never hide
+/// behind one record — and one for each record no VM reports a copy of.
 pub fn join_rows(
     map: &DirectoryMap,
     reports: &BTreeMap<String, Option<Vec<CapsuleInfo>>>,
 ) -> Vec<PsRow> {
-    map.capsules
-        .values()
-        .map(|c| {
-            let mut row = PsRow {
-                name: c.name.clone(),
-                program: c.program.clone(),
-                locator: c.locator,
-                slot: c.slot,
-                vm: c.vm.clone(),
-                state: "unreachable".into(),
-                reason: None,
-                tasks: None,
-                memory_bytes: None,
-                memory_limit: None,
-                sockets: None,
-                uptime_ns: None,
-                args: c.args.clone(),
-            };
-            if let Some(Some(list)) = reports.get(&c.vm) {
-                match list.iter().find(|i| i.name == c.name) {
-                    Some(i) => {
-                        row.state = i.state.label().into();
-                        if let CapsuleState::Faulted { reason } = &i.state {
-                            row.reason = Some(reason.clone());
-                        }
-                        row.tasks = Some(i.tasks);
-                        row.memory_bytes = Some(i.memory_bytes);
-                        row.memory_limit = Some(i.memory_limit);
-                        row.sockets = Some(i.sockets);
-                        row.uptime_ns = Some(i.uptime_ns);
-                    }
-                    None => row.state = "missing".into(),
+    let mut rows = Vec::new();
+    for c in map.capsules.values() {
+        let copies: Vec<PsRow> = reports
+            .iter()
+            .filter_map(|(vm, list)| Some((vm, list.as_ref()?)))
+            .flat_map(|(vm, list)| {
+                list.iter()
+                    .filter(|i| i.name == c.name)
+                    .map(move |i| PsRow::of_copy(i, vm, Some(c)))
+            })
+            .collect();
+        let recorded_found = copies.iter().any(|r| r.vm == c.vm);
+        if !recorded_found {
+            let state = if c.lost.is_some() {
+                "lost"
+            } else {
+                match reports.get(&c.vm) {
+                    Some(Some(_)) => "missing",
+                    _ => "unreachable",
                 }
+            };
+            rows.push(PsRow::of_record(c, state));
+        }
+        rows.extend(copies);
+    }
+    // Copies of capsules the directory does not know at all.
+    for (vm, list) in reports {
+        for i in list.iter().flatten() {
+            if map.get(&i.name).is_none() {
+                rows.push(PsRow::of_copy(i, vm, None));
             }
-            row
-        })
-        .collect()
+        }
+    }
+    rows
 }
 
-/// `capsulectl ps`.
+/// `capsulectl ps`: every VM of the lab is asked, not only those the
+/// directory names.
 pub fn ps(s: &LabSession) -> Result<Vec<PsRow>> {
     let map = s.load_map()?;
-    let mut reports = BTreeMap::new();
-    for vm_name in map.capsules.values().map(|c| c.vm.as_str()) {
-        if reports.contains_key(vm_name) {
-            continue;
-        }
-        let list = s.vm(vm_name).and_then(|vm| s.list_capsules(vm)).ok();
-        reports.insert(vm_name.to_string(), list);
-    }
+    let reports: BTreeMap<String, Option<Vec<CapsuleInfo>>> = s
+        .lab
+        .vms
+        .iter()
+        .map(|vm| (vm.name.clone(), s.list_capsules(vm).ok()))
+        .collect();
     Ok(join_rows(&map, &reports))
 }
 
@@ -315,8 +408,7 @@ pub fn ps(s: &LabSession) -> Result<Vec<PsRow>> {
 /// that no longer knows the capsule counts as killed; a VM that does not
 /// answer keeps the record unless `force`.
 pub fn kill(s: &LabSession, name: &str, force: bool) -> Result<CapsuleRecord> {
-    let _lock = directory::lock(&s.dir)?;
-    let mut map = s.load_map()?;
+    let (_lock, mut map) = s.lock_map(Some(name))?;
     let Some(rec) = map.get(name).cloned() else {
         bail!(
             "no capsule named '{name}' in lab '{}' (see `capsulectl ps --lab {}`)",
@@ -324,6 +416,12 @@ pub fn kill(s: &LabSession, name: &str, force: bool) -> Result<CapsuleRecord> {
             s.lab.name
         );
     };
+    if rec.lost.is_some() {
+        // No copy survived anywhere: only the record is left to remove.
+        map.remove(name);
+        directory::save(&s.dir, &map)?;
+        return Ok(rec);
+    }
     let vm = s.vm(&rec.vm)?;
     let outcome = s.connect(vm).and_then(|mut c| {
         c.call(&Request::KillCapsule {
@@ -474,6 +572,7 @@ mod tests {
             memory_limit: 1 << 26,
             sockets: 1,
             uptime_ns: 5,
+            epoch: 1,
         }
     }
 
@@ -487,6 +586,9 @@ mod tests {
             vm: vm.into(),
             memory_limit: 0,
             created_unix: 0,
+            epoch: 1,
+            intent: None,
+            lost: None,
         }
     }
 
@@ -533,6 +635,46 @@ mod tests {
             assert!(json[0].get(key).is_some(), "{key}");
         }
         assert_eq!(json[0]["locator"], "198.18.0.1");
+        assert!(rows.iter().all(|r| r.recorded));
+    }
+
+    #[test]
+    fn ps_shows_every_copy_not_just_the_recorded_one() {
+        let mut map = DirectoryMap::new(CapsuleRange::default());
+        map.insert(rec("a", "vm1", 1)).unwrap();
+        let mut lost = rec("b", "vm2", 2);
+        lost.lost = Some("vm2 died holding the only copy".into());
+        map.insert(lost).unwrap();
+        let mut frozen_old = info("a", CapsuleState::Frozen);
+        frozen_old.epoch = 0;
+        let mut reports = BTreeMap::new();
+        reports.insert(
+            "vm1".to_string(),
+            Some(vec![info("a", CapsuleState::Running)]),
+        );
+        reports.insert(
+            "vm2".to_string(),
+            Some(vec![frozen_old, info("stray", CapsuleState::Running)]),
+        );
+        let rows = join_rows(&map, &reports);
+        let seen: Vec<(&str, &str, &str, bool)> = rows
+            .iter()
+            .map(|r| (r.name.as_str(), r.vm.as_str(), r.state.as_str(), r.recorded))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("a", "vm1", "running", true),
+                ("a", "vm2", "frozen", false),
+                ("b", "vm2", "lost", true),
+                ("stray", "vm2", "running", false),
+            ]
+        );
+        assert_eq!(
+            rows[2].reason.as_deref(),
+            Some("vm2 died holding the only copy")
+        );
+        assert_eq!(rows[3].directory_epoch, None);
     }
 
     #[test]

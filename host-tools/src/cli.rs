@@ -110,8 +110,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Resume a capsule that an interrupted move left frozen on its VM (only
-    /// when it surely does not run on the other VM: `migrate` says so).
+    /// Finish or roll back moves, suspends and resumes that a dead process
+    /// left half done (every capsule command does this first by itself).
+    Recover {
+        /// Only this capsule (default: every one with an open intent).
+        name: Option<String>,
+        #[command(flatten)]
+        lab: LabArg,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume a capsule left frozen on its VM, after asking every VM of the
+    /// lab that no other copy runs (it then runs at a new epoch).
     Thaw {
         name: String,
         #[command(flatten)]
@@ -171,6 +182,10 @@ pub enum Command {
         /// New capsule name (default: the saved one).
         #[arg(long)]
         name: Option<String>,
+        /// Resume even an image older than the directory's epoch for its
+        /// name (a stale copy: the capsule ran on after it was saved).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         lab: LabArg,
         /// Print JSON instead of text.
@@ -402,6 +417,7 @@ fn wants_json(command: &Command) -> bool {
         | Command::Ps { json, .. }
         | Command::Kill { json, .. }
         | Command::Thaw { json, .. }
+        | Command::Recover { json, .. }
         | Command::Logs { json, .. }
         | Command::Programs { json, .. }
         | Command::Migrate { json, .. }
@@ -513,6 +529,35 @@ pub fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Command::Recover { name, lab, json } => {
+            let session = LabSession::open(&lab.name)?;
+            let _lock = crate::directory::lock(&session.dir)?;
+            let mut map = session.load_map()?;
+            if let Some(n) = &name
+                && map.get(n).is_none()
+            {
+                bail!("no capsule named '{n}' in lab '{}'", lab.name);
+            }
+            let done = crate::recover::recover_all(&session, &mut map, name.as_deref())?;
+            if json {
+                print_json(&done)?;
+            } else if done.is_empty() {
+                println!("nothing to recover: no move, suspend or resume was left half done");
+            } else {
+                for r in &done {
+                    println!(
+                        "{}: {} -> {}{}",
+                        r.name,
+                        r.intent,
+                        r.outcome,
+                        r.vm.as_deref()
+                            .map(|vm| format!(" on {vm}"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            Ok(0)
+        }
         Command::Thaw { name, lab, json } => {
             let vm = crate::migrate::thaw(&LabSession::open(&lab.name)?, &name)?;
             if json {
@@ -619,6 +664,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             file,
             on,
             name,
+            force,
             lab,
             json,
         } => {
@@ -627,6 +673,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 &file,
                 on.as_deref(),
                 name.as_deref(),
+                force,
             )?;
             if json {
                 print_json(&rec)?;

@@ -1,11 +1,14 @@
-//! Client of a VM's control service (TCP, framed, HMAC-authenticated; the
-//! protocol itself is defined in `capsules_wire::control`).
+//! Client of a VM's control service (TCP, framed, authenticated; the
+//! protocol itself is defined in `capsules_wire::control`). Each connection
+//! starts with the server's hello and our client hello, which carries a fresh
+//! nonce of ours: answers recorded in any other connection never verify.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use capsules_wire::auth::NONCE_LEN;
 use capsules_wire::control::{
     ClientError, ClientSession, FRAME_HEADER_LEN, Hello, MAX_FRAME_LEN, Request, Response, Status,
     frame,
@@ -64,8 +67,15 @@ impl ControlClient {
         stream.set_write_timeout(Some(io_timeout))?;
         stream.set_nodelay(true)?;
         let hello = read_frame(&mut stream).context("no Hello from the control service")?;
-        let session =
-            ClientSession::new(key, &hello).map_err(|e| anyhow!("bad Hello from {addr}: {e}"))?;
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce).map_err(|e| anyhow!("no randomness for a nonce: {e}"))?;
+        let session = ClientSession::new(key, &hello, nonce)
+            .map_err(|e| anyhow!("bad Hello from {addr}: {e}"))?;
+        // Sent at once: the server closes connections that have not proved
+        // the key within its handshake deadline.
+        stream
+            .write_all(&frame(session.client_hello()))
+            .context("cannot send the client hello")?;
         Ok(Self {
             stream,
             session,
@@ -79,6 +89,8 @@ impl ControlClient {
         self
     }
 
+    /// The server's hello; its build id and name are authentic once a
+    /// call has returned a verified answer (the session key covers them).
     pub fn hello(&self) -> &Hello {
         self.session.hello()
     }
@@ -123,7 +135,11 @@ impl ControlClient {
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<Result<Response, ClientError>> {
         self.stream.write_all(bytes).context("cannot send bytes")?;
         let reply = read_frame(&mut self.stream)?;
-        Ok(self.session.open(0, &reply))
+        Ok(match self.session.open(0, &reply) {
+            // Garbage is no request of ours: only a refusal can be read.
+            Err(ClientError::NotPending(_)) => Err(ClientError::BadServerTag),
+            other => other,
+        })
     }
 
     pub fn version(&mut self) -> Result<(u16, Vec<u8>, String)> {
@@ -157,19 +173,29 @@ mod tests {
     use super::*;
     use capsules_wire::control::{ErrorCode, Incoming, ServerSession};
     use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
 
     /// A one-connection control server on loopback built from the wire crate's
     /// server half, so the client is tested against the real protocol logic.
-    fn serve_once(key: [u8; 32]) -> SocketAddr {
+    /// Everything it sends is also appended to the returned recording.
+    fn serve_once(key: [u8; 32]) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
+        let recording = Arc::new(Mutex::new(Vec::new()));
+        let sent = recording.clone();
         std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
+            let send = |s: &mut TcpStream, payload: &[u8]| {
+                let bytes = frame(payload);
+                sent.lock().unwrap().extend_from_slice(&bytes);
+                s.write_all(&bytes).unwrap();
+            };
             let mut server = ServerSession::new(&key, [7; 32]);
-            s.write_all(&frame(&server.hello(b"\x01\x02", "vm0")))
-                .unwrap();
+            let hello = server.hello(b"\x01\x02", "vm0");
+            send(&mut s, &hello);
             while let Ok(payload) = read_frame(&mut s) {
                 let reply = match server.handle(&payload) {
+                    Incoming::Opened => continue,
                     Incoming::Request { seq, request } => {
                         let resp = match request {
                             Request::Version => Response::Version {
@@ -184,17 +210,20 @@ mod tests {
                         server.reply(seq, &resp)
                     }
                     Incoming::Refused { reply, .. } => reply,
+                    // The kernel closes here; the fake keeps reading so that
+                    // the client surely reads the refusal first.
+                    Incoming::HandshakeFailed { reply, .. } => reply,
                 };
-                s.write_all(&frame(&reply)).unwrap();
+                send(&mut s, &reply);
             }
         });
-        addr
+        (addr, recording)
     }
 
     #[test]
     fn talks_to_a_server_and_sees_refusals() {
         let key = [5u8; 32];
-        let addr = serve_once(key);
+        let (addr, _) = serve_once(key);
         let mut c = ControlClient::connect(addr, &key, Duration::from_secs(5)).unwrap();
         assert_eq!(c.hello().vm_name, "vm0");
         assert_eq!(c.version().unwrap(), (1, vec![1, 2], "vm0".into()));
@@ -209,7 +238,8 @@ mod tests {
         ));
         c.shutdown().unwrap();
 
-        let addr = serve_once(key);
+        // The wrong key fails at the client hello; the client reads why.
+        let (addr, _) = serve_once(key);
         let mut intruder =
             ControlClient::connect(addr, &[6u8; 32], Duration::from_secs(5)).unwrap();
         assert!(matches!(
@@ -219,5 +249,40 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// A fake VM that plays back bytes recorded from a real session: its
+    /// hello (server nonce and all) and its authentic answers.
+    fn replay_server(recorded: Vec<u8>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(&recorded).unwrap();
+            // Read the client's frames until it gives up.
+            while read_frame(&mut s).is_ok() {}
+        });
+        addr
+    }
+
+    /// The attack that protocol version 3 closes: a session recorded on the
+    /// wire is played back to capsulectl, which would have taken the
+    /// recorded answers (say, "the capsule runs here") as today's.
+    #[test]
+    fn a_recorded_session_played_back_is_rejected() {
+        let key = [5u8; 32];
+        let (addr, recording) = serve_once(key);
+        let mut c = ControlClient::connect(addr, &key, Duration::from_secs(5)).unwrap();
+        assert_eq!(c.version().unwrap(), (1, vec![1, 2], "vm0".into()));
+        drop(c);
+        let recorded = recording.lock().unwrap().clone();
+
+        let addr = replay_server(recorded);
+        let mut victim = ControlClient::connect(addr, &key, Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            victim.try_call(&Request::Version).unwrap(),
+            Err(ClientError::BadServerTag),
+            "a recorded answer was accepted"
+        );
     }
 }

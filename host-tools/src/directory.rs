@@ -105,6 +105,16 @@ impl FromStr for CapsuleRange {
         if host_bits != 0 {
             bail!("capsule range '{s}': the address has host bits set below /{prefix}");
         }
+        // The kernel refuses such locators (smoltcp cannot own a multicast or
+        // broadcast address): a lab must not hand them out. A /8 or longer
+        // lies within one first octet.
+        let first = base.octets()[0];
+        if first == 0 || first == 127 || first >= 224 {
+            bail!(
+                "capsule range '{s}': not unicast host addresses (0/8, 127/8, multicast \
+                 224/4 and reserved 240/4 cannot be locators)"
+            );
+        }
         Ok(range)
     }
 }
@@ -141,6 +151,24 @@ pub struct CapsuleRecord {
     pub memory_limit: u64,
     /// Seconds since the Unix epoch when it was started.
     pub created_unix: u64,
+    /// The epoch of the copy the directory committed: every move, resume
+    /// and thaw runs the capsule at a higher one, and a VM refuses or drops
+    /// a copy below it (docs/architecture.md, "Exactly one copy").
+    #[serde(default = "first_epoch")]
+    pub epoch: u64,
+    /// A move, suspend or resume of this capsule that has begun and not
+    /// ended: written before the capsule is frozen, cleared with the outcome.
+    /// One left behind by a process that died is finished or rolled back by
+    /// `capsulectl recover` (every capsule command runs it first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intent: Option<crate::journal::Intent>,
+    /// Why the capsule runs nowhere: the VM that held the only copy died.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<String>,
+}
+
+fn first_epoch() -> u64 {
+    1
 }
 
 /// The whole map, as stored in `directory.json`.
@@ -155,6 +183,11 @@ pub struct DirectoryMap {
     pub next_locator: u64,
     pub next_slot: u32,
     pub capsules: BTreeMap<String, CapsuleRecord>,
+    /// The highest epoch committed per capsule name, kept after the capsule
+    /// ends or is suspended: a suspended image older than it is stale, and
+    /// a capsule started again under the name goes on counting from it.
+    #[serde(default)]
+    pub epochs: BTreeMap<String, u64>,
 }
 
 /// Capsule names become DNS labels: letters, digits and '-', starting with a
@@ -183,6 +216,7 @@ impl DirectoryMap {
             next_locator: 1,
             next_slot: 1,
             capsules: BTreeMap::new(),
+            epochs: BTreeMap::new(),
         }
     }
 
@@ -240,12 +274,31 @@ impl DirectoryMap {
         if let Some(c) = self.capsules.values().find(|c| c.slot == record.slot) {
             bail!("slot {} is already used by '{}'", record.slot, c.name);
         }
+        self.note_epoch(&record.name, record.epoch);
         self.capsules.insert(record.name.clone(), record);
         Ok(())
     }
 
     pub fn remove(&mut self, name: &str) -> Option<CapsuleRecord> {
-        self.capsules.remove(&name.to_ascii_lowercase())
+        let rec = self.capsules.remove(&name.to_ascii_lowercase())?;
+        self.note_epoch(&rec.name, rec.epoch);
+        Some(rec)
+    }
+
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut CapsuleRecord> {
+        self.capsules.get_mut(&name.to_ascii_lowercase())
+    }
+
+    /// Remembers that epoch `epoch` of `name` was committed.
+    pub fn note_epoch(&mut self, name: &str, epoch: u64) {
+        let e = self.epochs.entry(name.to_string()).or_insert(0);
+        *e = (*e).max(epoch);
+    }
+
+    /// The highest epoch committed for `name`, live or ended (0: never).
+    pub fn last_epoch(&self, name: &str) -> u64 {
+        let live = self.get(name).map_or(0, |r| r.epoch);
+        self.epochs.get(name).copied().unwrap_or(0).max(live)
     }
 
     /// `PROGRAM-N` with the smallest N ≥ 1 not taken.
@@ -468,6 +521,9 @@ mod tests {
             vm: "vm1".into(),
             memory_limit: 0,
             created_unix: 0,
+            epoch: 1,
+            intent: None,
+            lost: None,
         }
     }
 
@@ -483,6 +539,13 @@ mod tests {
             "x/16",
             "10.0.0.0/31",
             "10.0.0.0/4",
+            // Not unicast host addresses: the kernel refuses them as locators.
+            "0.0.0.0/8",
+            "127.0.0.0/16",
+            "224.0.0.0/8",
+            "239.255.0.0/16",
+            "240.0.0.0/8",
+            "255.255.255.0/24",
         ] {
             assert!(bad.parse::<CapsuleRange>().is_err(), "{bad}");
         }

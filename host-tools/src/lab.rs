@@ -69,8 +69,11 @@ pub fn vm_identity(index: usize) -> (String, Ipv4Addr, String) {
     (format!("vm{index}"), ip, mac)
 }
 
-/// The kernel command line of one lab VM.
-pub fn vm_cmdline(vm: &VmRecord, gateway: Ipv4Addr, key: &[u8]) -> String {
+/// The kernel command line of one lab VM. `locators` is the lab's capsule
+/// range, which the VM's switch treats as on-link. It carries no key: every
+/// local user can read QEMU's command line (the key goes through fw_cfg, see
+/// [`state::write_key_file`]).
+pub fn vm_cmdline(vm: &VmRecord, gateway: Ipv4Addr, locators: CapsuleRange) -> String {
     BootConfig {
         ip: Some(Ipv4Cidr {
             addr: vm.ip,
@@ -79,9 +82,12 @@ pub fn vm_cmdline(vm: &VmRecord, gateway: Ipv4Addr, key: &[u8]) -> String {
         gateway: Some(gateway),
         control_port: vm.control_port,
         log_level: LogLevel::Info,
-        key: Some(key.to_vec()),
         name: Some(vm.name.clone()),
         probe: false,
+        locators: Ipv4Cidr {
+            addr: locators.base,
+            prefix: locators.prefix,
+        },
     }
     .to_cmdline()
 }
@@ -295,13 +301,16 @@ fn start_lab(
         &lab.bridge,
     ])?;
     let key = lab.key()?;
+    // Root-only, beside the state file; QEMU reads it at start-up.
+    let key_file = state::write_key_file(dir, &key)?;
     let _inside = NetnsGuard::enter(&lab.netns)?;
     let mut children = Vec::new();
     for i in 0..lab.vms.len() {
         let vm = &lab.vms[i];
         let spec = VmSpec {
             kernel: lab.kernel_of(&vm.name).0.to_path_buf(),
-            cmdline: vm_cmdline(vm, lab.gateway, &key),
+            cmdline: vm_cmdline(vm, lab.gateway, lab.capsule_range),
+            key_file: Some(key_file.clone()),
             mem_mib: lab.mem_mib,
             accel,
             serial_log: vm.serial_log.clone(),
@@ -824,7 +833,19 @@ pub struct VmInfo {
     pub mem_used_bytes: Option<u64>,
     pub mem_total_bytes: Option<u64>,
     pub nic: Option<NicInfo>,
+    pub switch: Option<SwitchInfo>,
     pub error: Option<String>,
+}
+
+/// The capsule switch's neighbour table and drop counters (see
+/// `capsules_wire::control::SwitchStatus`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SwitchInfo {
+    pub neighbours: u64,
+    pub neighbour_evictions: u64,
+    pub capsule_queue_drops: u64,
+    pub held_drops: u64,
+    pub tx_drops: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -853,6 +874,7 @@ impl VmInfo {
             mem_used_bytes: None,
             mem_total_bytes: None,
             nic: None,
+            switch: None,
             error: None,
         }
     }
@@ -872,6 +894,13 @@ impl VmInfo {
             tx_bytes: s.nic.tx_bytes,
             rx_dropped: s.nic.rx_dropped,
             interrupts: s.nic.interrupts,
+        });
+        self.switch = Some(SwitchInfo {
+            neighbours: s.switch.neighbours,
+            neighbour_evictions: s.switch.neighbour_evictions,
+            capsule_queue_drops: s.switch.capsule_queue_drops,
+            held_drops: s.switch.held_drops,
+            tx_drops: s.switch.tx_drops,
         });
         self
     }
@@ -918,7 +947,7 @@ pub fn list(name: &str) -> Result<Vec<VmInfo>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use capsules_wire::control::NicCounters;
+    use capsules_wire::control::{NicCounters, SwitchStatus};
 
     #[test]
     fn vm_identities_follow_the_lab_plan() {
@@ -955,11 +984,16 @@ mod tests {
     fn cmdline_is_what_the_kernel_parses() {
         let dir = Path::new("/tmp/x");
         let lab = crate::state::tests::sample_state(dir);
-        let line = vm_cmdline(&lab.vms[0], lab.gateway, &[0xab; 32]);
+        let range: CapsuleRange = "10.77.0.0/16".parse().unwrap();
+        let line = vm_cmdline(&lab.vms[0], lab.gateway, range);
+        assert!(!line.contains("key"), "{line}");
         let cfg = BootConfig::parse(&line).unwrap();
+        assert_eq!(
+            (cfg.locators.addr, cfg.locators.prefix),
+            (Ipv4Addr::new(10, 77, 0, 0), 16)
+        );
         assert_eq!(cfg.ip.unwrap().addr, Ipv4Addr::new(192, 0, 2, 11));
         assert_eq!(cfg.gateway, Some(LAB_GATEWAY));
-        assert_eq!(cfg.key.unwrap(), vec![0xab; 32]);
         assert_eq!(cfg.name.as_deref(), Some("vm1"));
         assert!(!cfg.probe);
     }
@@ -1002,12 +1036,22 @@ mod tests {
                 ..NicCounters::default()
             },
             tsc_hz: 1,
+            switch: SwitchStatus {
+                neighbour_evictions: 6,
+                capsule_queue_drops: 7,
+                ..SwitchStatus::default()
+            },
         };
         let info =
             VmInfo::base(&lab, &lab.vms[0], "running").with_status(&[0xab, 0xcd], "abcd", &status);
         assert_eq!(info.build_id.as_deref(), Some("abcd"));
         assert_eq!(info.build_id_matches, Some(true));
         assert_eq!(info.nic.unwrap().rx_packets, 9);
+        let switch = info.switch.unwrap();
+        assert_eq!(
+            (switch.neighbour_evictions, switch.capsule_queue_drops),
+            (6, 7)
+        );
     }
 
     #[test]

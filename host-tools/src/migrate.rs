@@ -2,13 +2,17 @@
 //! (file to VM) and `inspect`.
 //!
 //! The order of a move (docs/control-protocol.md, "Moving a capsule"):
-//! same build on both VMs → destination admits → the other VMs hold traffic
-//! to the capsule → freeze at the source → the image streams through us to
-//! the destination while it is still being read → commit at the destination
-//! (the capsule runs there) → release at the source (held packets and
-//! stragglers are forwarded) → the other VMs release their traffic → the
-//! directory records the new VM. Any failure before the commit thaws the
-//! capsule at the source: it runs in exactly one place at any time.
+//! same build on both VMs → destination admits → the intent goes on record
+//! in the directory (`crate::journal`) → pre-copy: the pages stream to the
+//! destination while the capsule runs → the other VMs hold traffic to the
+//! capsule → freeze at the source → the delta streams through us to the
+//! destination → commit at the destination at the next epoch (the capsule
+//! runs there) → release at the source (held packets and stragglers are
+//! forwarded) → the other VMs release their traffic → the directory records
+//! the new VM and epoch and drops the intent. Any failure before the commit
+//! thaws the capsule at the source at a newer epoch still; after it, every
+//! VM is asked what it holds (`crate::recover`). The capsule runs in exactly
+//! one place at any time, also when this process dies half way.
 
 use std::fs;
 use std::io::Write;
@@ -27,17 +31,11 @@ use serde::Serialize;
 use crate::capsules::LabSession;
 use crate::control::ControlClient;
 use crate::directory::{self, CapsuleRecord};
+use crate::fault;
+use crate::journal::{self, Intent, IntentKind, Phase};
 use crate::progress::Progress;
+use crate::recover::{self, Decision};
 use crate::state::VmRecord;
-
-/// Test hook: milliseconds to wait between image chunks and pre-copy page
-/// batches, so a test can kill the destination while the capsule is in
-/// flight. Unset in normal use.
-pub const CHUNK_DELAY_ENV: &str = "CAPSULES_MIGRATE_CHUNK_DELAY_MS";
-
-/// Test hook: the commit's answer is "lost" (sent, never read), to check
-/// that the move then completes instead of running the capsule twice.
-pub const LOSE_COMMIT_ANSWER_ENV: &str = "CAPSULES_MIGRATE_LOSE_COMMIT_ANSWER";
 
 /// Where the key that seals suspended images on disk lives (created on first use).
 pub const IMAGE_KEY_ENV: &str = "CAPSULES_IMAGE_KEY_FILE";
@@ -86,14 +84,6 @@ fn build_id_hex(id: &[u8]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The test hook's pause between image chunks and page batches, if set.
-fn chunk_delay() -> Option<std::time::Duration> {
-    std::env::var(CHUNK_DELAY_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(std::time::Duration::from_millis)
-}
-
 /// Reads a frozen capsule's image from `client` and hands each chunk to `sink`
 /// as it arrives.
 fn read_image(
@@ -103,7 +93,7 @@ fn read_image(
     len: u64,
     mut sink: impl FnMut(u64, Vec<u8>) -> Result<()>,
 ) -> Result<()> {
-    let delay = chunk_delay();
+    let delay = fault::chunk_delay();
     let mut offset = 0;
     while offset < len {
         if let Some(d) = delay {
@@ -158,6 +148,7 @@ fn restore_image(
     vm: &str,
     name: &str,
     bytes: &[u8],
+    epoch: u64,
     progress: &Progress,
 ) -> Result<CapsuleInfo> {
     expect_done(
@@ -182,11 +173,18 @@ fn restore_image(
         progress.inc(chunk.len() as u64);
     }
     progress.finish();
-    commit(client, vm, name)
+    commit(
+        client,
+        vm,
+        &Request::RestoreCommit {
+            name: name.into(),
+            epoch,
+        },
+    )
 }
 
-fn commit(client: &mut ControlClient, vm: &str, name: &str) -> Result<CapsuleInfo> {
-    match client.call(&Request::RestoreCommit { name: name.into() })? {
+fn commit(client: &mut ControlClient, vm: &str, request: &Request) -> Result<CapsuleInfo> {
+    match client.call(request)? {
         Response::CapsuleStarted(info) => Ok(info),
         Response::Error { code, message } => {
             bail!("{vm} refused the image: {message} ({})", code.as_str())
@@ -211,9 +209,11 @@ fn hold_traffic(s: &LabSession, skip: &str, locator: std::net::Ipv4Addr, hold: b
 /// `capsulectl migrate NAME --to VM`.
 pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> {
     let called = Instant::now();
-    let _lock = directory::lock(&s.dir)?;
-    let mut map = s.load_map()?;
+    let (_lock, mut map) = s.lock_map(Some(name))?;
     let rec = record(s, &map, name)?;
+    if let Some(why) = &rec.lost {
+        bail!("'{name}' is lost ({why}): no copy is left to move");
+    }
     let src = s.vm(&rec.vm)?.clone();
     let dst = s.vm(to)?.clone();
     if src.name == dst.name {
@@ -271,6 +271,17 @@ pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> 
         "to admit the capsule",
         &dst.name,
     )?;
+    // The intent goes on record before anything moves: if this process
+    // dies from here on, the next capsule command finishes or undoes it.
+    let mut intent = Intent::new(
+        IntentKind::Move,
+        Some(&src.name),
+        Some(&dst.name),
+        info.epoch,
+    );
+    write_intent(s, &mut map, &rec.name, &intent)?;
+    let next_epoch = intent.next_epoch;
+    fault::point("precopy");
     let precopy_started = Instant::now();
     let base_bytes = match precopy(&mut src_c, &mut dst_c, &src, &dst, &rec.name, admission_len) {
         Ok(len) => len,
@@ -283,6 +294,16 @@ pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> 
                     name: rec.name.clone(),
                 })
             });
+            close_intent(
+                s,
+                &mut map,
+                &rec,
+                &intent,
+                Decision::Keep {
+                    vm: src.name.clone(),
+                    epoch: info.epoch,
+                },
+            )?;
             return Err(e.context(format!(
                 "pre-copy failed; '{name}' keeps running on {}",
                 src.name
@@ -290,7 +311,10 @@ pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> 
         }
     };
     let precopy_ms = ms(precopy_started.elapsed());
+    intent.phase = Phase::Freeze;
+    write_intent(s, &mut map, &rec.name, &intent)?;
     hold_traffic(s, &src.name, rec.locator, true);
+    fault::point("freeze");
     let started = Instant::now();
     let mut commit_sent = false;
     let outcome = move_frozen(
@@ -299,81 +323,65 @@ pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> 
         &src,
         &dst,
         &rec.name,
+        next_epoch,
         &mut commit_sent,
     );
-    let verdict = match &outcome {
-        Ok(_) => None,
-        // The destination never got the commit: it runs nothing; drop its
-        // restore (on a new connection: the old one may be what failed).
-        Err(_) if !commit_sent => {
+    let (image_len, t_frozen, t_transferred, t_running) = match outcome {
+        Ok(times) => times,
+        Err(e) if !commit_sent => {
+            // The destination never got the commit: it runs nothing. Drop its
+            // restore (on a new connection: the old one may be what failed),
+            // then resume the capsule at the source.
             let _ = s.connect(&dst).and_then(|mut c| {
                 c.call(&Request::RestoreAbort {
                     name: rec.name.clone(),
                 })
             });
-            Some(AtDestination::NotThere)
+            return Err(roll_back(s, &mut map, &rec, &intent, e));
         }
-        Err(_) => Some(resolve_commit(s, &dst, &rec)),
-    };
-    let (image_len, t_frozen, t_transferred, t_running) = match (outcome, verdict) {
-        (Ok(times), _) => times,
-        (Err(e), Some(AtDestination::Running)) => {
-            // The commit took effect but its answer was lost: the move is
-            // done, and thawing the source now would run the capsule twice.
-            eprintln!(
-                "capsulectl: warning: {} took '{name}' but its answer was lost ({e:#}); completing the move",
-                dst.name
-            );
+        Err(e) => {
+            // The commit was sent: the destination may run the capsule now.
+            // Ask every VM what it holds, and finish or roll back from that.
+            settle_after_commit(s, &mut map, &rec, &intent, e)?;
+            // It runs at the destination; the answer with its times is lost.
             let t = started.elapsed();
             (0, t, t, t)
         }
-        (Err(e), Some(AtDestination::Unknown)) => {
-            // It may run there: thawing here could run it twice. Leave it
-            // frozen (its packets are held) and say how to finish.
-            hold_traffic(s, &src.name, rec.locator, false);
-            return Err(e.context(format!(
-                "'{name}' is left frozen on {src_vm}: {dst_vm} was sent the commit but has not said \
-                 for {secs} s whether it took it. Look with `capsulectl debug capsules --lab {lab} \
-                 --vm {dst_vm}`; if it does not run there, `capsulectl thaw {name} --lab {lab}` resumes \
-                 it on {src_vm}",
-                src_vm = src.name,
-                dst_vm = dst.name,
-                secs = RESOLVE_TIMEOUT.as_secs(),
-                lab = s.lab.name,
-            )));
-        }
-        (Err(e), _) => {
-            // Nothing runs at the destination, and it dropped its restore:
-            // resume at the source.
-            let thawed = s.connect(&src).and_then(|mut c| {
-                c.call(&Request::ThawCapsule {
-                    name: rec.name.clone(),
-                })
-            });
-            hold_traffic(s, &src.name, rec.locator, false);
-            return Err(match thawed {
-                Ok(Response::Done) => e.context(format!("'{name}' keeps running on {}", src.name)),
-                Ok(Response::Error { message, .. }) if message.contains("not frozen") => {
-                    e.context(format!("'{name}' keeps running on {}", src.name))
-                }
-                other => e.context(format!(
-                    "and thawing it on {} failed too: {other:?}",
-                    src.name
-                )),
-            });
-        }
     };
+    if map.get(&rec.name).is_some_and(|r| r.intent.is_none()) {
+        // Settled above: the source was released and the move recorded.
+        let t = started.elapsed();
+        return Ok(MigrationReport {
+            name: rec.name,
+            from: src.name,
+            to: dst.name,
+            image_bytes: image_len,
+            base_bytes,
+            precopy_ms,
+            freeze_offset_ms: ms(started.duration_since(called)),
+            downtime_ms: ms(t_running),
+            freeze_ms: ms(t_frozen),
+            transfer_ms: ms(t_transferred - t_frozen),
+            restore_ms: ms(t_running - t_transferred),
+            release_ms: ms(t - t_running),
+            total_ms: ms(t),
+            transfer_mib_s: 0.0,
+        });
+    }
+    fault::point("release");
     let released = src_c.call(&Request::ReleaseCapsule {
         name: rec.name.clone(),
         forward_to: dst.ip,
     });
     let t_released = started.elapsed();
     hold_traffic(s, &src.name, rec.locator, false);
-    let mut moved = rec.clone();
-    moved.vm = dst.name.clone();
-    map.remove(&rec.name);
-    map.insert(moved)?;
-    directory::save(&s.dir, &map)?;
+    fault::point("directory");
+    let moved = Decision::Complete {
+        vm: dst.name.clone(),
+        epoch: next_epoch,
+        release_from: None,
+    };
+    close_intent(s, &mut map, &rec, &intent, moved)?;
     if let Err(e) = released.and_then(|r| expect_done(r, "to release the capsule", &src.name)) {
         eprintln!(
             "capsulectl: warning: '{name}' runs on {} but {} did not release it: {e:#}",
@@ -399,73 +407,139 @@ pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> 
     })
 }
 
-/// Whether a capsule whose commit was sent runs at the destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AtDestination {
-    Running,
-    NotThere,
-    /// The destination is alive but did not say within [`RESOLVE_TIMEOUT`].
-    Unknown,
+/// Puts `intent` on the capsule's record (saved, and appended to the
+/// journal file).
+fn write_intent(
+    s: &LabSession,
+    map: &mut directory::DirectoryMap,
+    name: &str,
+    intent: &Intent,
+) -> Result<()> {
+    let rec = map
+        .get_mut(name)
+        .ok_or_else(|| anyhow!("'{name}' left the directory"))?;
+    rec.intent = Some(intent.clone());
+    directory::save(&s.dir, map)?;
+    journal::log_intent(&s.dir, name, intent)
+}
+
+/// Records how the operation ended (and carries out what the decision still
+/// asks: fences, a thaw). The intent is gone from the record afterwards.
+fn close_intent(
+    s: &LabSession,
+    map: &mut directory::DirectoryMap,
+    rec: &CapsuleRecord,
+    intent: &Intent,
+    decision: Decision,
+) -> Result<()> {
+    let mut current = map.get(&rec.name).cloned().unwrap_or_else(|| rec.clone());
+    current.intent = Some(intent.clone());
+    recover::apply(s, map, &current, intent, decision, "migrate").map(|_| ())
+}
+
+/// A move failed before the commit was sent: the source's frozen copy (if
+/// it froze) resumes at an epoch above anything the move gave out, and the
+/// other VMs let go of what they held. Returns the error to report.
+fn roll_back(
+    s: &LabSession,
+    map: &mut directory::DirectoryMap,
+    rec: &CapsuleRecord,
+    intent: &Intent,
+    e: anyhow::Error,
+) -> anyhow::Error {
+    let src = intent.from.clone().unwrap_or_default();
+    let views = recover::views(s, &rec.name, None);
+    let decision = recover::decide(intent, &views, None);
+    match close_intent(s, map, rec, intent, decision) {
+        Ok(()) => e.context(format!("'{}' keeps running on {src}", rec.name)),
+        Err(undone) => e.context(format!("and resuming it failed too: {undone:#}")),
+    }
+}
+
+/// The commit was sent but its answer did not come. Whatever the VMs hold
+/// now decides (see `crate::recover`): `Ok` when the capsule runs at the
+/// destination (the move is recorded, and the source released). A
+/// destination that stays silent for [`RESOLVE_TIMEOUT`] leaves the capsule
+/// frozen, the intent open, and `capsulectl recover` to finish the job once
+/// it answers.
+fn settle_after_commit(
+    s: &LabSession,
+    map: &mut directory::DirectoryMap,
+    rec: &CapsuleRecord,
+    intent: &Intent,
+    e: anyhow::Error,
+) -> Result<()> {
+    let deadline = Instant::now() + RESOLVE_TIMEOUT;
+    loop {
+        let views = recover::views(s, &rec.name, intent.to.as_deref());
+        let decision = recover::decide(intent, &views, None);
+        if let Decision::Undecided { why } = &decision {
+            if Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                continue;
+            }
+            return Err(e.context(format!(
+                "'{}' is left frozen on {} with its move on record: {why}. Once the VMs answer, \
+                 `capsulectl recover {} --lab {}` (or any capsule command) finishes or undoes it",
+                rec.name,
+                intent.from.as_deref().unwrap_or("?"),
+                rec.name,
+                s.lab.name
+            )));
+        }
+        let complete = matches!(decision, Decision::Complete { .. });
+        if let Decision::Complete { vm, .. } = &decision {
+            eprintln!(
+                "capsulectl: warning: {vm} took '{}' but its answer was lost ({e:#}); completing the move",
+                rec.name
+            );
+        }
+        return match close_intent(s, map, rec, intent, decision) {
+            Ok(()) if complete => Ok(()),
+            Ok(()) => Err(e.context(format!(
+                "'{}' keeps running on {}",
+                rec.name,
+                intent.from.as_deref().unwrap_or("?")
+            ))),
+            Err(left) => Err(e.context(format!(
+                "'{}' is left as it is with its move on record: {left:#}",
+                rec.name
+            ))),
+        };
+    }
 }
 
 /// How long to keep asking a destination that was sent a commit.
 const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
-/// After the commit was sent but its answer did not come: asks the
-/// destination, on new connections, to drop any restore of the capsule still
-/// in progress and whether the capsule runs there. Its control service
-/// handles requests in order, so once the abort is answered an earlier commit
-/// has taken effect, or never will (the abort removed what it needs). It must
-/// be this capsule — same name, slot and locator — to count. A destination
-/// whose QEMU is gone runs nothing. One that is alive and silent for
-/// [`RESOLVE_TIMEOUT`] is `Unknown`: the caller must not thaw the source.
-fn resolve_commit(s: &LabSession, dst: &VmRecord, rec: &CapsuleRecord) -> AtDestination {
-    let deadline = Instant::now() + RESOLVE_TIMEOUT;
-    loop {
-        let answer = s.connect(dst).and_then(|mut c| {
-            c.call(&Request::RestoreAbort {
-                name: rec.name.clone(),
-            })?;
-            c.call(&Request::ListCapsules)
-        });
-        match answer {
-            Ok(Response::Capsules(list)) => {
-                let runs = list.iter().any(|i| {
-                    i.name == rec.name
-                        && i.slot == rec.slot
-                        && i.locator == rec.locator
-                        && i.state == CapsuleState::Running
-                });
-                return if runs {
-                    AtDestination::Running
-                } else {
-                    AtDestination::NotThere
-                };
-            }
-            _ if !dst.pid.is_some_and(|pid| crate::lab::is_our_qemu(pid, dst)) => {
-                return AtDestination::NotThere;
-            }
-            _ if Instant::now() >= deadline => return AtDestination::Unknown,
-            _ => std::thread::sleep(std::time::Duration::from_millis(500)),
-        }
-    }
-}
-
-/// `capsulectl thaw NAME`: resumes a capsule left frozen on its VM by an
-/// interrupted move. Only for when it surely runs nowhere else.
+/// `capsulectl thaw NAME`: resumes a capsule left frozen by an interrupted
+/// operation — after asking every VM of the lab, so that it never runs in
+/// two places — at a new epoch. Returns the VM it runs on.
 pub fn thaw(s: &LabSession, name: &str) -> Result<String> {
-    let _lock = directory::lock(&s.dir)?;
-    let map = s.load_map()?;
+    let (_lock, mut map) = s.lock_map(Some(name))?;
     let rec = record(s, &map, name)?;
-    let vm = s.vm(&rec.vm)?;
-    expect_done(
-        s.connect(vm)?.call(&Request::ThawCapsule {
-            name: rec.name.clone(),
-        })?,
-        &format!("to thaw '{name}'"),
-        &vm.name,
-    )?;
-    Ok(vm.name.clone())
+    if let Some(why) = &rec.lost {
+        bail!("'{name}' is lost ({why}): no copy is left to thaw");
+    }
+    let views = recover::views(s, &rec.name, None);
+    // As if a move away from its VM had stopped half way: the same rules
+    // decide (a running copy anywhere wins; silence decides nothing).
+    let intent = Intent::new(IntentKind::Move, Some(&rec.vm), None, rec.epoch);
+    let decision = recover::decide(&intent, &views, None);
+    match &decision {
+        Decision::Lost { why } => {
+            bail!("no VM holds a copy of '{name}' to thaw ({why}); nothing changed")
+        }
+        Decision::Keep { vm, epoch } => {
+            bail!("'{name}' is not frozen: it runs on {vm} (epoch {epoch}); nothing changed")
+        }
+        _ => {}
+    }
+    let mut current = rec.clone();
+    current.intent = Some(intent.clone());
+    let done = recover::apply(s, &mut map, &current, &intent, decision, "thaw")?;
+    done.vm
+        .ok_or_else(|| anyhow!("'{name}' did not come back: {}", done.outcome))
 }
 
 type Phases = (
@@ -583,7 +657,7 @@ fn stream_pages(
     std::thread::scope(|scope| -> Result<u64> {
         let rx = rx;
         let reader = scope.spawn(move || -> Result<()> {
-            let delay = chunk_delay();
+            let delay = fault::chunk_delay();
             let mut from = 0;
             loop {
                 if let Some(d) = delay {
@@ -650,6 +724,7 @@ fn move_frozen(
     src: &VmRecord,
     dst: &VmRecord,
     name: &str,
+    epoch: u64,
     commit_sent: &mut bool,
 ) -> Result<Phases> {
     let start = Instant::now();
@@ -666,17 +741,27 @@ fn move_frozen(
         ),
     };
     let t_frozen = start.elapsed();
+    fault::point("transfer");
     stream_image(src_c, dst_c, src, dst, name, image_len)?;
     let t_transferred = start.elapsed();
+    fault::point("restore");
     // From here on the destination may run the capsule: a failure no longer
     // means the source can simply take it back.
     *commit_sent = true;
-    if std::env::var_os(LOSE_COMMIT_ANSWER_ENV).is_some() {
-        dst_c.send_only(&Request::RestoreCommit { name: name.into() })?;
-        bail!("the answer to the commit was lost (test hook {LOSE_COMMIT_ANSWER_ENV})");
+    let request = Request::RestoreCommit {
+        name: name.into(),
+        epoch,
+    };
+    if fault::action("commit-sent").is_some() {
+        // Sent, and then: this process dies, or pauses while a test kills a
+        // VM, or the answer is lost. In every case the answer is never read.
+        dst_c.send_only(&request)?;
+        fault::point("commit-sent");
+        bail!("the answer to the commit was lost (fault injection)");
     }
-    let info = commit(dst_c, &dst.name, name)
+    let info = commit(dst_c, &dst.name, &request)
         .with_context(|| format!("the destination {} did not take the capsule", dst.name))?;
+    fault::point("commit-answered");
     let t_running = start.elapsed();
     if info.state != CapsuleState::Running {
         bail!(
@@ -732,13 +817,21 @@ pub fn image_key() -> Result<Vec<u8>> {
 /// `capsulectl suspend NAME -o FILE`: freeze, save, end it on its VM.
 pub fn suspend(s: &LabSession, name: &str, out: &Path) -> Result<(CapsuleRecord, u64)> {
     let file_key = image_key()?;
-    let _lock = directory::lock(&s.dir)?;
-    let mut map = s.load_map()?;
+    let (_lock, mut map) = s.lock_map(Some(name))?;
     let rec = record(s, &map, name)?;
+    if let Some(why) = &rec.lost {
+        bail!("'{name}' is lost ({why}): no copy is left to suspend");
+    }
     let vm = s.vm(&rec.vm)?.clone();
     let mut c = s.connect(&vm)?;
-    let image_len = freeze(&mut c, &vm.name, &rec.name)?;
-    let saved = (|| -> Result<()> {
+    let mut intent = Intent::new(IntentKind::Suspend, Some(&vm.name), None, rec.epoch);
+    // Absolute: `recover` may run from another directory.
+    intent.file = Some(std::path::absolute(out).unwrap_or_else(|_| out.to_path_buf()));
+    write_intent(s, &mut map, &rec.name, &intent)?;
+    fault::point("freeze");
+    let saved = (|| -> Result<u64> {
+        let image_len = freeze(&mut c, &vm.name, &rec.name)?;
+        fault::point("transfer");
         let progress = Progress::bytes(
             image_len,
             format!("suspend '{name}' {} -> {}", vm.name, out.display()),
@@ -750,16 +843,24 @@ pub fn suspend(s: &LabSession, name: &str, out: &Path) -> Result<(CapsuleRecord,
             Ok(())
         })?;
         progress.finish();
-        let sealed = image::reseal(&bytes, &s.lab.key()?, &file_key)
+        let sealed = image::reseal(&bytes, &s.lab.image_key()?, &file_key)
             .map_err(|e| anyhow!("the image from {} does not verify: {e}", vm.name))?;
-        crate::state::write_atomically(out, &sealed, 0o600)
+        crate::state::write_atomically(out, &sealed, 0o600)?;
+        Ok(image_len)
     })();
-    if let Err(e) = saved {
-        let _ = c.call(&Request::ThawCapsule {
-            name: rec.name.clone(),
-        });
-        return Err(e.context(format!("'{name}' keeps running on {}", vm.name)));
-    }
+    let image_len = match saved {
+        Ok(len) => len,
+        Err(e) => {
+            // Nothing was written: the copy on the VM is the capsule still.
+            let views = recover::views(s, &rec.name, None);
+            let decision = recover::decide(&intent, &views, None);
+            return Err(match close_intent(s, &mut map, &rec, &intent, decision) {
+                Ok(()) => e.context(format!("'{name}' keeps running on {}", vm.name)),
+                Err(left) => e.context(format!("and resuming it failed too: {left:#}")),
+            });
+        }
+    };
+    fault::point("commit-sent");
     match c.call(&Request::KillCapsule {
         name: rec.name.clone(),
     })? {
@@ -769,8 +870,8 @@ pub fn suspend(s: &LabSession, name: &str, out: &Path) -> Result<(CapsuleRecord,
             vm.name
         ),
     }
-    map.remove(&rec.name);
-    directory::save(&s.dir, &map)?;
+    fault::point("directory");
+    close_intent(s, &mut map, &rec, &intent, Decision::Suspended)?;
     Ok((rec, image_len))
 }
 
@@ -782,20 +883,34 @@ pub fn load_image_file(path: &Path) -> Result<(Vec<u8>, CapsuleImage)> {
     Ok((bytes, image))
 }
 
-/// `capsulectl resume FILE [--on VM] [--name NAME]`.
+/// `capsulectl resume FILE [--on VM] [--name NAME] [--force]`. An image
+/// older than the directory's epoch for its name is a stale copy (the
+/// capsule went on running, or was resumed, after it was saved): refused
+/// unless `force`.
 pub fn resume(
     s: &LabSession,
     path: &Path,
     on: Option<&str>,
     rename: Option<&str>,
+    force: bool,
 ) -> Result<CapsuleRecord> {
     let (_, mut img) = load_image_file(path)?;
     if let Some(n) = rename {
         directory::validate_capsule_name(n)?;
         img.name = n.to_string();
     }
-    let _lock = directory::lock(&s.dir)?;
-    let mut map = s.load_map()?;
+    let (_lock, mut map) = s.lock_map(Some(&img.name))?;
+    let known = map.last_epoch(&img.name);
+    if known > img.epoch && !force {
+        bail!(
+            "{} holds epoch {} of '{}', but the lab's directory has seen epoch {known}: the \
+             capsule ran (or was resumed) after this image was saved. Resuming it would bring \
+             back an old copy; --force does it anyway",
+            path.display(),
+            img.epoch,
+            img.name
+        );
+    }
     let vm = match on {
         Some(v) => s.vm(v)?.clone(),
         None => s
@@ -814,6 +929,13 @@ pub fn resume(
             build_id_hex(&img.build_id)
         );
     }
+    let intent = Intent::new(
+        IntentKind::Resume,
+        None,
+        Some(&vm.name),
+        known.max(img.epoch),
+    );
+    let epoch = intent.next_epoch;
     let record = CapsuleRecord {
         name: img.name.clone(),
         program: img.program.clone(),
@@ -822,31 +944,49 @@ pub fn resume(
         slot: img.slot,
         vm: vm.name.clone(),
         memory_limit: img.memory_limit,
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created_unix: journal::unix_now(),
+        epoch,
+        intent: Some(intent.clone()),
+        lost: None,
     };
     // The locator and slot are the capsule's own (its connections and its
-    // memory window): they must be free in this lab.
-    let mut check = map.clone();
-    check.insert(record.clone()).context("cannot resume here")?;
-    let sealed = img.encode_for_transfer(&s.lab.key()?, &image_nonce()?);
+    // memory window): they must be free in this lab. The record goes in with
+    // the intent, so a resume cut short is found and undone.
+    map.insert(record.clone()).context("cannot resume here")?;
+    directory::save(&s.dir, &map)?;
+    journal::log_intent(&s.dir, &record.name, &intent)?;
+    let sealed = img.encode_for_transfer(&s.lab.image_key()?, &image_nonce()?);
     let progress = Progress::bytes(
         sealed.len() as u64,
         format!("resume '{}' {} -> {}", img.name, path.display(), vm.name),
     );
-    let info = restore_image(&mut c, &vm.name, &img.name, &sealed, &progress)?;
-    if info.state != CapsuleState::Running {
-        bail!(
+    fault::point("transfer");
+    let restored = restore_image(&mut c, &vm.name, &img.name, &sealed, epoch, &progress);
+    fault::point("directory");
+    let decision = match &restored {
+        Ok(info) if info.state == CapsuleState::Running => Decision::Complete {
+            vm: vm.name.clone(),
+            epoch,
+            release_from: None,
+        },
+        _ => {
+            let views = recover::views(s, &record.name, Some(&vm.name));
+            recover::decide(&intent, &views, None)
+        }
+    };
+    close_intent(s, &mut map, &record, &intent, decision)?;
+    match restored {
+        Ok(info) if info.state == CapsuleState::Running => {}
+        Ok(info) => bail!(
             "{} restored '{}' but it is {}",
             vm.name,
             img.name,
             info.state.label()
-        );
+        ),
+        Err(e) => return Err(e),
     }
-    map.insert(record.clone())?;
-    directory::save(&s.dir, &map)?;
+    let mut record = record;
+    record.intent = None;
     Ok(record)
 }
 

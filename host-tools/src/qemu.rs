@@ -11,6 +11,9 @@ use anyhow::{Context, Result, bail};
 use capsules_wire::exit::KernelExit;
 
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+/// The fw_cfg name under which the guest finds the cluster key (the kernel's
+/// `drivers::fw_cfg::KEY_FILE`).
+pub const KEY_FW_CFG_NAME: &str = "opt/capsules/key";
 
 /// An accelerator QEMU runs the guest on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +67,15 @@ pub struct VmSpec {
     /// A QEMU monitor socket, for post-mortems of a VM that stopped answering.
     pub monitor: Option<PathBuf>,
     pub nic: Nic,
+    /// A root-only file holding the cluster key, handed to the guest through
+    /// fw_cfg: QEMU's command line (world-readable in /proc) names the file,
+    /// never the key.
+    pub key_file: Option<PathBuf>,
+}
+
+/// A value for a QEMU `key=value,…` option: commas are doubled.
+fn qemu_option_value(value: &Path) -> String {
+    value.to_string_lossy().replace(',', ",,")
 }
 
 /// The complete QEMU argument list (without the program name) for one VM.
@@ -92,6 +104,13 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if let Some(key_file) = &spec.key_file {
+        args.push("-fw_cfg".into());
+        args.push(format!(
+            "name={KEY_FW_CFG_NAME},file={}",
+            qemu_option_value(key_file)
+        ));
+    }
     if let Some(monitor) = &spec.monitor {
         args.push("-monitor".into());
         args.push(format!("unix:{},server=on,wait=off", monitor.display()));
@@ -161,6 +180,7 @@ pub fn probe_boot(kernel: &Path, accel: Accel, timeout: Duration) -> Result<Prob
         serial_log: PathBuf::from("/dev/null"),
         monitor: None,
         nic: Nic::None,
+        key_file: None,
     };
     let mut child = Command::new(QEMU_BINARY)
         .args(qemu_args(&spec))
@@ -269,6 +289,7 @@ mod tests {
             serial_log: "/run/capsules/l/vm0.serial.log".into(),
             monitor: Some("/run/capsules/l/vm0.monitor".into()),
             nic,
+            key_file: Some("/run/capsules/l/cluster.key".into()),
         }
     }
 
@@ -308,11 +329,30 @@ mod tests {
                 "virtio-net-pci,netdev=net0,mac=52:54:00:c5:00:00"
             ]
         );
+        assert_eq!(
+            after(&args, "-fw_cfg"),
+            ["name=opt/capsules/key,file=/run/capsules/l/cluster.key"]
+        );
         assert_eq!(after(&args, "-accel"), ["tcg"]);
         assert_eq!(after(&args, "-cpu"), ["max"]);
         for flag in ["-nodefaults", "-no-user-config", "-no-reboot"] {
             assert!(args.iter().any(|a| a == flag), "{flag} missing");
         }
+    }
+
+    #[test]
+    fn the_key_file_is_named_never_the_key() {
+        let mut s = spec(Nic::None, Accel::Tcg);
+        s.key_file = Some("/tmp/odd,dir/cluster.key".into());
+        let args = qemu_args(&s);
+        // A comma in the path is doubled, as QEMU's option syntax wants.
+        assert_eq!(
+            after(&args, "-fw_cfg"),
+            ["name=opt/capsules/key,file=/tmp/odd,,dir/cluster.key"]
+        );
+        assert!(!args.iter().any(|a| a.contains("key=")), "{args:?}");
+        s.key_file = None;
+        assert!(after(&qemu_args(&s), "-fw_cfg").is_empty());
     }
 
     #[test]

@@ -75,6 +75,12 @@ pub fn vm_table(vms: &[VmInfo]) -> String {
                 v.nic
                     .as_ref()
                     .map_or_else(dash, |n| format!("{}/{}", n.rx_packets, n.tx_packets)),
+                v.switch.as_ref().map_or_else(dash, |s| {
+                    format!("{} ({} evicted)", s.neighbours, s.neighbour_evictions)
+                }),
+                v.switch.as_ref().map_or_else(dash, |s| {
+                    format!("{}/{}/{}", s.capsule_queue_drops, s.held_drops, s.tx_drops)
+                }),
                 match (&v.build_id, v.build_id_matches) {
                     (Some(id), Some(false)) => format!("{id} (MISMATCH)"),
                     (Some(id), _) => id.clone(),
@@ -94,6 +100,8 @@ pub fn vm_table(vms: &[VmInfo]) -> String {
             "UPTIME",
             "MEMORY",
             "RX/TX PKTS",
+            "NEIGHBOURS",
+            "DROPS Q/HOLD/TX",
             "BUILD ID",
         ],
         &rows,
@@ -117,10 +125,22 @@ pub fn ps_table(rows: &[crate::capsules::PsRow]) -> String {
                 r.program.clone(),
                 r.locator.to_string(),
                 r.vm.clone(),
-                match &r.reason {
-                    Some(why) => format!("{}: {why}", r.state),
-                    None => r.state.clone(),
+                {
+                    let state = match &r.reason {
+                        Some(why) => format!("{}: {why}", r.state),
+                        None => r.state.clone(),
+                    };
+                    // A copy the directory does not name, or an operation
+                    // under way (or left half done), is said next to it.
+                    match (&r.intent, r.recorded) {
+                        (Some(intent), _) => format!("{state} ({intent})"),
+                        (None, false) => format!("{state} (not the recorded copy)"),
+                        (None, true) => state,
+                    }
                 },
+                r.epoch
+                    .or(r.directory_epoch)
+                    .map_or_else(dash, |e| e.to_string()),
                 r.tasks.map_or_else(dash, |t| t.to_string()),
                 r.memory_bytes
                     .map_or_else(dash, |b| format!("{} MiB", mib(b))),
@@ -131,7 +151,8 @@ pub fn ps_table(rows: &[crate::capsules::PsRow]) -> String {
         .collect();
     table(
         &[
-            "NAME", "PROGRAM", "LOCATOR", "VM", "STATE", "TASKS", "MEMORY", "SOCKETS", "UPTIME",
+            "NAME", "PROGRAM", "LOCATOR", "VM", "STATE", "EPOCH", "TASKS", "MEMORY", "SOCKETS",
+            "UPTIME",
         ],
         &body,
     )
@@ -233,6 +254,13 @@ mod tests {
             mem_used_bytes: Some(1024 * 1024),
             mem_total_bytes: Some(256 * 1024 * 1024),
             nic: None,
+            switch: build_id.map(|_| crate::lab::SwitchInfo {
+                neighbours: 3,
+                neighbour_evictions: 1,
+                capsule_queue_drops: 44,
+                held_drops: 2,
+                tx_drops: 0,
+            }),
             error: (state == "unreachable").then(|| "timed out".into()),
         }
     }
@@ -245,7 +273,19 @@ mod tests {
         let cells: Vec<&str> = first.split_whitespace().collect();
         assert_eq!(
             cells[4..],
-            ["running", "tcg", "2.5s", "1.0/256.0", "MiB", "-", "ab01"]
+            [
+                "running",
+                "tcg",
+                "2.5s",
+                "1.0/256.0",
+                "MiB",
+                "-",
+                "3",
+                "(1",
+                "evicted)",
+                "44/2/0",
+                "ab01"
+            ]
         );
         assert!(t.contains("ab01"));
         assert!(t.contains("vm0: timed out"));
@@ -258,6 +298,8 @@ mod tests {
         assert_eq!(arr[0]["build_id"], "ab01");
         assert_eq!(arr[0]["ip"], "192.0.2.10");
         assert_eq!(arr[1]["build_id"], serde_json::Value::Null);
+        assert_eq!(arr[0]["switch"]["capsule_queue_drops"], 44);
+        assert_eq!(arr[0]["switch"]["neighbour_evictions"], 1);
     }
 
     #[test]

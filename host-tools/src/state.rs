@@ -4,7 +4,8 @@
 //! MACs, the cluster key, accelerator, kernel) to `STATE_ROOT/LAB/lab.json`,
 //! where STATE_ROOT is `$CAPSULES_STATE_DIR` or `/run/capsules`. The serial and
 //! QEMU logs of each VM live beside it. The file holds the cluster key, so it is
-//! written with mode 0600.
+//! written with mode 0600; so is `cluster.key` beside it, the raw key that QEMU
+//! hands to the guests through fw_cfg.
 
 use std::fs;
 use std::io::Write;
@@ -21,6 +22,8 @@ use crate::directory::CapsuleRange;
 pub const STATE_DIR_ENV: &str = "CAPSULES_STATE_DIR";
 const DEFAULT_STATE_ROOT: &str = "/run/capsules";
 const STATE_FILE: &str = "lab.json";
+/// The raw cluster key in the lab's state directory, for QEMU's fw_cfg.
+pub const KEY_FILE: &str = "cluster.key";
 
 /// One VM of a lab, as started.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,9 +77,17 @@ impl LabState {
         }
     }
 
+    /// The cluster key. Control sessions derive their key from it; images
+    /// take [`Self::image_key`].
     pub fn key(&self) -> Result<Vec<u8>> {
         capsules_wire::bootcfg::decode_hex(&self.key_hex)
             .context("the lab state file holds a malformed cluster key")
+    }
+
+    /// The key that seals images in this lab, derived from the cluster key
+    /// (never the key that authenticates control messages).
+    pub fn image_key(&self) -> Result<Vec<u8>> {
+        Ok(capsules_wire::auth::image_key(&self.key()?).to_vec())
     }
 
     pub fn vm(&self, name: &str) -> Result<&VmRecord> {
@@ -121,6 +132,15 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
+}
+
+/// Writes the raw cluster key to `dir/cluster.key`, mode 0600 from the
+/// moment it exists, and returns its path (for QEMU's `-fw_cfg`).
+pub fn write_key_file(dir: &Path, key: &[u8]) -> Result<PathBuf> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(KEY_FILE);
+    write_atomically(&path, key, 0o600)?;
+    Ok(path)
 }
 
 /// Writes the state atomically, readable by root only (it holds the key).
@@ -187,6 +207,19 @@ pub(crate) mod tests {
             0o600
         );
         assert_eq!(state.key().unwrap(), vec![0u8; 32]);
+        assert_eq!(
+            state.image_key().unwrap(),
+            capsules_wire::auth::image_key(&[0u8; 32])
+        );
+        assert_ne!(state.image_key().unwrap(), state.key().unwrap());
+        let key_file = write_key_file(&dir, &[7u8; 32]).unwrap();
+        assert_eq!(key_file, dir.join("cluster.key"));
+        assert_eq!(fs::read(&key_file).unwrap(), vec![7u8; 32]);
+        let mode = fs::metadata(&key_file).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
         assert!(state.vm("vm1").is_ok());
         assert!(state.vm("vm9").is_err());
         fs::write(state_file(&dir), b"{not json").unwrap();

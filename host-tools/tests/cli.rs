@@ -139,3 +139,20 @@ fn completions_and_man_page() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Fault injection is for the tests' own build only: the binary users run
+/// has no trace of it (host-tools/src/fault.rs).
+#[test]
+fn the_normal_build_has_no_fault_injection() {
+    if cfg!(feature = "fault-injection") {
+        return; // this very build was asked for it
+    }
+    let binary = std::fs::read(env!("CARGO_BIN_EXE_capsulectl")).unwrap();
+    for needle in [&b"CAPSULES_FAULT"[..], b"fault injection: exiting"] {
+        assert!(
+            !binary.windows(needle.len()).any(|w| w == needle),
+            "{} found in the binary",
+            String::from_utf8_lossy(needle)
+        );
+    }
+}

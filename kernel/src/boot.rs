@@ -157,7 +157,9 @@ pub fn start(start_info: u64) -> ! {
                 "kernel command line '{}' refused: {e}",
                 Redacted(info.cmdline())
             );
-            log::error!("usage: ip=ADDR/PREFIX gw=ADDR ctl=PORT log=LEVEL key=HEX name=NAME probe");
+            log::error!(
+                "usage: ip=ADDR/PREFIX gw=ADDR ctl=PORT log=LEVEL name=NAME locators=ADDR/PREFIX probe"
+            );
             crate::arch::exit_qemu(KernelExit::BadConfig);
         }
     }
@@ -180,7 +182,9 @@ pub fn start(start_info: u64) -> ! {
     unsafe { kernel_main(info) }
 }
 
-/// Shows a command line with the cluster key hidden, for logs.
+/// Shows a command line with any `key=` value hidden, for logs: the key
+/// never belongs there (it comes through fw_cfg and `key=` is refused), but a
+/// line that carries one by mistake must not spread it further.
 pub struct Redacted<'a>(pub &'a str);
 
 impl core::fmt::Display for Redacted<'_> {

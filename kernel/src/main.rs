@@ -6,20 +6,14 @@
 
 use capsules_kernel::boot::BootInfo;
 use capsules_kernel::control::ControlService;
+use capsules_kernel::drivers::fw_cfg;
 use capsules_kernel::drivers::virtio::net::VirtioNet;
 use capsules_kernel::net::Network;
 use capsules_kernel::{arch, capsule, diag, kloop, println, programs, time};
-use capsules_wire::bootcfg::Ipv4Cidr;
 use capsules_wire::exit::KernelExit;
 
 /// How long a shutdown waits for its reply to reach the client.
 const SHUTDOWN_FLUSH_NS: u64 = 200_000_000;
-
-/// Capsule locators are reached on-link (they answer ARP themselves).
-const LOCATOR_RANGE: Ipv4Cidr = Ipv4Cidr {
-    addr: core::net::Ipv4Addr::new(198, 18, 0, 0),
-    prefix: 16,
-};
 
 #[unsafe(no_mangle)]
 fn kernel_main(info: &'static BootInfo) -> ! {
@@ -45,19 +39,29 @@ fn kernel_main(info: &'static BootInfo) -> ! {
             arch::exit_qemu(KernelExit::BadConfig);
         }
     };
-    let mut net = Network::new(nic, ip, config.gateway, LOCATOR_RANGE);
+    // Capsule locators (`locators=`, the lab's capsule range) are reached
+    // on-link: capsules on other VMs answer ARP for them themselves.
+    let mut net = Network::new(nic, ip, config.gateway, config.locators);
     let name = config.name.as_deref().unwrap_or("vm");
     capsule::init(programs::ALL, name);
-    let mut control = match &config.key {
-        Some(key) => Some(ControlService::new(
+    // The cluster key comes from QEMU's fw_cfg, never the command line.
+    let mut control = match fw_cfg::cluster_key() {
+        Ok(Some(key)) => Some(ControlService::new(
             &mut net,
-            key,
+            &key,
             config.control_port,
             name,
         )),
-        None => {
-            log::warn!("no key= on the command line: control service disabled");
+        Ok(None) => {
+            log::warn!(
+                "no fw_cfg file {}: control service disabled",
+                fw_cfg::KEY_FILE
+            );
             None
+        }
+        Err(e) => {
+            log::error!("fw_cfg file {}: {e:?}; ending", fw_cfg::KEY_FILE);
+            arch::exit_qemu(KernelExit::BadConfig);
         }
     };
     println!(

@@ -108,6 +108,83 @@ fn udp_many(_: &[String]) -> Result<(), String> {
     udp_echo(&[])
 }
 
+/// Damages its own heap's free list, as writes after free would, then calls
+/// the allocator, which dies inside while it holds the arena's lock: with
+/// `fault`, a large allocation follows the damaged links into unmapped
+/// memory (a page fault); with `panic`, freeing a block next to a damaged
+/// node trips the allocator's own consistency check (a panic).
+fn die_inside_the_allocator(args: &[String]) -> Result<(), String> {
+    let blocks: Vec<*mut [u64; 8]> = (0..16)
+        .map(|_| alloc::boxed::Box::into_raw(alloc::boxed::Box::new([0u64; 8])))
+        .collect();
+    let slot = arena::slot_of(blocks[0] as u64).ok_or("block outside the arena")?;
+    // Far beyond what the arena has mapped.
+    let unmapped = arena::window_base(slot) + (512 << 20);
+    let free = |block: *mut [u64; 8]| {
+        // SAFETY: the block came from `Box::into_raw` and is freed once.
+        drop(unsafe { alloc::boxed::Box::from_raw(block) })
+    };
+    let damage = |block: *mut [u64; 8]| {
+        // SAFETY: deliberately unsound (a write after free): the freed block
+        // now holds a node of the free list, whose size and link this
+        // overwrites with an unmapped address.
+        unsafe {
+            let words = block.cast::<u64>();
+            words.write_volatile(unmapped);
+            words.add(1).write_volatile(unmapped);
+        }
+    };
+    match args.first().map(String::as_str) {
+        Some("fault") => {
+            // Every other block, so each freed one is a node of its own.
+            blocks.iter().step_by(2).for_each(|b| free(*b));
+            blocks.iter().step_by(2).for_each(|b| damage(*b));
+            let big: Vec<u8> = Vec::with_capacity(4 << 20);
+            core::hint::black_box(&big);
+        }
+        Some("panic") => {
+            free(blocks[0]);
+            damage(blocks[0]);
+            free(blocks[2]);
+        }
+        _ => return Err("usage: fault|panic".into()),
+    }
+    Err("the damaged allocator went on".into())
+}
+
+/// Puts a socket handle where the kernel loop finds it (`target`): among
+/// the closing TCP streams, or as what this task waits on — as damaged
+/// capsule memory would. The handle names its UDP socket, not a TCP one.
+fn plant_bad_socket_handle(args: &[String]) -> Result<(), String> {
+    let _udp = UdpSocket::bind(7000).map_err(|e| e.to_string())?;
+    let slot = arena::domain().ok_or("not in a capsule")?;
+    let root = arena::root(slot).ok_or("no root")? as *mut capsule::CapsuleRoot;
+    let handle = smoltcp::iface::SocketHandle::default();
+    let guard = sched::preempt_disable();
+    // SAFETY: deliberately damages this capsule's own state; preemption is
+    // off, so the kernel loop does not read it meanwhile.
+    let root = unsafe { &mut *root };
+    match args.first().map(String::as_str) {
+        Some("closing") => {
+            root.closing.push(handle);
+            drop(guard);
+            // Changes socket state, so the kernel loop polls the stack.
+            let _other = UdpSocket::bind(7001).map_err(|e| e.to_string())?;
+            api::sleep_ms(1_000_000);
+        }
+        Some("waiting") => {
+            // SAFETY: the running task's control block is live while it runs.
+            let id = unsafe { (*sched::current_task().ok_or("no task")?).id };
+            root.net_waits
+                .insert(id, (handle, capsule::NetWant::TcpReadable));
+            drop(guard);
+            sched::block(sched::TaskState::WaitingNet { seen: u64::MAX });
+        }
+        _ => return Err("usage: closing|waiting".into()),
+    }
+    Err("the bad handle went unnoticed".into())
+}
+
 static PROGRAMS: &[Program] = &[
     Program {
         name: "count",
@@ -154,6 +231,16 @@ static PROGRAMS: &[Program] = &[
         description: "",
         main: programs::faults::touch_unmapped_after,
     },
+    Program {
+        name: "crash-in-alloc",
+        description: "",
+        main: die_inside_the_allocator,
+    },
+    Program {
+        name: "bad-handle",
+        description: "",
+        main: plant_bad_socket_handle,
+    },
 ];
 
 struct Lab {
@@ -168,14 +255,19 @@ fn with_lab<R>(f: impl FnOnce(&mut Lab) -> R) -> R {
 }
 
 fn start(lab: &mut Lab, name: &str, program: &str, last_octet: u8, slot: u32) {
+    start_with(lab, name, program, &[], last_octet, slot);
+}
+
+fn start_with(lab: &mut Lab, name: &str, program: &str, args: &[&str], last_octet: u8, slot: u32) {
     capsule::start(
         CapsuleConfig {
             name: name.to_string(),
             program: program.to_string(),
-            args: Vec::new(),
+            args: args.iter().map(|a| a.to_string()).collect(),
             locator: Ipv4Addr::new(198, 18, 0, last_octet),
             slot,
             memory_limit: 16 << 20,
+            epoch: 1,
         },
         &mut lab.net,
     )
@@ -316,6 +408,94 @@ fn faults_end_only_their_capsule() {
         );
         assert_eq!(state_of("neighbour"), CapsuleState::Running);
         for name in ["neighbour", "panics", "divides", "touches"] {
+            capsule::kill(name, &mut lab.net).unwrap();
+        }
+    });
+}
+
+/// A capsule that dies inside its own allocator (so the arena's lock stays
+/// held by a task that never runs again) ends alone: reporting its death and
+/// freeing its arena must not wait for that lock.
+fn dying_inside_the_allocator_ends_only_its_capsule() {
+    with_lab(|lab| {
+        start(lab, "steady", "count", 9, 9);
+        start_with(lab, "faults", "crash-in-alloc", &["fault"], 10, 10);
+        start_with(lab, "panics", "crash-in-alloc", &["panic"], 13, 13);
+        kloop::run_for(&mut lab.net, None, 200_000_000);
+        for (name, slot, why, detail) in [
+            ("faults", 10, "CPU exception", "page fault"),
+            ("panics", 13, "panic", "linked_list_allocator"),
+        ] {
+            match state_of(name) {
+                CapsuleState::Faulted(reason) => {
+                    assert!(reason.starts_with(why), "{name}: {reason}")
+                }
+                other => panic!("{name} is {other:?}"),
+            }
+            let (log, _) = capsule::read_log(name, 0, 4096).unwrap();
+            let log = core::str::from_utf8(&log).unwrap();
+            assert!(log.contains(detail), "{name}'s log: {log}");
+            assert!(arena::usage(slot).is_none(), "{name}'s arena was not freed");
+        }
+        let before = COUNTS[9 % 8].load(Ordering::Relaxed);
+        kloop::run_for(&mut lab.net, None, 50_000_000);
+        assert!(
+            COUNTS[9 % 8].load(Ordering::Relaxed) > before,
+            "the neighbour stopped"
+        );
+        // The window is whole again: a new capsule there allocates normally.
+        capsule::kill("faults", &mut lab.net).unwrap();
+        capsule::kill("panics", &mut lab.net).unwrap();
+        start(lab, "after", "allocate", 10, 10);
+        kloop::run_for(&mut lab.net, None, 50_000_000);
+        assert_eq!(state_of("after"), CapsuleState::Running);
+        let (_, used, _) = arena::usage(10).expect("new arena");
+        assert!(
+            used >= 800_000,
+            "the new capsule allocated only {used} bytes"
+        );
+        for name in ["steady", "after"] {
+            capsule::kill(name, &mut lab.net).unwrap();
+        }
+    });
+}
+
+/// The kernel loop reads socket handles from capsule memory (closing streams,
+/// what parked tasks wait on). A bad one ends that capsule with a reason; the
+/// kernel and the other capsules go on.
+fn a_bad_socket_handle_ends_only_its_capsule() {
+    with_lab(|lab| {
+        start(lab, "steady", "count", 9, 9);
+        start_with(lab, "bad-close", "bad-handle", &["closing"], 11, 11);
+        start_with(lab, "bad-wait", "bad-handle", &["waiting"], 12, 12);
+        kloop::run_for(&mut lab.net, None, 200_000_000);
+        for (name, slot, what) in [
+            ("bad-close", 11, "closing streams"),
+            ("bad-wait", 12, "waits on (TcpReadable)"),
+        ] {
+            match state_of(name) {
+                CapsuleState::Faulted(reason) => assert!(
+                    reason.contains("bad socket handle #0") && reason.contains(what),
+                    "{name}: {reason}"
+                ),
+                other => panic!("{name} is {other:?}"),
+            }
+            let (log, _) = capsule::read_log(name, 0, 4096).unwrap();
+            assert!(
+                core::str::from_utf8(&log)
+                    .unwrap()
+                    .contains("ended by bad state"),
+                "{name}'s log lacks the reason"
+            );
+            assert!(arena::usage(slot).is_none(), "{name}'s arena was not freed");
+        }
+        let before = COUNTS[9 % 8].load(Ordering::Relaxed);
+        kloop::run_for(&mut lab.net, None, 50_000_000);
+        assert!(
+            COUNTS[9 % 8].load(Ordering::Relaxed) > before,
+            "the neighbour stopped"
+        );
+        for name in ["steady", "bad-close", "bad-wait"] {
             capsule::kill(name, &mut lab.net).unwrap();
         }
     });
@@ -569,6 +749,7 @@ fn limits_and_bad_requests_are_refused() {
             locator: Ipv4Addr::new(198, 18, 0, 30),
             slot: 30,
             memory_limit: 16 << 20,
+            epoch: 1,
         };
         let with = |f: fn(&mut CapsuleConfig)| {
             let mut c = CapsuleConfig {
@@ -596,6 +777,29 @@ fn limits_and_bad_requests_are_refused() {
             capsule::start(with(|c| c.locator = MACHINE), &mut lab.net),
             Err(capsule::CapsuleError::LocatorTaken(_))
         ));
+        // smoltcp would take these, then panic in the kernel loop.
+        for bad in [
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::new(0, 1, 2, 3),
+            Ipv4Addr::BROADCAST,
+            Ipv4Addr::new(224, 0, 0, 1),
+            Ipv4Addr::new(239, 255, 0, 7),
+            Ipv4Addr::new(240, 0, 0, 1),
+            Ipv4Addr::LOCALHOST,
+        ] {
+            let mut config = with(|_| {});
+            config.locator = bad;
+            assert_eq!(
+                capsule::start(config, &mut lab.net).err(),
+                Some(capsule::CapsuleError::BadLocator(bad)),
+                "locator {bad}"
+            );
+        }
+        assert!(
+            capsule::list().is_empty(),
+            "a refused locator left a capsule"
+        );
+        kloop::run_for(&mut lab.net, None, 20_000_000);
         capsule::start(with(|_| {}), &mut lab.net).unwrap();
         assert!(matches!(
             capsule::start(with(|c| c.slot = 31), &mut lab.net),
@@ -639,6 +843,14 @@ fn kernel_main(_info: &'static BootInfo) -> ! {
             Test {
                 name: "faults_end_only_their_capsule",
                 run: faults_end_only_their_capsule,
+            },
+            Test {
+                name: "dying_inside_the_allocator_ends_only_its_capsule",
+                run: dying_inside_the_allocator_ends_only_its_capsule,
+            },
+            Test {
+                name: "a_bad_socket_handle_ends_only_its_capsule",
+                run: a_bad_socket_handle_ends_only_its_capsule,
             },
             Test {
                 name: "switch_answers_arp_only_for_resident_locators",

@@ -63,20 +63,48 @@ fn interrupt_dispatch_runs_on_the_irq_stack() {
     );
 }
 
+/// Floating-point work whose every step goes through the XMM registers:
+/// a product chain (rounded at each step, so any clobbered register changes
+/// the bits of the result) and a sum of integers (exact in an f64).
+fn float_work(steps: u64) -> (f64, f64) {
+    let mut x = 1.0f64;
+    let mut sum = 0.0f64;
+    for i in 0..steps {
+        x = core::hint::black_box(x * 1.000001);
+        sum += core::hint::black_box(i as f64);
+    }
+    (x, sum)
+}
+
 fn sse_state_survives_interrupts() {
     arch::enable_interrupts();
-    // Floating-point work across many timer interrupts: a handler that
-    // clobbered XMM registers would change the result.
+    // As many steps as take about five timer ticks here.
     let start = time::ticks();
-    let mut acc = 0.0f64;
-    let mut x = 1.0f64;
+    let mut steps = 0u64;
     while time::ticks() < start + 5 {
-        for _ in 0..1000 {
-            x = core::hint::black_box(x * 1.000001);
-            acc += core::hint::black_box(x);
-        }
+        core::hint::black_box(float_work(1000));
+        steps += 1000;
     }
-    assert!(acc.is_finite() && acc > 0.0 && x > 1.0);
+    // The exact result: the same work with interrupts off.
+    arch::disable_interrupts();
+    let expected = float_work(steps);
+    arch::enable_interrupts();
+    // Now across timer interrupts: a handler that clobbered XMM registers
+    // would change the bits.
+    let before = time::ticks();
+    let got = float_work(steps);
+    let ticks = time::ticks() - before;
+    assert!(
+        ticks >= 2,
+        "only {ticks} timer interrupts during the work; it proves nothing"
+    );
+    assert_eq!(
+        (got.0.to_bits(), got.1.to_bits()),
+        (expected.0.to_bits(), expected.1.to_bits()),
+        "{steps} steps across {ticks} interrupts gave {got:?}, with interrupts off {expected:?}"
+    );
+    // The sum of 0..steps is exact in an f64 (well below 2^53).
+    assert_eq!(got.1, (steps * (steps - 1) / 2) as f64);
     let a = core::hint::black_box(1.5f64);
     let b = core::hint::black_box(2.25f64);
     // SAFETY: int 0x70 has a handler (installed by the previous test).

@@ -31,8 +31,15 @@ const KEY: &[u8] = &[0x11; 32];
 static PUBLISHED: AtomicU64 = AtomicU64::new(0);
 static CLOCK_MS: AtomicU64 = AtomicU64::new(0);
 
-/// Counts in a heap-allocated vector (so the heap must travel), publishing
-/// the sum, and remembers the capsule clock.
+/// The count at which the capsule found its heap no longer matching its
+/// stack; 0 while they match. The capsule only reports it: an assertion in
+/// the capsule would end the capsule alone (fault containment), which no test
+/// would notice. The kernel side asserts, in [`assert_counter_healthy`].
+static DAMAGED_AT: AtomicU64 = AtomicU64::new(0);
+
+/// Counts, keeping the latest counts in a heap-allocated vector (so the heap
+/// must travel) and checking it against the count on its stack, publishing
+/// the count, and remembers the capsule clock.
 fn counter(_: &[String]) -> Result<(), String> {
     let mut history: Vec<u64> = Vec::new();
     let mut count: u64 = 0;
@@ -42,15 +49,42 @@ fn counter(_: &[String]) -> Result<(), String> {
         if history.len() > 1000 {
             history.drain(..500);
         }
+        // The history must be the latest counts, one after another.
+        let first = count + 1 - history.len() as u64;
+        let intact = history.iter().zip(first..).all(|(h, want)| *h == want);
+        if !intact && DAMAGED_AT.load(Ordering::Relaxed) == 0 {
+            DAMAGED_AT.store(count, Ordering::Relaxed);
+        }
         PUBLISHED.store(count, Ordering::Relaxed);
         CLOCK_MS.store(api::uptime_ms(), Ordering::Relaxed);
-        assert_eq!(
-            *history.last().unwrap(),
-            count,
-            "heap contents changed under the capsule"
-        );
         api::sleep_ms(1);
     }
+}
+
+/// Asserted from the kernel side: the counter capsule `name` is running, its
+/// count still goes on, and it never found its heap changed under it.
+fn assert_counter_healthy(net: &mut Network, name: &str) {
+    assert_eq!(
+        state_of(name),
+        Some(CapsuleState::Running),
+        "{name} does not run"
+    );
+    let before = PUBLISHED.load(Ordering::Relaxed);
+    kloop::run_for(net, None, 50_000_000);
+    assert!(
+        PUBLISHED.load(Ordering::Relaxed) > before,
+        "{name} stopped counting at {before}"
+    );
+    assert_eq!(
+        state_of(name),
+        Some(CapsuleState::Running),
+        "{name} ended while counting"
+    );
+    assert_eq!(
+        DAMAGED_AT.load(Ordering::Relaxed),
+        0,
+        "{name}'s heap no longer matched its count"
+    );
 }
 
 static ASKED: AtomicU64 = AtomicU64::new(0);
@@ -122,6 +156,7 @@ fn freeze_stops_the_capsule_and_thaw_resumes_it() {
                 locator: Ipv4Addr::new(198, 18, 0, 42),
                 slot: 42,
                 memory_limit: 8 << 20,
+                epoch: 1,
             },
             net,
         )
@@ -142,12 +177,14 @@ fn freeze_stops_the_capsule_and_thaw_resumes_it() {
         );
         // A second freeze of a frozen capsule is refused.
         assert!(migrate::freeze("c", KEY).is_err());
-        migrate::thaw("c").unwrap();
+        // At epoch 2 from here: its images restore above it, at 3.
+        migrate::thaw("c", 2).unwrap();
         kloop::run_for(net, None, 50_000_000);
         assert!(
             PUBLISHED.load(Ordering::Relaxed) > at_freeze,
             "thawed capsule did not resume"
         );
+        assert_counter_healthy(net, "c");
         drop(image);
     });
 }
@@ -166,6 +203,7 @@ fn a_capsule_stopped_inside_api_calls_leaves_no_kernel_state_locked() {
                     locator: Ipv4Addr::new(198, 18, 0, 50),
                     slot: 50,
                     memory_limit: 8 << 20,
+                    epoch: 1,
                 },
                 net,
             )
@@ -188,6 +226,7 @@ fn a_capsule_stopped_inside_api_calls_leaves_no_kernel_state_locked() {
 
 fn image_carries_the_whole_capsule() {
     with_net(|net| {
+        assert_counter_healthy(net, "c");
         let image = migrate::freeze("c", KEY).unwrap();
         let decoded = CapsuleImage::decode(&image, KEY).unwrap();
         assert_eq!(
@@ -206,7 +245,6 @@ fn image_carries_the_whole_capsule() {
         assert_eq!(decoded.tasks.len(), 1);
         assert!(decoded.log_tail.starts_with(b"capsule c started"));
         *IMAGE.lock() = image;
-        let _ = net;
     });
 }
 
@@ -215,30 +253,30 @@ fn bad_images_are_refused_before_mapping() {
         let image = IMAGE.lock().clone();
         // The capsule still exists here: its name and slot are taken.
         assert!(matches!(
-            migrate::restore(&image, KEY, net),
+            migrate::restore(&image, KEY, 3, net),
             Err(RestoreError::Capsule(_))
         ));
         let before = capsule::list().len();
         let truncated = &image[..image.len() / 2];
         assert!(matches!(
-            migrate::restore(truncated, KEY, net),
+            migrate::restore(truncated, KEY, 3, net),
             Err(RestoreError::Image(ImageError::Truncated))
         ));
         let mut tampered = image.clone();
         let middle = tampered.len() / 2;
         tampered[middle] ^= 0x01;
         assert!(matches!(
-            migrate::restore(&tampered, KEY, net),
+            migrate::restore(&tampered, KEY, 3, net),
             Err(RestoreError::Image(_))
         ));
         assert!(matches!(
-            migrate::restore(&image, &[0x22; 32], net),
+            migrate::restore(&image, &[0x22; 32], 3, net),
             Err(RestoreError::Image(ImageError::BadMac))
         ));
         let mut other_build = CapsuleImage::decode(&image, KEY).unwrap();
         other_build.build_id[0] ^= 0xff;
         assert_eq!(
-            migrate::restore(&other_build.encode(KEY, &[1; 16]), KEY, net).err(),
+            migrate::restore(&other_build.encode(KEY, &[1; 16]), KEY, 3, net).err(),
             Some(RestoreError::WrongBuild)
         );
         assert_eq!(
@@ -265,7 +303,7 @@ fn restore_elsewhere_continues_where_it_stopped() {
         assert_eq!(net.switch.forwarding_entries(), 1);
         // Time passes while "in transit": the capsule clock must not jump.
         kloop::run_for(net, None, 300_000_000);
-        let info = migrate::restore(&image, KEY, net).unwrap();
+        let info = migrate::restore(&image, KEY, 3, net).unwrap();
         assert_eq!(
             (info.name.as_str(), info.slot, info.state),
             ("c", 42, CapsuleState::Running)
@@ -295,6 +333,7 @@ fn restore_elsewhere_continues_where_it_stopped() {
             log.contains("started") && log.contains("restored"),
             "log did not travel: {log}"
         );
+        assert_counter_healthy(net, "c");
         capsule::kill("c", net).unwrap();
     });
 }
@@ -309,6 +348,7 @@ fn precopy_then_delta_restores_the_latest_state() {
                 locator: Ipv4Addr::new(198, 18, 0, 43),
                 slot: 43,
                 memory_limit: 8 << 20,
+                epoch: 1,
             },
             net,
         )
@@ -368,8 +408,8 @@ fn precopy_then_delta_restores_the_latest_state() {
             "the delta ({delta_bytes}) is not smaller than the pre-copied pages ({base_bytes})"
         );
         // Neither part restores alone.
-        assert!(migrate::restore(&base, KEY, net).is_err());
-        assert!(migrate::restore(&delta, KEY, net).is_err());
+        assert!(migrate::restore(&base, KEY, 3, net).is_err());
+        assert!(migrate::restore(&delta, KEY, 3, net).is_err());
         migrate::release("p", Ipv4Addr::new(192, 0, 2, 12), net).unwrap();
         let staged = migrate::stage_base(&base, KEY, net).unwrap();
         assert!(
@@ -385,7 +425,7 @@ fn precopy_then_delta_restores_the_latest_state() {
         for batch in &batches {
             migrate::stage_pages(&staged, batch).unwrap();
         }
-        migrate::restore_merged(staged, &delta, KEY, net).unwrap();
+        migrate::restore_merged(staged, &delta, KEY, 3, net).unwrap();
         kloop::run_for(net, None, 100_000_000);
         let after = PUBLISHED.load(Ordering::Relaxed);
         // It continues from the freeze, not from the older base.
@@ -393,6 +433,7 @@ fn precopy_then_delta_restores_the_latest_state() {
             after > at_freeze && after < at_freeze + 1000,
             "count went from {at_freeze} to {after}"
         );
+        assert_counter_healthy(net, "p");
         // A staged base that is dropped leaves its window free again.
         let again = migrate::precopy("p", KEY).unwrap();
         let mut other = CapsuleImage::decode(&again, KEY).unwrap();
@@ -405,8 +446,9 @@ fn precopy_then_delta_restores_the_latest_state() {
         migrate::abort_staged(staged);
         let staged = migrate::stage_base(&sealed, KEY, net).unwrap();
         // A delta of another capsule is refused, and the window is freed too.
-        assert!(migrate::restore_merged(staged, &delta, KEY, net).is_err());
+        assert!(migrate::restore_merged(staged, &delta, KEY, 3, net).is_err());
         migrate::abort_staged(migrate::stage_base(&sealed, KEY, net).unwrap());
+        assert_counter_healthy(net, "p");
         capsule::kill("p", net).unwrap();
     });
 }

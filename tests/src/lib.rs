@@ -47,6 +47,10 @@ pub fn capsulectl_bin() -> PathBuf {
                 "capsulectl",
                 "--bin",
                 "capsulectl",
+                // The tests' own build carries the fault-injection points
+                // (host-tools/src/fault.rs); the release binary does not.
+                "--features",
+                "fault-injection",
             ])
             .env("CARGO_TARGET_DIR", &target)
             .status()
@@ -384,9 +388,12 @@ impl Lab {
         v.as_array().expect("ps --json is an array").clone()
     }
 
-    /// The `ps` row of one capsule.
+    /// The `ps` row of one capsule: the copy the directory names (other
+    /// copies, if any, have rows of their own with `recorded` false).
     pub fn ps_row(&self, name: &str) -> Option<serde_json::Value> {
-        self.ps().into_iter().find(|r| r["name"] == name)
+        self.ps()
+            .into_iter()
+            .find(|r| r["name"] == name && r["recorded"] == true)
     }
 
     /// Runs a shell script inside the lab namespace.

@@ -1,17 +1,29 @@
-//! Message authentication with the cluster key.
+//! Keys and message authentication.
 //!
-//! Every control request and response carries a MAC over a domain label (so a
-//! response can never be replayed as a request), the session nonce chosen by
-//! the server (so a message from one session is worthless in another), the
-//! sequence number (so a message cannot be replayed within its session) and the
-//! message body.
+//! **Keys.** Each lab has one random *cluster key* (16–64 bytes). Nothing is
+//! authenticated with it directly: HMAC-SHA256 of the cluster key over a
+//! purpose label gives one key per purpose, the *control key* (label
+//! `"capsules control v1"`) and the *image key* (`"capsules image v1"`), so a
+//! MAC made for an image can never pass for a control message or the other
+//! way round ([`control_key`], [`image_key`]).
 //!
-//! The MAC is Poly1305 under a one-time key: HMAC-SHA256 of the cluster key
-//! over label, nonce and sequence number gives a different 32-byte key for
-//! every message, and Poly1305 under that key covers the body. HMAC then only
-//! ever hashes a few dozen bytes, and the bulk (image chunks of 60 KiB) goes
-//! through Poly1305, which costs about a fifth of SHA-256's instructions per
-//! byte: under emulation that is most of a migration's pause.
+//! **Control sessions** (protocol version 3, docs/control-protocol.md). Both
+//! ends contribute a 32-byte nonce: the server in its hello, the client in its
+//! client hello. The *session key* is HMAC-SHA256 of the control key over a
+//! label and the SHA-256 of both hellos ([`transcript_hash`],
+//! [`session_key`]), so it is new in every connection even if one side's
+//! nonce repeats, and it authenticates the server's hello (build id, VM name)
+//! along with everything after it. The client proves that it holds the key
+//! with a tag over nothing but the session key ([`client_hello_tag`]).
+//!
+//! Every request and response is MACed with Poly1305 under a one-time key:
+//! HMAC-SHA256 of the session key over the direction's label, the protocol
+//! version and the sequence number, and for a response also the tag of the
+//! request it answers ([`message_tag`]). A response therefore verifies only
+//! in its own session, for its own sequence number and for the very request
+//! it answers. HMAC only ever hashes a few dozen bytes; the body (image chunks
+//! of 60 KiB) goes through Poly1305, which costs about a fifth of SHA-256's
+//! instructions per byte: under emulation that is most of a migration's pause.
 
 use hmac::{Hmac, Mac};
 use poly1305::Poly1305;
@@ -20,24 +32,33 @@ use sha2::{Digest, Sha256};
 
 pub const MAC_LEN: usize = 16;
 pub const NONCE_LEN: usize = 32;
+/// Length of every derived key (control, image, session, one-time).
+pub const KEY_LEN: usize = 32;
+/// Cluster keys are between these many bytes long.
+pub const MIN_CLUSTER_KEY_LEN: usize = 16;
+pub const MAX_CLUSTER_KEY_LEN: usize = 64;
 
 pub type Tag = [u8; MAC_LEN];
 pub type Nonce = [u8; NONCE_LEN];
+pub type Key = [u8; KEY_LEN];
 
-/// Which direction a MAC covers.
+/// Label of the control key derived from the cluster key.
+pub const CONTROL_KEY_LABEL: &[u8] = b"capsules control v1";
+/// Label of the image key derived from the cluster key.
+pub const IMAGE_KEY_LABEL: &[u8] = b"capsules image v1";
+
+const HANDSHAKE_LABEL: &[u8] = b"CPSL-HANDSHAKE";
+const SESSION_LABEL: &[u8] = b"CPSL-SESSION";
+const CLIENT_HELLO_LABEL: &[u8] = b"CPSL-CLIENT-HELLO";
+const REQUEST_LABEL: &[u8] = b"CPSL-REQ";
+const RESPONSE_LABEL: &[u8] = b"CPSL-RSP";
+
+/// Which direction a MAC covers. A response is bound to the request it
+/// answers through that request's tag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
     Request,
-    Response,
-}
-
-impl Direction {
-    fn label(self) -> &'static [u8] {
-        match self {
-            Direction::Request => b"CPSL-REQ",
-            Direction::Response => b"CPSL-RSP",
-        }
-    }
+    Response { request_tag: Tag },
 }
 
 fn keyed(key: &[u8]) -> Hmac<Sha256> {
@@ -47,12 +68,49 @@ fn keyed(key: &[u8]) -> Hmac<Sha256> {
 
 /// HMAC-SHA256 of `key` over `parts`: a one-time Poly1305 key when the parts
 /// are never the same twice under one key.
-pub fn derive_key(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+pub fn derive_key(key: &[u8], parts: &[&[u8]]) -> Key {
     let mut mac = keyed(key);
     for p in parts {
         mac.update(p);
     }
     mac.finalize().into_bytes().into()
+}
+
+/// The key that authenticates control sessions, from the cluster key.
+pub fn control_key(cluster_key: &[u8]) -> Key {
+    derive_key(cluster_key, &[CONTROL_KEY_LABEL])
+}
+
+/// The key that seals capsule images in a lab, from the cluster key.
+pub fn image_key(cluster_key: &[u8]) -> Key {
+    derive_key(cluster_key, &[IMAGE_KEY_LABEL])
+}
+
+/// SHA-256 over the handshake: a label, the server hello's length (`u32`
+/// LE) and payload, then the client hello without its tag.
+pub fn transcript_hash(server_hello: &[u8], client_hello_fields: &[u8]) -> [u8; 32] {
+    sha256(&[
+        HANDSHAKE_LABEL,
+        &(server_hello.len() as u32).to_le_bytes(),
+        server_hello,
+        client_hello_fields,
+    ])
+}
+
+/// The key of one control session: HMAC-SHA256 of the control key over a
+/// label and the handshake's transcript hash.
+pub fn session_key(control_key: &Key, transcript: &[u8; 32]) -> Key {
+    derive_key(control_key, &[SESSION_LABEL, transcript])
+}
+
+/// The client hello's tag: the first 16 bytes of HMAC-SHA256 of the session
+/// key over a label. Only a holder of the control key can compute it, and
+/// only for this handshake.
+pub fn client_hello_tag(session_key: &Key) -> Tag {
+    let full = derive_key(session_key, &[CLIENT_HELLO_LABEL]);
+    let mut tag = [0u8; MAC_LEN];
+    tag.copy_from_slice(&full[..MAC_LEN]);
+    tag
 }
 
 /// Poly1305 of `data` under a one-time key from [`derive_key`].
@@ -98,22 +156,34 @@ pub fn tags_equal(a: &Tag, b: &Tag) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Computes the MAC of one message.
-pub fn message_tag(key: &[u8], dir: Direction, nonce: &Nonce, seq: u64, body: &[u8]) -> Tag {
-    let one_time = derive_key(key, &[dir.label(), nonce, &seq.to_le_bytes()]);
-    one_time_tag(&one_time, &[body])
+/// The one-time key of one message: HMAC-SHA256 of the session key over
+/// the direction's label, the protocol version (`u16` LE), the sequence
+/// number (`u64` LE) and, for a response, the request's tag.
+fn message_key(session_key: &Key, dir: &Direction, version: u16, seq: u64) -> Key {
+    let (version, seq) = (version.to_le_bytes(), seq.to_le_bytes());
+    match dir {
+        Direction::Request => derive_key(session_key, &[REQUEST_LABEL, &version, &seq]),
+        Direction::Response { request_tag } => {
+            derive_key(session_key, &[RESPONSE_LABEL, &version, &seq, request_tag])
+        }
+    }
+}
+
+/// Computes the MAC of one message of a session.
+pub fn message_tag(session_key: &Key, dir: &Direction, version: u16, seq: u64, body: &[u8]) -> Tag {
+    one_time_tag(&message_key(session_key, dir, version, seq), &[body])
 }
 
 /// Checks a MAC in constant time.
 pub fn verify_tag(
-    key: &[u8],
-    dir: Direction,
-    nonce: &Nonce,
+    session_key: &Key,
+    dir: &Direction,
+    version: u16,
     seq: u64,
     body: &[u8],
     tag: &Tag,
 ) -> bool {
-    tags_equal(&message_tag(key, dir, nonce, seq, body), tag)
+    tags_equal(&message_tag(session_key, dir, version, seq, body), tag)
 }
 
 /// Plain SHA-256, for callers that need a digest (nonce mixing, build ids).
@@ -176,55 +246,90 @@ mod tests {
     #[test]
     fn tag_depends_on_every_input() {
         let key = [7u8; 32];
-        let nonce = [1u8; 32];
-        let base = message_tag(&key, Direction::Request, &nonce, 1, b"body");
-        assert!(verify_tag(
-            &key,
-            Direction::Request,
-            &nonce,
-            1,
-            b"body",
-            &base
-        ));
-        assert!(!verify_tag(
-            &[8u8; 32],
-            Direction::Request,
-            &nonce,
-            1,
-            b"body",
-            &base
-        ));
-        assert!(!verify_tag(
-            &key,
-            Direction::Response,
-            &nonce,
-            1,
-            b"body",
-            &base
-        ));
-        assert!(!verify_tag(
-            &key,
-            Direction::Request,
-            &[2u8; 32],
-            1,
-            b"body",
-            &base
-        ));
-        assert!(!verify_tag(
-            &key,
-            Direction::Request,
-            &nonce,
-            2,
-            b"body",
-            &base
-        ));
-        assert!(!verify_tag(
-            &key,
-            Direction::Request,
-            &nonce,
-            1,
-            b"bodz",
-            &base
-        ));
+        let req = Direction::Request;
+        let base = message_tag(&key, &req, 3, 1, b"body");
+        assert!(verify_tag(&key, &req, 3, 1, b"body", &base));
+        let rsp = |t: u8| Direction::Response {
+            request_tag: [t; MAC_LEN],
+        };
+        let answer = message_tag(&key, &rsp(1), 3, 1, b"body");
+        assert!(verify_tag(&key, &rsp(1), 3, 1, b"body", &answer));
+        let changed: [(&Key, Direction, u16, u64, &[u8]); 8] = [
+            (&[8u8; 32], req, 3, 1, b"body"),
+            (&key, rsp(1), 3, 1, b"body"),
+            (&key, req, 4, 1, b"body"),
+            (&key, req, 3, 2, b"body"),
+            (&key, req, 3, 1, b"bodz"),
+            (&key, req, 3, 1 << 32, b"body"),
+            (&key, req, 3, 1, b""),
+            (&key, req, 0x0103, 0, b"body"),
+        ];
+        for (k, dir, version, seq, body) in changed {
+            assert!(
+                !verify_tag(k, &dir, version, seq, body, &base),
+                "{dir:?} {version} {seq} verified"
+            );
+        }
+        // A response verifies only for the request it answers.
+        assert!(!verify_tag(&key, &rsp(2), 3, 1, b"body", &answer));
+        assert!(!verify_tag(&key, &req, 3, 1, b"body", &answer));
+    }
+
+    #[test]
+    fn purpose_keys_differ_from_each_other_and_from_the_cluster_key() {
+        let cluster = [0x11u8; 32];
+        let control = control_key(&cluster);
+        let image = image_key(&cluster);
+        assert_ne!(control, image);
+        assert_ne!(control, cluster);
+        assert_ne!(image, cluster);
+        // Deterministic, and HMAC-SHA256 of the cluster key over the label.
+        assert_eq!(control, control_key(&cluster));
+        assert_eq!(control, derive_key(&cluster, &[b"capsules control v1"]));
+        assert_eq!(image, derive_key(&cluster, &[b"capsules image v1"]));
+        // Another cluster key gives other keys.
+        assert_ne!(control_key(&[0x12u8; 32]), control);
+        assert_ne!(image_key(&[0x12u8; 32]), image);
+        // Known values (Python's hmac module), pinned so that the labels
+        // never change unnoticed: kernel and host must derive alike.
+        assert_eq!(
+            crate::bootcfg::encode_hex(&control_key(&[0u8; 32])),
+            "bb388b1f4deb5f7f02b2407134d2c159e68000c92c609b060cf51da70458e512"
+        );
+        assert_eq!(
+            crate::bootcfg::encode_hex(&image_key(&[0u8; 32])),
+            "52557a323c14a3a3fe41e6e303697bc7fc7e7c5124429c821a3613eaa1a7af32"
+        );
+    }
+
+    #[test]
+    fn session_keys_depend_on_both_hellos() {
+        let control = control_key(&[3u8; 32]);
+        let server_hello = b"CPSL server hello with nonce A";
+        let client_fields = b"CPSC client fields with nonce B";
+        let t = transcript_hash(server_hello, client_fields);
+        let k = session_key(&control, &t);
+        assert_ne!(
+            session_key(
+                &control,
+                &transcript_hash(b"CPSL server hello with nonce X", client_fields)
+            ),
+            k
+        );
+        assert_ne!(
+            session_key(
+                &control,
+                &transcript_hash(server_hello, b"CPSC client fields with nonce Y")
+            ),
+            k
+        );
+        assert_ne!(session_key(&control_key(&[4u8; 32]), &t), k);
+        // Moving a byte from one hello to the other changes the transcript.
+        assert_ne!(transcript_hash(b"ab", b"c"), transcript_hash(b"a", b"bc"));
+        assert_ne!(client_hello_tag(&k), client_hello_tag(&[0u8; 32]));
+        assert_eq!(
+            client_hello_tag(&k)[..],
+            derive_key(&k, &[b"CPSL-CLIENT-HELLO"])[..16]
+        );
     }
 }

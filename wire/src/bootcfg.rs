@@ -1,4 +1,10 @@
-//! The kernel command line: `ip=ADDR/PREFIX gw=ADDR ctl=PORT log=LEVEL key=HEX name=NAME probe`.
+//! The kernel command line: `ip=ADDR/PREFIX gw=ADDR ctl=PORT log=LEVEL name=NAME
+//! locators=ADDR/PREFIX probe`.
+//!
+//! The cluster key is not among them: every local user can read a process's
+//! command line, so the key reaches the kernel through QEMU's fw_cfg as the
+//! file `opt/capsules/key` (see [`crate::auth`]), and `key=` is refused
+//! (without repeating its value).
 //!
 //! The host renders it with [`BootConfig::to_cmdline`] and the kernel parses it
 //! with [`BootConfig::parse`]. Parsing is strict: an unknown option, a repeated
@@ -12,11 +18,16 @@ use core::net::Ipv4Addr;
 
 /// Default TCP port of the control service.
 pub const DEFAULT_CONTROL_PORT: u16 = 7070;
-/// Cluster keys are between these many bytes long.
-pub const MIN_KEY_LEN: usize = 16;
-pub const MAX_KEY_LEN: usize = 64;
 /// Longest VM name accepted.
 pub const MAX_NAME_LEN: usize = 32;
+/// The capsule locator range when `locators=` is not given.
+pub const DEFAULT_LOCATOR_RANGE: Ipv4Cidr = Ipv4Cidr {
+    addr: Ipv4Addr::new(198, 18, 0, 0),
+    prefix: 16,
+};
+/// Prefix lengths a locator range may have (the same bounds `capsulectl lab
+/// up --capsule-range` enforces).
+pub const LOCATOR_PREFIXES: core::ops::RangeInclusive<u8> = 8..=30;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LogLevel {
@@ -65,6 +76,13 @@ impl Ipv4Cidr {
         (prefix <= 32).then_some(Self { addr, prefix })
     }
 
+    /// True when the address has no bits set below the prefix (`10.77.0.0/16`,
+    /// not `10.77.0.1/16`).
+    pub fn is_network(&self) -> bool {
+        let host_bits = u32::MAX.checked_shr(self.prefix.into()).unwrap_or(0);
+        u32::from(self.addr) & host_bits == 0
+    }
+
     /// True when `other` lies in this address's subnet.
     pub fn contains(&self, other: Ipv4Addr) -> bool {
         let mask = if self.prefix == 0 {
@@ -90,11 +108,12 @@ pub struct BootConfig {
     pub gateway: Option<Ipv4Addr>,
     pub control_port: u16,
     pub log_level: LogLevel,
-    /// The cluster key for control-service authentication.
-    pub key: Option<Vec<u8>>,
     pub name: Option<String>,
     /// Exit with success as soon as boot completes (accelerator probe, boot benchmarks).
     pub probe: bool,
+    /// The capsule locator range (`locators=`): reached on-link, since
+    /// capsules on other VMs answer ARP for their locators themselves.
+    pub locators: Ipv4Cidr,
 }
 
 impl Default for BootConfig {
@@ -104,9 +123,9 @@ impl Default for BootConfig {
             gateway: None,
             control_port: DEFAULT_CONTROL_PORT,
             log_level: LogLevel::Info,
-            key: None,
             name: None,
             probe: false,
+            locators: DEFAULT_LOCATOR_RANGE,
         }
     }
 }
@@ -142,7 +161,11 @@ impl fmt::Display for BootConfigError {
     }
 }
 
-const OPTIONS: [&str; 7] = ["ip", "gw", "ctl", "log", "key", "name", "probe"];
+const OPTIONS: [&str; 7] = ["ip", "gw", "ctl", "log", "name", "probe", "locators"];
+
+/// What a `key=` word is told (its value is never repeated: it is a secret).
+pub const KEY_REFUSED: &str =
+    "key= is not accepted: the cluster key comes through fw_cfg (opt/capsules/key)";
 
 impl BootConfig {
     pub fn parse(cmdline: &str) -> Result<Self, BootConfigError> {
@@ -153,6 +176,9 @@ impl BootConfig {
                 Some((o, v)) => (o, Some(v)),
                 None => (word, None),
             };
+            if opt == "key" {
+                return Err(BootConfigError::Inconsistent(KEY_REFUSED));
+            }
             let Some(index) = OPTIONS.iter().position(|o| *o == opt) else {
                 return Err(BootConfigError::UnknownOption(word.to_string()));
             };
@@ -186,13 +212,6 @@ impl BootConfig {
                     cfg.log_level = LogLevel::parse(v)
                         .ok_or_else(|| malformed("error|warn|info|debug|trace"))?
                 }
-                ("key", Some(v)) => {
-                    cfg.key = Some(
-                        decode_hex(v)
-                            .filter(|k| (MIN_KEY_LEN..=MAX_KEY_LEN).contains(&k.len()))
-                            .ok_or_else(|| malformed("16 to 64 bytes of hex"))?,
-                    )
-                }
                 ("name", Some(v)) => {
                     let ok = !v.is_empty()
                         && v.len() <= MAX_NAME_LEN
@@ -202,6 +221,11 @@ impl BootConfig {
                         return Err(malformed("1-32 characters of [A-Za-z0-9_-]"));
                     }
                     cfg.name = Some(v.to_string());
+                }
+                ("locators", Some(v)) => {
+                    cfg.locators = Ipv4Cidr::parse(v)
+                        .filter(|r| LOCATOR_PREFIXES.contains(&r.prefix) && r.is_network())
+                        .ok_or_else(|| malformed("a network ADDR/PREFIX with prefix 8-30"))?
                 }
                 _ => unreachable!("every option in OPTIONS is handled"),
             }
@@ -215,6 +239,15 @@ impl BootConfig {
         }
         if cfg.gateway.is_some() && cfg.ip.is_none() {
             return Err(BootConfigError::Inconsistent("gw given without ip"));
+        }
+        // Locators in the machine subnet (or the other way round) would make
+        // the switch take the VM's own neighbours for capsules.
+        if let Some(ip) = cfg.ip
+            && (cfg.locators.contains(ip.addr) || ip.contains(cfg.locators.addr))
+        {
+            return Err(BootConfigError::Inconsistent(
+                "locators overlaps the subnet of ip",
+            ));
         }
         Ok(cfg)
     }
@@ -230,12 +263,10 @@ impl BootConfig {
         }
         words.push(alloc::format!("ctl={}", self.control_port));
         words.push(alloc::format!("log={}", self.log_level.as_str()));
-        if let Some(key) = &self.key {
-            words.push(alloc::format!("key={}", encode_hex(key)));
-        }
         if let Some(name) = &self.name {
             words.push(alloc::format!("name={name}"));
         }
+        words.push(alloc::format!("locators={}", self.locators));
         if self.probe {
             words.push("probe".to_string());
         }
@@ -283,12 +314,59 @@ mod tests {
             gateway: Some(Ipv4Addr::new(192, 0, 2, 1)),
             control_port: 7171,
             log_level: LogLevel::Debug,
-            key: Some((0u8..32).collect()),
             name: Some("vm1".into()),
             probe: true,
+            locators: Ipv4Cidr {
+                addr: Ipv4Addr::new(10, 77, 0, 0),
+                prefix: 16,
+            },
         };
         let line = cfg.to_cmdline();
+        assert!(line.contains("locators=10.77.0.0/16"), "{line}");
         assert_eq!(BootConfig::parse(&line).unwrap(), cfg);
+    }
+
+    #[test]
+    fn locator_range_defaults_and_is_checked() {
+        assert_eq!(
+            BootConfig::parse("log=info").unwrap().locators,
+            DEFAULT_LOCATOR_RANGE
+        );
+        let cfg = BootConfig::parse("ip=192.0.2.11/24 locators=10.77.0.0/16").unwrap();
+        assert!(cfg.locators.contains(Ipv4Addr::new(10, 77, 3, 4)));
+        assert!(!cfg.locators.contains(Ipv4Addr::new(198, 18, 0, 1)));
+        // Host bits, prefixes outside 8-30 and non-addresses are malformed.
+        for bad in [
+            "locators=10.77.0.1/16",
+            "locators=10.0.0.0/7",
+            "locators=10.77.0.0/31",
+            "locators=10.77.0.0",
+            "locators=ten/16",
+        ] {
+            assert!(
+                matches!(
+                    BootConfig::parse(bad),
+                    Err(BootConfigError::Malformed {
+                        option: "locators",
+                        ..
+                    })
+                ),
+                "{bad} should be malformed"
+            );
+        }
+        // A range that holds the machine's own subnet, or lies inside it.
+        for clash in [
+            "ip=192.0.2.11/24 locators=192.0.0.0/16",
+            "ip=10.77.0.5/16 locators=10.77.0.0/24",
+        ] {
+            assert!(
+                matches!(
+                    BootConfig::parse(clash),
+                    Err(BootConfigError::Inconsistent(_))
+                ),
+                "{clash} should be refused"
+            );
+        }
     }
 
     #[test]
@@ -304,6 +382,23 @@ mod tests {
     }
 
     #[test]
+    fn a_key_on_the_command_line_is_refused_without_repeating_it() {
+        let secret = "00112233445566778899aabbccddeeff";
+        for line in [
+            alloc::format!("key={secret}"),
+            alloc::format!("ip=192.0.2.11/24 key={secret} name=vm1"),
+            "key".into(),
+            "key=".into(),
+        ] {
+            let err = BootConfig::parse(&line).unwrap_err();
+            assert_eq!(err, BootConfigError::Inconsistent(KEY_REFUSED), "{line}");
+            assert!(!err.to_string().contains(secret));
+            assert!(err.to_string().contains("fw_cfg"));
+        }
+        assert!(!BootConfig::default().to_cmdline().contains("key"));
+    }
+
+    #[test]
     fn malformed_values_are_refused() {
         for line in [
             "ip=192.0.2.1",
@@ -313,9 +408,6 @@ mod tests {
             "ctl=0",
             "ctl=70000",
             "log=loud",
-            "key=abc",
-            "key=zz00112233445566778899aabbccddeeff",
-            "key=0011",
             "name=",
             "name=has/slash",
             "probe=1",

@@ -3,10 +3,14 @@
 //! Framing: every frame is a `u32` little-endian payload length followed by the
 //! payload; a length above [`MAX_FRAME_LEN`] is refused. The server speaks
 //! first with a [`Hello`] (protocol version, kernel build id, VM name and a
-//! fresh nonce). After that the client sends request envelopes and the server
-//! answers each with a response envelope carrying the same sequence number.
-//! Envelopes are authenticated with Poly1305 under one-time keys derived from
-//! the cluster key with HMAC-SHA256 (see [`crate::auth`]). The full description is in docs/control-protocol.md.
+//! fresh server nonce); the client answers with a [`ClientHello`] (its own
+//! fresh nonce and a tag proving it holds the key), within
+//! [`HANDSHAKE_DEADLINE_MS`]. After that the client sends request envelopes
+//! and the server answers each with a response envelope carrying the same
+//! sequence number. Envelopes are authenticated with Poly1305 under one-time
+//! keys derived with HMAC-SHA256 from a session key that depends on both
+//! hellos; a response's key also covers the tag of the request it answers
+//! (see [`crate::auth`]). The full description is in docs/control-protocol.md.
 
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -17,13 +21,19 @@ use crate::auth::{self, Direction, MAC_LEN, NONCE_LEN, Nonce, Tag};
 use crate::codec::{DecodeError, Reader, Writer};
 
 /// Version of this protocol. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest payload a frame may carry.
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
 /// Bytes of the length prefix in front of every frame.
 pub const FRAME_HEADER_LEN: usize = 4;
 /// First bytes of a [`Hello`], so a client can tell it reached a Capsules VM.
 pub const HELLO_MAGIC: [u8; 4] = *b"CPSL";
+/// First bytes of a [`ClientHello`].
+pub const CLIENT_HELLO_MAGIC: [u8; 4] = *b"CPSC";
+/// A server closes a connection whose client has not sent an authentic
+/// client hello this long after the connection was accepted, so that
+/// connections without the key cannot hold its slots.
+pub const HANDSHAKE_DEADLINE_MS: u64 = 2_000;
 /// The all-zero tag marks a response the server could not authenticate
 /// (because the request itself was not authentic).
 pub const UNAUTHENTICATED_TAG: Tag = [0u8; MAC_LEN];
@@ -143,6 +153,9 @@ pub struct RunCapsule {
     pub slot: u32,
     /// Most memory the capsule may use, in bytes (0: the VM's default).
     pub memory_limit: u64,
+    /// The copy's epoch, assigned by the directory (docs/architecture.md,
+    /// "Exactly one copy"); refused if the VM was fenced at a higher one.
+    pub epoch: u64,
 }
 
 /// What a client asks of a VM.
@@ -174,9 +187,11 @@ pub enum Request {
         offset: u64,
         len: u32,
     },
-    /// Resume a frozen capsule here (the move failed or was abandoned).
+    /// Resume a frozen capsule here (the move failed or was abandoned), at
+    /// `epoch`, which must be above the frozen copy's and the VM's fence.
     ThawCapsule {
         name: String,
+        epoch: u64,
     },
     /// The capsule runs elsewhere now: forward held and straggling packets
     /// to `forward_to` (the new VM's machine address) and free it.
@@ -194,9 +209,18 @@ pub enum Request {
         offset: u64,
         data: Vec<u8>,
     },
-    /// Verify the whole image, map the arena, resume the capsule.
+    /// Verify the whole image, map the arena, resume the capsule at `epoch`,
+    /// which must be above the image's and the VM's fence for the name.
     RestoreCommit {
         name: String,
+        epoch: u64,
+    },
+    /// The directory has committed epoch `epoch` of capsule `name` (on
+    /// another VM, or none): drop every copy of it here that is older —
+    /// frozen, running or being restored — and refuse older ones from now on.
+    Fence {
+        name: String,
+        epoch: u64,
     },
     RestoreAbort {
         name: String,
@@ -342,6 +366,7 @@ impl Request {
     const FREEZE_DELTA: u8 = 22;
     const READ_PAGES: u8 = 23;
     const STAGE_PAGES: u8 = 24;
+    const FENCE: u8 = 25;
 
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
@@ -365,7 +390,8 @@ impl Request {
                 }
                 w.raw(&run.locator.octets())
                     .u32(run.slot)
-                    .u64(run.memory_limit);
+                    .u64(run.memory_limit)
+                    .u64(run.epoch);
             }
             Request::ListCapsules => {
                 w.u8(Self::LIST_CAPSULES);
@@ -385,8 +411,8 @@ impl Request {
             Request::ReadImage { name, offset, len } => {
                 w.u8(Self::READ_IMAGE).str(name).u64(*offset).u32(*len);
             }
-            Request::ThawCapsule { name } => {
-                w.u8(Self::THAW).str(name);
+            Request::ThawCapsule { name, epoch } => {
+                w.u8(Self::THAW).str(name).u64(*epoch);
             }
             Request::ReleaseCapsule { name, forward_to } => {
                 w.u8(Self::RELEASE).str(name).raw(&forward_to.octets());
@@ -397,8 +423,11 @@ impl Request {
             Request::RestoreChunk { name, offset, data } => {
                 w.u8(Self::RESTORE_CHUNK).str(name).u64(*offset).bytes(data);
             }
-            Request::RestoreCommit { name } => {
-                w.u8(Self::RESTORE_COMMIT).str(name);
+            Request::RestoreCommit { name, epoch } => {
+                w.u8(Self::RESTORE_COMMIT).str(name).u64(*epoch);
+            }
+            Request::Fence { name, epoch } => {
+                w.u8(Self::FENCE).str(name).u64(*epoch);
             }
             Request::RestoreAbort { name } => {
                 w.u8(Self::RESTORE_ABORT).str(name);
@@ -461,6 +490,7 @@ impl Request {
                     locator: Ipv4Addr::from(r.array::<4>("locator")?),
                     slot: r.u32("slot")?,
                     memory_limit: r.u64("memory limit")?,
+                    epoch: r.u64("epoch")?,
                 })
             }
             Self::LIST_CAPSULES => Request::ListCapsules,
@@ -483,6 +513,7 @@ impl Request {
             },
             Self::THAW => Request::ThawCapsule {
                 name: r.string("capsule name")?,
+                epoch: r.u64("epoch")?,
             },
             Self::RELEASE => Request::ReleaseCapsule {
                 name: r.string("capsule name")?,
@@ -499,6 +530,11 @@ impl Request {
             },
             Self::RESTORE_COMMIT => Request::RestoreCommit {
                 name: r.string("capsule name")?,
+                epoch: r.u64("epoch")?,
+            },
+            Self::FENCE => Request::Fence {
+                name: r.string("capsule name")?,
+                epoch: r.u64("epoch")?,
             },
             Self::RESTORE_ABORT => Request::RestoreAbort {
                 name: r.string("capsule name")?,
@@ -578,9 +614,15 @@ pub struct CapsuleInfo {
     pub memory_limit: u64,
     pub sockets: u32,
     pub uptime_ns: u64,
+    /// The copy's epoch (docs/architecture.md, "Exactly one copy").
+    pub epoch: u64,
 }
 
 impl CapsuleInfo {
+    /// Bytes of the shortest encoding (empty strings, no fault reason): what
+    /// a declared count is checked against before anything is reserved.
+    const MIN_ENCODED_LEN: usize = 4 + 4 + 4 + 4 + 1 + 4 + 8 + 8 + 4 + 8 + 8;
+
     fn encode(&self, w: &mut Writer) {
         w.str(&self.name)
             .str(&self.program)
@@ -598,7 +640,8 @@ impl CapsuleInfo {
             .u64(self.memory_bytes)
             .u64(self.memory_limit)
             .u32(self.sockets)
-            .u64(self.uptime_ns);
+            .u64(self.uptime_ns)
+            .u64(self.epoch);
     }
 
     fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
@@ -623,6 +666,7 @@ impl CapsuleInfo {
             memory_limit: r.u64("memory limit")?,
             sockets: r.u32("sockets")?,
             uptime_ns: r.u64("uptime")?,
+            epoch: r.u64("epoch")?,
         })
     }
 }
@@ -674,6 +718,24 @@ pub struct Status {
     pub nic: NicCounters,
     /// Calibrated TSC frequency, for reading the figures above.
     pub tsc_hz: u64,
+    pub switch: SwitchStatus,
+}
+
+/// The capsule switch's table size and what it dropped, since boot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SwitchStatus {
+    /// Entries in the switch's neighbour (ARP) table now; it is bounded.
+    pub neighbours: u64,
+    /// Entries evicted (least recently used first) to keep it bounded.
+    pub neighbour_evictions: u64,
+    /// Packets for a capsule whose inbound queue was full (a frozen
+    /// capsule's queue fills up first).
+    pub capsule_queue_drops: u64,
+    /// Packets from local capsules to a moving locator beyond the hold bound.
+    pub held_drops: u64,
+    /// Frames that found the transmit queue full (the NIC ring and the
+    /// switch's paced queue behind it) or too many packets awaiting ARP.
+    pub tx_drops: u64,
 }
 
 /// Error classes a server reports. Each comes with a readable message.
@@ -691,6 +753,8 @@ pub enum ErrorCode {
     AlreadyExists = 9,
     LimitReached = 10,
     InvalidArgument = 11,
+    /// The copy's epoch is below one the VM was told of: a stale copy.
+    Stale = 12,
 }
 
 impl ErrorCode {
@@ -707,6 +771,7 @@ impl ErrorCode {
             9 => Self::AlreadyExists,
             10 => Self::LimitReached,
             11 => Self::InvalidArgument,
+            12 => Self::Stale,
             _ => return None,
         })
     }
@@ -724,6 +789,7 @@ impl ErrorCode {
             Self::AlreadyExists => "already exists",
             Self::LimitReached => "limit reached",
             Self::InvalidArgument => "invalid argument",
+            Self::Stale => "stale",
         }
     }
 }
@@ -816,7 +882,12 @@ impl Response {
                     .u64(s.nic.tx_bytes)
                     .u64(s.nic.rx_dropped)
                     .u64(s.nic.interrupts)
-                    .u64(s.tsc_hz);
+                    .u64(s.tsc_hz)
+                    .u64(s.switch.neighbours)
+                    .u64(s.switch.neighbour_evictions)
+                    .u64(s.switch.capsule_queue_drops)
+                    .u64(s.switch.held_drops)
+                    .u64(s.switch.tx_drops);
             }
             Response::ShuttingDown => {
                 w.u8(Self::SHUTTING_DOWN);
@@ -897,11 +968,18 @@ impl Response {
                     interrupts: r.u64("interrupts")?,
                 },
                 tsc_hz: r.u64("tsc hz")?,
+                switch: SwitchStatus {
+                    neighbours: r.u64("neighbours")?,
+                    neighbour_evictions: r.u64("neighbour evictions")?,
+                    capsule_queue_drops: r.u64("capsule queue drops")?,
+                    held_drops: r.u64("held drops")?,
+                    tx_drops: r.u64("tx drops")?,
+                },
             }),
             Self::SHUTTING_DOWN => Response::ShuttingDown,
             Self::CAPSULE_STARTED => Response::CapsuleStarted(CapsuleInfo::decode(&mut r)?),
             Self::CAPSULES => {
-                let count = r.count(8, "capsule count")?;
+                let count = r.count(CapsuleInfo::MIN_ENCODED_LEN, "capsule count")?;
                 let mut list = Vec::with_capacity(count);
                 for _ in 0..count {
                     list.push(CapsuleInfo::decode(&mut r)?);
@@ -933,7 +1011,7 @@ impl Response {
             Self::DONE => Response::Done,
             Self::PAGES => Response::Pages(PageBatch::decode(&mut r)?),
             Self::INSPECTION => {
-                let count = r.count(16, "task count")?;
+                let count = r.count(crate::image::TaskSummary::MIN_ENCODED_LEN, "task count")?;
                 let mut tasks = Vec::with_capacity(count);
                 for _ in 0..count {
                     tasks.push(crate::image::TaskSummary::decode(&mut r)?);
@@ -957,6 +1035,59 @@ impl Response {
     }
 }
 
+/// The client's first frame (unauthenticated framing, authenticated content):
+/// its protocol version, its own fresh nonce and a tag that proves it holds
+/// the control key for this very handshake (see [`crate::auth`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientHello {
+    pub protocol_version: u16,
+    pub nonce: Nonce,
+    pub tag: Tag,
+}
+
+impl ClientHello {
+    /// Bytes of an encoded client hello: magic, version, nonce, tag.
+    pub const LEN: usize = 4 + 2 + NONCE_LEN + MAC_LEN;
+    /// Bytes the transcript covers: everything but the tag.
+    const FIELDS_LEN: usize = Self::LEN - MAC_LEN;
+
+    /// Magic, version and nonce: the part the handshake transcript covers.
+    fn fields(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.raw(&CLIENT_HELLO_MAGIC)
+            .u16(self.protocol_version)
+            .raw(&self.nonce);
+        w.finish()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.fields();
+        out.extend_from_slice(&self.tag);
+        out
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(buf);
+        if r.array::<4>("client hello magic")? != CLIENT_HELLO_MAGIC {
+            return Err(DecodeError::Invalid("client hello magic"));
+        }
+        let hello = Self {
+            protocol_version: r.u16("protocol version")?,
+            nonce: r.array::<NONCE_LEN>("client nonce")?,
+            tag: r.array::<MAC_LEN>("client hello mac")?,
+        };
+        r.finish()?;
+        Ok(hello)
+    }
+}
+
+/// The session key of a handshake, from the cluster key, the server's hello
+/// payload and the client hello's fields.
+fn handshake_key(cluster_key: &[u8], server_hello: &[u8], client_fields: &[u8]) -> auth::Key {
+    let transcript = auth::transcript_hash(server_hello, client_fields);
+    auth::session_key(&auth::control_key(cluster_key), &transcript)
+}
+
 /// An authenticated message: version, sequence number, body and MAC.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
@@ -967,8 +1098,9 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    pub fn seal(key: &[u8], dir: Direction, nonce: &Nonce, seq: u64, body: Vec<u8>) -> Self {
-        let tag = auth::message_tag(key, dir, nonce, seq, &body);
+    /// Seals `body` under a session key (see [`crate::auth::message_tag`]).
+    pub fn seal(session_key: &auth::Key, dir: &Direction, seq: u64, body: Vec<u8>) -> Self {
+        let tag = auth::message_tag(session_key, dir, PROTOCOL_VERSION, seq, &body);
         Self {
             protocol_version: PROTOCOL_VERSION,
             seq,
@@ -998,58 +1130,117 @@ impl Envelope {
         Ok(env)
     }
 
-    pub fn verify(&self, key: &[u8], dir: Direction, nonce: &Nonce) -> bool {
-        auth::verify_tag(key, dir, nonce, self.seq, &self.body, &self.tag)
+    /// Whether the MAC verifies; it covers version, sequence number and body.
+    pub fn verify(&self, session_key: &auth::Key, dir: &Direction) -> bool {
+        auth::verify_tag(
+            session_key,
+            dir,
+            self.protocol_version,
+            self.seq,
+            &self.body,
+            &self.tag,
+        )
     }
 }
 
-/// The server half of one control connection: checks each request and seals
-/// each response. Pure logic; the kernel supplies bytes, key and nonce.
-pub struct ServerSession {
-    key: Vec<u8>,
-    nonce: Nonce,
-    last_seq: u64,
+/// Where a server's handshake stands.
+enum ServerState {
+    /// The hello went out; the next frame must be an authentic client hello.
+    AwaitingClientHello,
+    /// The client proved the key: requests are served.
+    Open {
+        session_key: auth::Key,
+        /// The last request accepted, which [`ServerSession::reply`] answers.
+        last_seq: u64,
+        last_request_tag: Tag,
+    },
+    /// The client hello was refused; the connection is to be closed.
+    Failed,
 }
 
-/// The outcome of one request frame.
+/// The server half of one control connection: checks the client hello and
+/// each request, and seals each response. Pure logic; the kernel supplies
+/// bytes, key and nonce.
+pub struct ServerSession {
+    cluster_key: Vec<u8>,
+    nonce: Nonce,
+    /// The hello as sent, for the handshake transcript.
+    hello: Vec<u8>,
+    state: ServerState,
+}
+
+/// The outcome of one frame received by a server.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Incoming {
+    /// The client hello verified: the session is open. Nothing to send.
+    Opened,
     /// An authentic, well-formed request to carry out and answer with [`ServerSession::reply`].
     Request { seq: u64, request: Request },
     /// A refused frame: send this payload back (it is already sealed or marked
-    /// unauthenticated) and change nothing.
+    /// unauthenticated) and change nothing; the connection stays usable.
     Refused { reply: Vec<u8>, code: ErrorCode },
+    /// The first frame was not an authentic client hello: send this
+    /// (unauthenticated) payload back and close the connection.
+    HandshakeFailed { reply: Vec<u8>, code: ErrorCode },
 }
 
 impl ServerSession {
-    pub fn new(key: &[u8], nonce: Nonce) -> Self {
+    /// A session for one connection; `cluster_key` is the lab's key (the
+    /// session derives the control key from it), `nonce` fresh randomness.
+    pub fn new(cluster_key: &[u8], nonce: Nonce) -> Self {
         Self {
-            key: key.to_vec(),
+            cluster_key: cluster_key.to_vec(),
             nonce,
-            last_seq: 0,
+            hello: Vec::new(),
+            state: ServerState::AwaitingClientHello,
         }
     }
 
-    pub fn hello(&self, build_id: &[u8], vm_name: &str) -> Vec<u8> {
-        Hello {
+    /// The hello payload to send first; the session remembers it, since the
+    /// handshake covers it.
+    pub fn hello(&mut self, build_id: &[u8], vm_name: &str) -> Vec<u8> {
+        self.hello = Hello {
             protocol_version: PROTOCOL_VERSION,
             build_id: build_id.to_vec(),
             vm_name: vm_name.to_string(),
             nonce: self.nonce,
         }
-        .encode()
+        .encode();
+        self.hello.clone()
     }
 
-    /// Seals a response to the request with sequence number `seq`.
+    /// Whether the client proved that it holds the key.
+    pub fn is_open(&self) -> bool {
+        matches!(self.state, ServerState::Open { .. })
+    }
+
+    /// Seals a response to the request with sequence number `seq`, which must
+    /// be the request last accepted (requests are answered one by one, in
+    /// order). Anything else gets an unauthenticated `Internal` error.
     pub fn reply(&self, seq: u64, response: &Response) -> Vec<u8> {
-        Envelope::seal(
-            &self.key,
-            Direction::Response,
-            &self.nonce,
-            seq,
-            response.encode(),
-        )
-        .encode()
+        self.reply_body(seq, response.encode())
+    }
+
+    /// Like [`Self::reply`] with an already encoded body (the fuzz tests seal
+    /// malformed bodies this way).
+    pub fn reply_body(&self, seq: u64, body: Vec<u8>) -> Vec<u8> {
+        match &self.state {
+            ServerState::Open {
+                session_key,
+                last_seq,
+                last_request_tag,
+            } if *last_seq == seq => {
+                let dir = Direction::Response {
+                    request_tag: *last_request_tag,
+                };
+                Envelope::seal(session_key, &dir, seq, body).encode()
+            }
+            _ => self.unauthenticated_error(
+                seq,
+                ErrorCode::Internal,
+                alloc::format!("no request {seq} to answer"),
+            ),
+        }
     }
 
     /// A reply to a frame that was too large (sequence number unknown).
@@ -1071,8 +1262,69 @@ impl ServerSession {
         .encode()
     }
 
+    /// Handles one received frame: the client hello first, requests after.
     pub fn handle(&mut self, payload: &[u8]) -> Incoming {
+        match self.state {
+            ServerState::AwaitingClientHello => self.handshake(payload),
+            ServerState::Failed => {
+                let code = ErrorCode::Unauthenticated;
+                let reply = self.unauthenticated_error(0, code, "handshake failed".to_string());
+                Incoming::HandshakeFailed { reply, code }
+            }
+            ServerState::Open { .. } => self.request(payload),
+        }
+    }
+
+    fn handshake(&mut self, payload: &[u8]) -> Incoming {
+        match self.check_client_hello(payload) {
+            Ok(session_key) => {
+                self.state = ServerState::Open {
+                    session_key,
+                    last_seq: 0,
+                    last_request_tag: [0; MAC_LEN],
+                };
+                Incoming::Opened
+            }
+            Err((code, message)) => {
+                self.state = ServerState::Failed;
+                let reply = self.unauthenticated_error(0, code, message);
+                Incoming::HandshakeFailed { reply, code }
+            }
+        }
+    }
+
+    /// The session key, if `payload` is an authentic client hello.
+    fn check_client_hello(&self, payload: &[u8]) -> Result<auth::Key, (ErrorCode, String)> {
+        let client = ClientHello::decode(payload).map_err(|e| {
+            let msg = alloc::format!("expected a client hello: {e}");
+            (ErrorCode::Malformed, msg)
+        })?;
+        if client.protocol_version != PROTOCOL_VERSION {
+            let msg = alloc::format!(
+                "protocol version {} is not supported (this VM speaks {PROTOCOL_VERSION})",
+                client.protocol_version
+            );
+            return Err((ErrorCode::UnsupportedVersion, msg));
+        }
+        let session_key = handshake_key(&self.cluster_key, &self.hello, &client.fields());
+        if !auth::tags_equal(&auth::client_hello_tag(&session_key), &client.tag) {
+            let msg = "client hello MAC does not verify: wrong cluster key?".to_string();
+            return Err((ErrorCode::Unauthenticated, msg));
+        }
+        Ok(session_key)
+    }
+
+    fn request(&mut self, payload: &[u8]) -> Incoming {
         let refuse = |reply, code| Incoming::Refused { reply, code };
+        let ServerState::Open {
+            session_key,
+            last_seq,
+            ..
+        } = &self.state
+        else {
+            unreachable!("request() is called on open sessions only")
+        };
+        let (session_key, last_seq) = (*session_key, *last_seq);
         let env = match Envelope::decode(payload) {
             Ok(env) => env,
             Err(e) => {
@@ -1091,20 +1343,24 @@ impl ServerSession {
             let code = ErrorCode::UnsupportedVersion;
             return refuse(self.unauthenticated_error(env.seq, code, msg), code);
         }
-        if !env.verify(&self.key, Direction::Request, &self.nonce) {
+        if !env.verify(&session_key, &Direction::Request) {
             let code = ErrorCode::Unauthenticated;
             let msg = "request MAC does not verify: wrong cluster key?".to_string();
             return refuse(self.unauthenticated_error(env.seq, code, msg), code);
         }
-        if env.seq <= self.last_seq {
-            // Not signed: a response under this sequence number's one-time
-            // key was already sent, and Poly1305 must never sign two messages
-            // under one key (two would give the key away).
+        if env.seq <= last_seq {
+            // Not signed: a response to this sequence number was already
+            // sealed, and its one-time key must never seal a second message
+            // (two Poly1305 tags under one key would give the key away).
             let code = ErrorCode::BadSequence;
-            let msg = alloc::format!("sequence number {} not above {}", env.seq, self.last_seq);
+            let msg = alloc::format!("sequence number {} not above {last_seq}", env.seq);
             return refuse(self.unauthenticated_error(env.seq, code, msg), code);
         }
-        self.last_seq = env.seq;
+        self.state = ServerState::Open {
+            session_key,
+            last_seq: env.seq,
+            last_request_tag: env.tag,
+        };
         match Request::decode(&env.body) {
             Ok(request) => Incoming::Request {
                 seq: env.seq,
@@ -1128,7 +1384,8 @@ impl ServerSession {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientError {
     Decode(DecodeError),
-    /// The response's MAC did not verify: not from a holder of the cluster key.
+    /// The response's MAC did not verify: not from a holder of the cluster
+    /// key, or not an answer to this request in this session (a replay).
     BadServerTag,
     /// The server refused the request without authenticating its reply.
     Refused {
@@ -1141,18 +1398,24 @@ pub enum ClientError {
         got: u64,
     },
     VersionMismatch(u16),
+    /// No request with this sequence number awaits an answer (the client
+    /// answers only its latest request).
+    NotPending(u64),
 }
 
 impl fmt::Display for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Decode(e) => write!(f, "undecodable response: {e}"),
-            Self::BadServerTag => f.write_str("response is not authenticated with the cluster key"),
+            Self::BadServerTag => f.write_str(
+                "response is not authenticated with the cluster key for this request and session",
+            ),
             Self::Refused { code, message } => write!(f, "refused ({}): {message}", code.as_str()),
             Self::SequenceMismatch { expected, got } => {
                 write!(f, "response to request {got}, expected {expected}")
             }
             Self::VersionMismatch(v) => write!(f, "server speaks protocol version {v}"),
+            Self::NotPending(seq) => write!(f, "request {seq} is not awaiting an answer"),
         }
     }
 }
@@ -1165,44 +1428,73 @@ impl From<DecodeError> for ClientError {
 
 /// The client half of one control connection.
 pub struct ClientSession {
-    key: Vec<u8>,
     hello: Hello,
+    client_hello: Vec<u8>,
+    session_key: auth::Key,
     next_seq: u64,
+    /// The latest request sealed: its sequence number and tag, which its
+    /// response must be bound to.
+    pending: Option<(u64, Tag)>,
 }
 
 impl ClientSession {
-    /// Starts a session from the server's hello payload.
-    pub fn new(key: &[u8], hello_payload: &[u8]) -> Result<Self, ClientError> {
+    /// Starts a session from the server's hello payload with the client's
+    /// own fresh `nonce` (random: it is what makes this session's responses
+    /// unlike any recorded before). Send [`Self::client_hello`] first.
+    pub fn new(
+        cluster_key: &[u8],
+        hello_payload: &[u8],
+        nonce: Nonce,
+    ) -> Result<Self, ClientError> {
         let hello = Hello::decode(hello_payload)?;
         if hello.protocol_version != PROTOCOL_VERSION {
             return Err(ClientError::VersionMismatch(hello.protocol_version));
         }
+        let mut client = ClientHello {
+            protocol_version: PROTOCOL_VERSION,
+            nonce,
+            tag: [0; MAC_LEN],
+        };
+        let fields = client.fields();
+        debug_assert_eq!(fields.len(), ClientHello::FIELDS_LEN);
+        let session_key = handshake_key(cluster_key, hello_payload, &fields);
+        client.tag = auth::client_hello_tag(&session_key);
         Ok(Self {
-            key: key.to_vec(),
             hello,
+            client_hello: client.encode(),
+            session_key,
             next_seq: 1,
+            pending: None,
         })
     }
 
+    /// The server's hello. Its build id and name are authentic once a
+    /// response has verified (the session key covers the hello).
     pub fn hello(&self) -> &Hello {
         &self.hello
     }
 
+    /// The client hello payload: the first frame to send.
+    pub fn client_hello(&self) -> &[u8] {
+        &self.client_hello
+    }
+
     /// Seals a request; returns its sequence number and the payload to frame.
     pub fn seal(&mut self, request: &Request) -> (u64, Vec<u8>) {
+        self.seal_body(request.encode())
+    }
+
+    /// Like [`Self::seal`] with an already encoded body (the fuzz tests seal
+    /// malformed bodies this way).
+    pub fn seal_body(&mut self, body: Vec<u8>) -> (u64, Vec<u8>) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let env = Envelope::seal(
-            &self.key,
-            Direction::Request,
-            &self.hello.nonce,
-            seq,
-            request.encode(),
-        );
+        let env = Envelope::seal(&self.session_key, &Direction::Request, seq, body);
+        self.pending = Some((seq, env.tag));
         (seq, env.encode())
     }
 
-    /// Checks and decodes the response to request `seq`.
+    /// Checks and decodes the response to request `seq`, the latest sealed.
     pub fn open(&self, seq: u64, payload: &[u8]) -> Result<Response, ClientError> {
         let env = Envelope::decode(payload)?;
         if env.tag == UNAUTHENTICATED_TAG {
@@ -1213,14 +1505,22 @@ impl ClientSession {
                 _ => Err(ClientError::BadServerTag),
             };
         }
-        if !env.verify(&self.key, Direction::Response, &self.hello.nonce) {
-            return Err(ClientError::BadServerTag);
+        // The MAC covers the version too; this check only names the problem.
+        if env.protocol_version != PROTOCOL_VERSION {
+            return Err(ClientError::VersionMismatch(env.protocol_version));
         }
+        let request_tag = match self.pending {
+            Some((pending, tag)) if pending == seq => tag,
+            _ => return Err(ClientError::NotPending(seq)),
+        };
         if env.seq != seq {
             return Err(ClientError::SequenceMismatch {
                 expected: seq,
                 got: env.seq,
             });
+        }
+        if !env.verify(&self.session_key, &Direction::Response { request_tag }) {
+            return Err(ClientError::BadServerTag);
         }
         Ok(Response::decode(&env.body)?)
     }
@@ -1233,6 +1533,7 @@ mod tests {
 
     const KEY: [u8; 32] = [0x42; 32];
     const NONCE: Nonce = [9; 32];
+    const CLIENT_NONCE: Nonce = [0xc1; 32];
 
     fn status() -> Status {
         Status {
@@ -1251,12 +1552,22 @@ mod tests {
                 interrupts: 12,
             },
             tsc_hz: 13,
+            switch: SwitchStatus {
+                neighbours: 14,
+                neighbour_evictions: 15,
+                capsule_queue_drops: 16,
+                held_drops: 17,
+                tx_drops: 18,
+            },
         }
     }
 
+    /// A server and a client whose handshake went through.
     fn pair() -> (ServerSession, ClientSession) {
-        let server = ServerSession::new(&KEY, NONCE);
-        let client = ClientSession::new(&KEY, &server.hello(b"build", "vm1")).unwrap();
+        let mut server = ServerSession::new(&KEY, NONCE);
+        let client =
+            ClientSession::new(&KEY, &server.hello(b"build", "vm1"), CLIENT_NONCE).unwrap();
+        assert_eq!(server.handle(client.client_hello()), Incoming::Opened);
         (server, client)
     }
 
@@ -1272,6 +1583,7 @@ mod tests {
             memory_limit: 64 << 20,
             sockets: 4,
             uptime_ns: 123,
+            epoch: 7,
         }
     }
 
@@ -1349,6 +1661,7 @@ mod tests {
                 locator: Ipv4Addr::new(198, 18, 0, 7),
                 slot: 7,
                 memory_limit: 0,
+                epoch: 1,
             }),
             Request::ListCapsules,
             Request::KillCapsule { name: "web".into() },
@@ -1364,7 +1677,10 @@ mod tests {
                 offset: 7,
                 len: 100,
             },
-            Request::ThawCapsule { name: "a".into() },
+            Request::ThawCapsule {
+                name: "a".into(),
+                epoch: 3,
+            },
             Request::ReleaseCapsule {
                 name: "a".into(),
                 forward_to: Ipv4Addr::new(192, 0, 2, 12),
@@ -1378,7 +1694,14 @@ mod tests {
                 offset: 0,
                 data: vec![9; 100],
             },
-            Request::RestoreCommit { name: "a".into() },
+            Request::RestoreCommit {
+                name: "a".into(),
+                epoch: u64::MAX,
+            },
+            Request::Fence {
+                name: "a".into(),
+                epoch: 9,
+            },
             Request::RestoreAbort { name: "a".into() },
             Request::InspectCapsule { name: "a".into() },
             Request::HoldTraffic {
@@ -1450,15 +1773,64 @@ mod tests {
     }
 
     #[test]
-    fn wrong_key_is_refused_and_client_sees_why() {
-        let server = ServerSession::new(&KEY, NONCE);
-        let mut server = server;
-        let mut intruder = ClientSession::new(&[0x43; 32], &server.hello(b"b", "vm")).unwrap();
-        let (seq, payload) = intruder.seal(&Request::Shutdown);
-        let Incoming::Refused { reply, code } = server.handle(&payload) else {
-            panic!("wrong key accepted");
+    fn client_hello_round_trips_and_is_strict() {
+        let (_, client) = pair();
+        let bytes = client.client_hello().to_vec();
+        assert_eq!(bytes.len(), ClientHello::LEN);
+        assert_eq!(&bytes[..4], b"CPSC");
+        assert_eq!(bytes[4..6], PROTOCOL_VERSION.to_le_bytes());
+        assert_eq!(bytes[6..38], CLIENT_NONCE);
+        let hello = ClientHello::decode(&bytes).unwrap();
+        assert_eq!(hello.encode(), bytes);
+        for cut in 0..bytes.len() {
+            assert!(ClientHello::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(ClientHello::decode(&long).is_err());
+        let mut magic = bytes;
+        magic[3] = b'L';
+        assert!(ClientHello::decode(&magic).is_err());
+    }
+
+    /// Expects a refused handshake with `code`, whose reply the client reads
+    /// as an unauthenticated refusal; later frames are refused too.
+    fn assert_handshake_fails(server: &mut ServerSession, frame: &[u8], code: ErrorCode) {
+        let Incoming::HandshakeFailed { reply, code: got } = server.handle(frame) else {
+            panic!("handshake accepted");
         };
-        assert_eq!(code, ErrorCode::Unauthenticated);
+        assert_eq!(got, code);
+        let env = Envelope::decode(&reply).unwrap();
+        assert_eq!(env.tag, UNAUTHENTICATED_TAG);
+        assert!(matches!(
+            Response::decode(&env.body),
+            Ok(Response::Error { code: c, .. }) if c == code
+        ));
+        assert!(!server.is_open());
+        assert!(matches!(
+            server.handle(frame),
+            Incoming::HandshakeFailed { .. }
+        ));
+    }
+
+    #[test]
+    fn only_an_authentic_client_hello_opens_a_session() {
+        // The right key opens it.
+        let mut server = ServerSession::new(&KEY, NONCE);
+        let hello = server.hello(b"b", "vm");
+        assert!(!server.is_open());
+        let client = ClientSession::new(&KEY, &hello, CLIENT_NONCE).unwrap();
+        assert_eq!(server.handle(client.client_hello()), Incoming::Opened);
+        assert!(server.is_open());
+
+        // The wrong key: refused before any request is looked at.
+        let mut server = ServerSession::new(&KEY, NONCE);
+        let hello = server.hello(b"b", "vm");
+        let mut intruder = ClientSession::new(&[0x43; 32], &hello, CLIENT_NONCE).unwrap();
+        let Incoming::HandshakeFailed { reply, .. } = server.handle(intruder.client_hello()) else {
+            panic!("wrong key opened a session");
+        };
+        let (seq, _) = intruder.seal(&Request::Version);
         assert!(matches!(
             intruder.open(seq, &reply),
             Err(ClientError::Refused {
@@ -1466,10 +1838,134 @@ mod tests {
                 ..
             })
         ));
-        // The server still serves an honest client in the same session state.
-        let mut honest = ClientSession::new(&KEY, &server.hello(b"b", "vm")).unwrap();
-        let (_, payload) = honest.seal(&Request::Status);
+
+        // A client hello recorded in another connection (other server nonce).
+        let mut server = ServerSession::new(&KEY, [10; 32]);
+        server.hello(b"b", "vm");
+        assert_handshake_fails(
+            &mut server,
+            client.client_hello(),
+            ErrorCode::Unauthenticated,
+        );
+
+        // A request instead of a client hello: no way around the handshake.
+        let (mut server, mut client) = pair();
+        let (_, request) = client.seal(&Request::Status);
+        let mut fresh = ServerSession::new(&KEY, NONCE);
+        fresh.hello(b"build", "vm1");
+        assert_handshake_fails(&mut fresh, &request, ErrorCode::Malformed);
+        assert!(matches!(server.handle(&request), Incoming::Request { .. }));
+
+        // Another protocol version, and a changed byte anywhere.
+        let mut fresh = ServerSession::new(&KEY, NONCE);
+        let hello = fresh.hello(b"build", "vm1");
+        let honest = ClientSession::new(&KEY, &hello, CLIENT_NONCE).unwrap();
+        let mut other = ClientHello::decode(honest.client_hello()).unwrap();
+        other.protocol_version = 2;
+        assert_handshake_fails(&mut fresh, &other.encode(), ErrorCode::UnsupportedVersion);
+        for at in 4..ClientHello::LEN {
+            let mut fresh = ServerSession::new(&KEY, NONCE);
+            fresh.hello(b"build", "vm1");
+            let mut changed = honest.client_hello().to_vec();
+            changed[at] ^= 1;
+            assert!(
+                matches!(fresh.handle(&changed), Incoming::HandshakeFailed { .. }),
+                "byte {at} changed was accepted"
+            );
+        }
+    }
+
+    /// The attack of a recorded session: hello and answers played again to a
+    /// client. The client's own nonce makes every recorded answer worthless.
+    #[test]
+    fn response_replayed_from_another_session_is_rejected() {
+        let mut server = ServerSession::new(&KEY, NONCE);
+        let hello = server.hello(b"build", "vm1");
+        let mut client = ClientSession::new(&KEY, &hello, CLIENT_NONCE).unwrap();
+        assert_eq!(server.handle(client.client_hello()), Incoming::Opened);
+        let (seq, payload) = client.seal(&Request::ListCapsules);
         assert!(matches!(server.handle(&payload), Incoming::Request { .. }));
+        let recorded = server.reply(seq, &Response::Capsules(vec![]));
+        assert!(client.open(seq, &recorded).is_ok());
+
+        // The same hello (same server nonce) replayed to a new client.
+        let mut victim = ClientSession::new(&KEY, &hello, [0x77; 32]).unwrap();
+        let (seq, _) = victim.seal(&Request::ListCapsules);
+        assert_eq!(victim.open(seq, &recorded), Err(ClientError::BadServerTag));
+        // Nor does an answer from a real but other session verify.
+        let (mut server2, mut client2) = pair();
+        let (seq2, payload2) = client2.seal(&Request::ListCapsules);
+        assert!(matches!(
+            server2.handle(&payload2),
+            Incoming::Request { .. }
+        ));
+        let other = server2.reply(seq2, &Response::Capsules(vec![]));
+        assert_eq!(client2.open(seq2, &other), Ok(Response::Capsules(vec![])));
+        assert_eq!(victim.open(seq, &other), Err(ClientError::BadServerTag));
+    }
+
+    /// A response is bound to the request it answers: not only to its
+    /// session and sequence number, but to the request's own bytes.
+    #[test]
+    fn response_to_another_request_is_rejected() {
+        // Two clients with the same nonces (a broken random source) share a
+        // session key; their first requests differ.
+        let mut server = ServerSession::new(&KEY, NONCE);
+        let hello = server.hello(b"build", "vm1");
+        let mut a = ClientSession::new(&KEY, &hello, CLIENT_NONCE).unwrap();
+        let mut b = ClientSession::new(&KEY, &hello, CLIENT_NONCE).unwrap();
+        assert_eq!(server.handle(a.client_hello()), Incoming::Opened);
+        let (seq, payload) = a.seal(&Request::ListCapsules);
+        assert!(matches!(server.handle(&payload), Incoming::Request { .. }));
+        let answer = server.reply(seq, &Response::Done);
+        assert_eq!(a.open(seq, &answer), Ok(Response::Done));
+        let (seq_b, _) = b.seal(&Request::Shutdown);
+        assert_eq!(seq_b, seq);
+        assert_eq!(b.open(seq_b, &answer), Err(ClientError::BadServerTag));
+
+        // In one session, the answer to request 1 is no answer to request 2,
+        // even with its sequence number rewritten.
+        let (seq2, payload2) = a.seal(&Request::Status);
+        assert_eq!(
+            a.open(seq2, &answer),
+            Err(ClientError::SequenceMismatch {
+                expected: seq2,
+                got: seq,
+            })
+        );
+        let mut renumbered = Envelope::decode(&answer).unwrap();
+        renumbered.seq = seq2;
+        assert_eq!(
+            a.open(seq2, &renumbered.encode()),
+            Err(ClientError::BadServerTag)
+        );
+        // The client only opens the answer to its latest request.
+        assert_eq!(a.open(seq, &answer), Err(ClientError::NotPending(seq)));
+        assert!(matches!(server.handle(&payload2), Incoming::Request { .. }));
+        let reply2 = server.reply(seq2, &Response::Done);
+        assert_eq!(a.open(seq2, &reply2), Ok(Response::Done));
+        // A server answers only the request it accepted last.
+        let stale = server.reply(seq, &Response::Done);
+        assert_eq!(Envelope::decode(&stale).unwrap().tag, UNAUTHENTICATED_TAG);
+    }
+
+    /// The session key covers the server's hello: a build id changed on the
+    /// way makes every response fail, so a verified response vouches for it.
+    #[test]
+    fn a_changed_hello_fails_the_session() {
+        let mut server = ServerSession::new(&KEY, NONCE);
+        let hello = server.hello(b"build", "vm1");
+        let mut changed = Hello::decode(&hello).unwrap();
+        changed.build_id = b"other".to_vec();
+        let client = ClientSession::new(&KEY, &changed.encode(), CLIENT_NONCE).unwrap();
+        assert_eq!(client.hello().build_id, b"other");
+        assert!(matches!(
+            server.handle(client.client_hello()),
+            Incoming::HandshakeFailed {
+                code: ErrorCode::Unauthenticated,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -1495,40 +1991,57 @@ mod tests {
     fn request_from_another_session_is_refused() {
         let (_, mut client) = pair();
         let (_, payload) = client.seal(&Request::Shutdown);
-        let mut other = ServerSession::new(&KEY, [10; 32]);
-        assert!(matches!(
-            other.handle(&payload),
-            Incoming::Refused {
-                code: ErrorCode::Unauthenticated,
-                ..
-            }
-        ));
+        // Another server nonce, and the same server nonce with another
+        // client nonce: both are other sessions.
+        for (server_nonce, client_nonce) in [([10; 32], CLIENT_NONCE), (NONCE, [11; 32])] {
+            let mut other = ServerSession::new(&KEY, server_nonce);
+            let hello = other.hello(b"build", "vm1");
+            let c = ClientSession::new(&KEY, &hello, client_nonce).unwrap();
+            assert_eq!(other.handle(c.client_hello()), Incoming::Opened);
+            assert!(matches!(
+                other.handle(&payload),
+                Incoming::Refused {
+                    code: ErrorCode::Unauthenticated,
+                    ..
+                }
+            ));
+        }
     }
 
     #[test]
     fn tampered_request_is_refused() {
         let (mut server, mut client) = pair();
-        let (_, mut payload) = client.seal(&Request::Status);
+        let (_, payload) = client.seal(&Request::Status);
+        for at in 0..payload.len() {
+            let mut changed = payload.clone();
+            changed[at] ^= 0x20;
+            assert!(
+                matches!(server.handle(&changed), Incoming::Refused { .. }),
+                "byte {at} changed was accepted"
+            );
+        }
         let body_at = 2 + 8 + 4;
-        payload[body_at] = Request::SHUTDOWN;
+        let mut changed = payload.clone();
+        changed[body_at] = Request::SHUTDOWN;
         assert!(matches!(
-            server.handle(&payload),
+            server.handle(&changed),
             Incoming::Refused {
                 code: ErrorCode::Unauthenticated,
                 ..
             }
         ));
+        assert!(matches!(server.handle(&payload), Incoming::Request { .. }));
     }
 
     #[test]
     fn unknown_request_gets_authenticated_error() {
-        let (mut server, client) = pair();
-        let env = Envelope::seal(&KEY, Direction::Request, &NONCE, 1, vec![0x77]);
-        let Incoming::Refused { reply, code } = server.handle(&env.encode()) else {
+        let (mut server, mut client) = pair();
+        let (seq, payload) = client.seal_body(vec![0x77]);
+        let Incoming::Refused { reply, code } = server.handle(&payload) else {
             panic!()
         };
         assert_eq!(code, ErrorCode::UnknownRequest);
-        match client.open(1, &reply).unwrap() {
+        match client.open(seq, &reply).unwrap() {
             Response::Error { code, message } => {
                 assert_eq!(code, ErrorCode::UnknownRequest);
                 assert!(message.contains("119"));
@@ -1559,7 +2072,7 @@ mod tests {
                 ..
             }
         ));
-        // Garbage of every length never panics.
+        // Garbage of every length never panics, before or after the handshake.
         let mut x: u32 = 12345;
         for len in 0..200 {
             let junk: Vec<u8> = (0..len)
@@ -1569,8 +2082,15 @@ mod tests {
                 })
                 .collect();
             assert!(matches!(server.handle(&junk), Incoming::Refused { .. }));
+            let mut fresh = ServerSession::new(&KEY, NONCE);
+            fresh.hello(b"build", "vm1");
+            assert!(matches!(
+                fresh.handle(&junk),
+                Incoming::HandshakeFailed { .. }
+            ));
             let _ = Response::decode(&junk);
             let _ = Hello::decode(&junk);
+            let _ = ClientHello::decode(&junk);
         }
         // The original request still works afterwards.
         assert!(matches!(server.handle(&payload), Incoming::Request { .. }));
@@ -1578,14 +2098,9 @@ mod tests {
 
     #[test]
     fn wrong_protocol_version_is_refused() {
-        let (mut server, _) = pair();
-        let mut env = Envelope::seal(
-            &KEY,
-            Direction::Request,
-            &NONCE,
-            1,
-            Request::Status.encode(),
-        );
+        let (mut server, mut client) = pair();
+        let (_, payload) = client.seal(&Request::Status);
+        let mut env = Envelope::decode(&payload).unwrap();
         env.protocol_version = 99;
         assert!(matches!(
             server.handle(&env.encode()),
@@ -1602,8 +2117,9 @@ mod tests {
         let (seq, _) = client.seal(&Request::Status);
         let forged = Envelope::seal(
             &[1; 32],
-            Direction::Response,
-            &NONCE,
+            &Direction::Response {
+                request_tag: [0; MAC_LEN],
+            },
             seq,
             Response::ShuttingDown.encode(),
         );
@@ -1648,14 +2164,14 @@ mod tests {
 
     #[test]
     fn hello_rejects_wrong_magic_and_version() {
-        let server = ServerSession::new(&KEY, NONCE);
+        let mut server = ServerSession::new(&KEY, NONCE);
         let mut hello = server.hello(b"b", "vm");
         hello[0] = b'X';
-        assert!(ClientSession::new(&KEY, &hello).is_err());
+        assert!(ClientSession::new(&KEY, &hello, CLIENT_NONCE).is_err());
         let mut h = Hello::decode(&server.hello(b"b", "vm")).unwrap();
         h.protocol_version = PROTOCOL_VERSION + 1;
         assert_eq!(
-            ClientSession::new(&KEY, &h.encode()).err(),
+            ClientSession::new(&KEY, &h.encode(), CLIENT_NONCE).err(),
             Some(ClientError::VersionMismatch(PROTOCOL_VERSION + 1))
         );
     }

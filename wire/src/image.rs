@@ -18,7 +18,7 @@ use crate::auth::{self, MAC_LEN, sha256};
 use crate::codec::{DecodeError, Reader, Writer};
 
 pub const IMAGE_MAGIC: [u8; 8] = *b"CPSLIMG\0";
-pub const IMAGE_VERSION: u16 = 3;
+pub const IMAGE_VERSION: u16 = 4;
 /// Random bytes in every header, so that no two images sealed under one key
 /// share a one-time MAC key.
 pub const IMAGE_NONCE_LEN: usize = 16;
@@ -61,6 +61,9 @@ pub struct SocketSummary {
 }
 
 impl TaskSummary {
+    /// Bytes of the shortest encoding (id, two empty strings, rip, rsp).
+    pub(crate) const MIN_ENCODED_LEN: usize = 4 + 4 + 4 + 8 + 8;
+
     pub(crate) fn encode(&self, w: &mut Writer) {
         w.u32(self.id)
             .str(&self.name)
@@ -147,6 +150,10 @@ pub struct CapsuleImage {
     pub args: Vec<String>,
     pub locator: Ipv4Addr,
     pub slot: u32,
+    /// The copy's epoch when it was frozen: every move, resume and thaw runs
+    /// the capsule at a higher one, so an image whose epoch the directory has
+    /// passed is a stale copy (docs/architecture.md, "Exactly one copy").
+    pub epoch: u64,
     pub memory_limit: u64,
     /// Capsule clock (ns) at the moment of freezing: the restored capsule's
     /// clock continues from here.
@@ -249,6 +256,7 @@ impl CapsuleImage {
         }
         w.raw(&self.locator.octets())
             .u32(self.slot)
+            .u64(self.epoch)
             .u64(self.memory_limit)
             .u64(self.clock_ns)
             .u64(self.arena_len)
@@ -338,13 +346,14 @@ impl CapsuleImage {
         }
         let locator = Ipv4Addr::from(r.array::<4>("locator")?);
         let slot = r.u32("slot")?;
+        let epoch = r.u64("epoch")?;
         let memory_limit = r.u64("memory limit")?;
         let clock_ns = r.u64("clock")?;
         let arena_len = r.u64("arena length")?;
         let root = r.u64("root")?;
         let log_written = r.u64("log written")?;
         let log_tail = r.bytes("log tail")?.to_vec();
-        let tasks_n = r.count(16, "task count")?;
+        let tasks_n = r.count(TaskSummary::MIN_ENCODED_LEN, "task count")?;
         let mut tasks = Vec::with_capacity(tasks_n);
         for _ in 0..tasks_n {
             tasks.push(TaskSummary::decode(&mut r)?);
@@ -371,6 +380,7 @@ impl CapsuleImage {
             args,
             locator,
             slot,
+            epoch,
             memory_limit,
             clock_ns,
             arena_len,
@@ -402,10 +412,13 @@ impl CapsuleImage {
             {
                 return Err(ImageError::Inconsistent("segment alignment"));
             }
-            if seg.offset < end || seg.offset + len > self.arena_len {
-                return Err(ImageError::Inconsistent("segment placement"));
+            // Checked: an offset near 2^64 must not wrap past the test
+            // (found by fuzzing, docs/fuzzing.md).
+            let seg_end = seg.offset.checked_add(len);
+            match seg_end {
+                Some(seg_end) if seg.offset >= end && seg_end <= self.arena_len => end = seg_end,
+                _ => return Err(ImageError::Inconsistent("segment placement")),
             }
-            end = seg.offset + len;
         }
         if self.kind == ImageKind::Full && self.segments.first().is_none_or(|s| s.offset != 0) {
             return Err(ImageError::Inconsistent("the arena header page is missing"));
@@ -530,6 +543,7 @@ mod tests {
             args: vec!["--port".into(), "6379".into()],
             locator: Ipv4Addr::new(198, 18, 0, 9),
             slot: 9,
+            epoch: 3,
             memory_limit: 64 << 20,
             clock_ns: 123_456,
             arena_len: arena.len() as u64,

@@ -246,6 +246,7 @@ fn snapshot(name: &str, key: &[u8], kind: ImageKind) -> Result<Vec<u8>, CapsuleE
             args: c.args.clone(),
             locator: c.locator,
             slot,
+            epoch: c.epoch,
             memory_limit: arena::usage(slot).map(|(_, _, limit)| limit).unwrap_or(0),
             clock_ns,
             arena_len: 0,
@@ -307,14 +308,24 @@ fn snapshot(name: &str, key: &[u8], kind: ImageKind) -> Result<Vec<u8>, CapsuleE
     Ok(sealed)
 }
 
-/// Resumes a frozen capsule where it is (a move failed or was abandoned).
-pub fn thaw(name: &str) -> Result<(), CapsuleError> {
+/// Resumes a frozen capsule where it is (a move failed or was abandoned), as
+/// epoch `epoch`: above the frozen copy's, and not below this VM's fence.
+pub fn thaw(name: &str, epoch: u64) -> Result<(), CapsuleError> {
+    super::check_fence(name, epoch)?;
     registry(|r| {
         let slot = find_slot(r, name).ok_or_else(|| CapsuleError::NotFound(name.to_string()))?;
         let c = r.capsules.get_mut(&slot).expect("slot just found");
         if c.state != CapsuleState::Frozen {
             return Err(CapsuleError::NotFrozen(name.to_string()));
         }
+        if epoch <= c.epoch {
+            return Err(CapsuleError::Stale {
+                name: name.to_string(),
+                epoch,
+                fence: c.epoch + 1,
+            });
+        }
+        c.epoch = epoch;
         c.state = CapsuleState::Running;
         c.precopy_len = None;
         c.net_dirty = true;
@@ -355,16 +366,35 @@ pub fn release(name: &str, via: Ipv4Addr, net: &mut Network) -> Result<(), Capsu
 }
 
 /// Revives a capsule from `bytes` (sealed with `key`) at its own arena
-/// window, with its clock continuing from the freeze. Everything is checked
-/// before anything is mapped; on error nothing changes.
-pub fn restore(bytes: &[u8], key: &[u8], net: &mut Network) -> Result<CapsuleInfo, RestoreError> {
+/// window, with its clock continuing from the freeze, as epoch `epoch`.
+/// Everything is checked before anything is mapped; on error nothing changes.
+pub fn restore(
+    bytes: &[u8],
+    key: &[u8],
+    epoch: u64,
+    net: &mut Network,
+) -> Result<CapsuleInfo, RestoreError> {
     let image = CapsuleImage::decode(bytes, key).map_err(RestoreError::Image)?;
     if image.kind != ImageKind::Full {
         return Err(RestoreError::Image(ImageError::Inconsistent(
             "a pre-copy part cannot be restored alone",
         )));
     }
-    restore_image(image, net)
+    check_epoch(&image, epoch)?;
+    restore_image(image, epoch, net)
+}
+
+/// A restored copy runs at a newer epoch than the image it came from, and
+/// never below what this VM was fenced at.
+fn check_epoch(image: &CapsuleImage, epoch: u64) -> Result<(), RestoreError> {
+    if epoch <= image.epoch {
+        return Err(RestoreError::Capsule(CapsuleError::Stale {
+            name: image.name.clone(),
+            epoch,
+            fence: image.epoch + 1,
+        }));
+    }
+    super::check_fence(&image.name, epoch).map_err(RestoreError::Capsule)
 }
 
 /// A pre-copied base that arrived: verified, and already laid out in its
@@ -431,6 +461,7 @@ pub fn restore_merged(
     staged: StagedBase,
     delta: &[u8],
     key: &[u8],
+    epoch: u64,
     net: &mut Network,
 ) -> Result<CapsuleInfo, RestoreError> {
     let slot = staged.meta.slot;
@@ -454,6 +485,7 @@ pub fn restore_merged(
                 "the delta is not of the staged base",
             )));
         }
+        check_epoch(&delta, epoch)?;
         let program = admit(&delta, net, false)?;
         arena::extend_reserved(slot, delta.arena_len)
             .map_err(|_| RestoreError::Capsule(CapsuleError::OutOfMemory))?;
@@ -470,7 +502,7 @@ pub fn restore_merged(
                 "the arena header does not match its slot",
             ))
         })?;
-        register(&delta, program, net)
+        register(&delta, program, epoch, net)
     })();
     if result.is_err() {
         // Whichever it is by now: a reservation or an adopted arena.
@@ -493,6 +525,11 @@ fn admit(
         .iter()
         .find(|p| p.name == image.program)
         .ok_or_else(|| RestoreError::UnknownProgram(image.program.clone()))?;
+    if !super::valid_locator(image.locator) {
+        return Err(RestoreError::Capsule(CapsuleError::BadLocator(
+            image.locator,
+        )));
+    }
     let window = arena::window_base(image.slot);
     if image.root < window + arena::HEADER_SIZE || image.root >= window + image.arena_len {
         return Err(RestoreError::RootOutsideArena);
@@ -515,8 +552,8 @@ fn admit(
             image.locator,
         )));
     }
-    let (_, free_frames) = crate::mm::frame::counts();
-    if need_memory && free_frames < image.arena_len / crate::mm::PAGE_SIZE + 256 {
+    // Frames promised to other images being received are not free for this one.
+    if need_memory && crate::mm::frame::available() < image.arena_len / crate::mm::PAGE_SIZE + 256 {
         return Err(RestoreError::Capsule(CapsuleError::OutOfMemory));
     }
     Ok(program)
@@ -538,10 +575,14 @@ fn map_arena(image: &CapsuleImage) -> Result<(), RestoreError> {
     })
 }
 
-fn restore_image(image: CapsuleImage, net: &mut Network) -> Result<CapsuleInfo, RestoreError> {
+fn restore_image(
+    image: CapsuleImage,
+    epoch: u64,
+    net: &mut Network,
+) -> Result<CapsuleInfo, RestoreError> {
     let program = admit(&image, net, true)?;
     map_arena(&image)?;
-    register(&image, program, net).inspect_err(|_| arena::destroy(image.slot))
+    register(&image, program, epoch, net).inspect_err(|_| arena::destroy(image.slot))
 }
 
 /// Creates the kernel record of a capsule whose arena is in place, attaches
@@ -549,6 +590,7 @@ fn restore_image(image: CapsuleImage, net: &mut Network) -> Result<CapsuleInfo, 
 fn register(
     image: &CapsuleImage,
     program: &'static Program,
+    epoch: u64,
     net: &mut Network,
 ) -> Result<CapsuleInfo, RestoreError> {
     if arena::root(image.slot) != Some(image.root as usize) {
@@ -566,13 +608,14 @@ fn register(
         locator: image.locator,
         slot: image.slot,
         state: CapsuleState::Running,
+        epoch,
         root: Some(image.root as *mut CapsuleRoot),
         inbound: Default::default(),
         held_syns: Default::default(),
         log,
-        // The capsule clock continues from the freeze.
-        clock_offset_ns: now.saturating_sub(image.clock_ns),
-        started_ns: now.saturating_sub(image.clock_ns),
+        // The capsule clock continues from the freeze, also on a VM that
+        // has been up for less time than the capsule has run.
+        clock_offset_ns: super::clock_offset(now, image.clock_ns),
         net_dirty: true,
         // Past every stamp its tasks saw at the source: tasks waiting for
         // news in general look again once (spurious wakeups are harmless).

@@ -30,10 +30,10 @@ use spin::{Mutex, Once};
 use crate::arch::x86_64::trap::TrapFrame;
 use crate::mm::arena;
 use crate::net::Network;
-use crate::net::switch::{LocalDelivery, MAX_QUEUED};
+use crate::net::switch::{LocalDelivery, MAX_QUEUED, QueueFull};
 use crate::sched::{self, Task, TaskState};
 use log::LogRing;
-use net::CapsuleStack;
+use net::{CapsuleStack, SocketIndex, SocketKind};
 
 /// Most capsules one VM runs at once.
 pub const MAX_CAPSULES: usize = 1024;
@@ -111,8 +111,24 @@ pub enum NetWant {
 }
 
 impl NetWant {
-    fn ready(self, sockets: &SocketSet<'static>, handle: SocketHandle) -> bool {
-        match self {
+    /// Whether `handle`'s socket is ready; `None` if the handle names no
+    /// socket of the right kind (checked in `index`, since `SocketSet::get`
+    /// would panic, and this runs in the kernel loop).
+    fn ready(
+        self,
+        index: &SocketIndex,
+        sockets: &SocketSet<'static>,
+        handle: SocketHandle,
+    ) -> Option<bool> {
+        let want_tcp = matches!(
+            self,
+            Self::TcpReadable | Self::TcpWritable | Self::TcpConnected
+        );
+        let kind = index.kind(handle)?;
+        if (kind == SocketKind::Tcp) != want_tcp || kind == SocketKind::Other {
+            return None;
+        }
+        Some(match self {
             Self::TcpReadable => {
                 let s = sockets.get::<tcp::Socket>(handle);
                 s.can_recv() || !s.may_recv()
@@ -127,7 +143,7 @@ impl NetWant {
             ),
             Self::UdpSendable => sockets.get::<udp::Socket>(handle).can_send(),
             Self::UdpReceivable => sockets.get::<udp::Socket>(handle).can_recv(),
-        }
+        })
     }
 }
 
@@ -139,6 +155,9 @@ pub struct Capsule {
     pub locator: Ipv4Addr,
     pub slot: u32,
     pub state: CapsuleState,
+    /// This copy's epoch: bumped by every move, resume and thaw, so that a
+    /// stale copy is known as one (see [`fence`]).
+    pub epoch: u64,
     root: Option<*mut CapsuleRoot>,
     /// IP packets waiting for the capsule's stack.
     pub inbound: VecDeque<Vec<u8>>,
@@ -146,9 +165,11 @@ pub struct Capsule {
     /// backlog: held, like a full accept queue, rather than refused).
     held_syns: VecDeque<Vec<u8>>,
     pub log: LogRing,
-    /// Capsule time = kernel time − offset (set on restore so time resumes).
-    clock_offset_ns: u64,
-    started_ns: u64,
+    /// Capsule time = kernel time − offset. Signed: a capsule restored on a
+    /// VM that has been up for less time than the capsule has run gets a
+    /// negative offset, and its clock resumes where it stopped instead of
+    /// falling back to the kernel's uptime.
+    clock_offset_ns: i64,
     /// A task changed socket state; poll the stack soon.
     net_dirty: bool,
     /// Capsule clock of the stack's last news (strictly increasing): tasks
@@ -166,11 +187,12 @@ unsafe impl Send for Capsule {}
 
 impl Capsule {
     pub fn clock_ns(&self) -> u64 {
-        crate::time::since_boot_ns().saturating_sub(self.clock_offset_ns)
+        capsule_clock(crate::time::since_boot_ns(), self.clock_offset_ns)
     }
 
+    /// Time the capsule has lived, across moves: its clock started at zero.
     pub fn uptime_ns(&self) -> u64 {
-        crate::time::since_boot_ns().saturating_sub(self.started_ns)
+        self.clock_ns()
     }
 
     fn root(&mut self) -> Option<&mut CapsuleRoot> {
@@ -178,6 +200,18 @@ impl Capsule {
         // until `reap` clears this pointer; see the module rules on access.
         self.root.map(|r| unsafe { &mut *r })
     }
+}
+
+/// The offset that makes the capsule clock read `clock_ns` at kernel time
+/// `now_ns`. Real clocks stay below 2^63 ns (292 years), where the difference
+/// fits; beyond that (a forged image) it is clamped, never wrapped.
+pub(crate) fn clock_offset(now_ns: u64, clock_ns: u64) -> i64 {
+    (i128::from(now_ns) - i128::from(clock_ns)).clamp(i64::MIN.into(), i64::MAX.into()) as i64
+}
+
+/// Capsule time at kernel time `now_ns` (never below zero).
+pub(crate) fn capsule_clock(now_ns: u64, offset_ns: i64) -> u64 {
+    (i128::from(now_ns) - i128::from(offset_ns)).clamp(0, i128::from(u64::MAX)) as u64
 }
 
 /// What `list` reports per capsule.
@@ -193,6 +227,7 @@ pub struct CapsuleInfo {
     pub memory_limit: u64,
     pub sockets: u32,
     pub uptime_ns: u64,
+    pub epoch: u64,
 }
 
 /// Why a capsule could not be started or found.
@@ -201,6 +236,8 @@ pub enum CapsuleError {
     UnknownProgram(String),
     NameTaken(String),
     LocatorTaken(Ipv4Addr),
+    /// Not a unicast host address (see [`valid_locator`]).
+    BadLocator(Ipv4Addr),
     SlotTaken(u32),
     BadName,
     NotFound(String),
@@ -209,6 +246,12 @@ pub enum CapsuleError {
     NotRunning(String),
     NotFrozen(String),
     BadImage(&'static str),
+    /// A copy at `epoch` may not run: this VM knows of epoch `fence`.
+    Stale {
+        name: String,
+        epoch: u64,
+        fence: u64,
+    },
 }
 
 impl core::fmt::Display for CapsuleError {
@@ -217,6 +260,11 @@ impl core::fmt::Display for CapsuleError {
             Self::UnknownProgram(p) => write!(f, "unknown program '{p}'"),
             Self::NameTaken(n) => write!(f, "a capsule named '{n}' already exists on this VM"),
             Self::LocatorTaken(l) => write!(f, "locator {l} is already used on this VM"),
+            Self::BadLocator(l) => write!(
+                f,
+                "locator {l} is not a unicast host address (zero, loopback, multicast, \
+                 broadcast and reserved addresses cannot be a capsule's)"
+            ),
             Self::SlotTaken(s) => write!(f, "arena slot {s} is already used on this VM"),
             Self::BadName => write!(
                 f,
@@ -228,6 +276,10 @@ impl core::fmt::Display for CapsuleError {
             Self::NotRunning(n) => write!(f, "capsule '{n}' is not running"),
             Self::NotFrozen(n) => write!(f, "capsule '{n}' is not frozen"),
             Self::BadImage(why) => write!(f, "bad image: {why}"),
+            Self::Stale { name, epoch, fence } => write!(
+                f,
+                "copy of '{name}' at epoch {epoch} is stale: this VM was told of epoch {fence}"
+            ),
         }
     }
 }
@@ -236,12 +288,21 @@ struct Registry {
     capsules: BTreeMap<u32, Capsule>,
     /// Slot that ran last, for round robin between capsules.
     cursor: u32,
+    /// Capsule name → the newest epoch this VM was told the directory
+    /// committed: copies below it are stale and never run here.
+    fences: BTreeMap<String, u64>,
 }
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     capsules: BTreeMap::new(),
     cursor: 0,
+    fences: BTreeMap::new(),
 });
+
+/// Fences kept per VM. Bounded, since names come from control requests; when
+/// full, the fence with the lowest epoch goes (a copy that old is the least
+/// likely to turn up).
+const MAX_FENCES: usize = 1024;
 // Set once at boot and read-only afterwards: capsule tasks read them without
 // a lock, so a task switched out (or frozen, or killed) in the middle of a
 // read can never leave a lock held behind it. A spin lock here once did: a
@@ -284,6 +345,15 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
+/// Whether `addr` can be a capsule's own address: a unicast host address.
+/// smoltcp takes any address for an interface but panics in the kernel loop
+/// when it later handles traffic for an unspecified, multicast or broadcast
+/// one; loopback and the reserved 240/4 cannot be reached on a LAN either.
+pub fn valid_locator(addr: Ipv4Addr) -> bool {
+    let first = addr.octets()[0];
+    !(first == 0 || addr.is_loopback() || addr.is_multicast() || first >= 240)
+}
+
 /// What a new capsule is.
 pub struct CapsuleConfig {
     pub name: String,
@@ -292,6 +362,63 @@ pub struct CapsuleConfig {
     pub locator: Ipv4Addr,
     pub slot: u32,
     pub memory_limit: u64,
+    pub epoch: u64,
+}
+
+/// Refuses a copy of `name` at `epoch` when this VM was fenced above it.
+pub fn check_fence(name: &str, epoch: u64) -> Result<(), CapsuleError> {
+    registry(|r| match r.fences.get(name) {
+        Some(&fence) if epoch < fence => Err(CapsuleError::Stale {
+            name: name.to_string(),
+            epoch,
+            fence,
+        }),
+        _ => Ok(()),
+    })
+}
+
+/// The directory committed epoch `epoch` of capsule `name`: every copy of it
+/// here that is older — running or frozen — ends now (a frozen one with its
+/// held packets), and older ones are refused from now on. Returns how many
+/// copies ended. Kernel loop only.
+pub fn fence(name: &str, epoch: u64, net: &mut Network) -> usize {
+    let stale: Vec<u32> = registry(|r| {
+        let fence = r.fences.entry(name.to_string()).or_insert(0);
+        *fence = (*fence).max(epoch);
+        if r.fences.len() > MAX_FENCES {
+            let lowest = r
+                .fences
+                .iter()
+                .filter(|(n, _)| n.as_str() != name)
+                .min_by_key(|(_, e)| **e)
+                .map(|(n, _)| n.clone());
+            if let Some(lowest) = lowest {
+                r.fences.remove(&lowest);
+            }
+        }
+        r.capsules
+            .values()
+            .filter(|c| c.name == name && c.epoch < epoch)
+            .map(|c| c.slot)
+            .collect()
+    });
+    for slot in &stale {
+        registry(|r| {
+            if let Some(c) = r.capsules.get_mut(slot) {
+                ::log::warn!(
+                    "capsule {name}: copy at epoch {} dropped, epoch {epoch} runs elsewhere",
+                    c.epoch
+                );
+                if !c.state.has_ended() {
+                    c.state = CapsuleState::Killed;
+                }
+                let _ = writeln!(c.log, "stale copy dropped: epoch {epoch} runs elsewhere");
+            }
+        });
+        reap(net);
+        registry(|r| r.capsules.remove(slot));
+    }
+    stale.len()
 }
 
 /// Starts a capsule: arena, stack, first task; announces its locator.
@@ -304,6 +431,10 @@ pub fn start(config: CapsuleConfig, net: &mut Network) -> Result<(), CapsuleErro
     if !valid_name(&config.name) {
         return Err(CapsuleError::BadName);
     }
+    if !valid_locator(config.locator) {
+        return Err(CapsuleError::BadLocator(config.locator));
+    }
+    check_fence(&config.name, config.epoch)?;
     registry(|r| {
         if r.capsules.len() >= MAX_CAPSULES {
             return Err(CapsuleError::LimitReached("capsules per VM"));
@@ -365,12 +496,12 @@ pub fn start(config: CapsuleConfig, net: &mut Network) -> Result<(), CapsuleErro
         locator: config.locator,
         slot,
         state: CapsuleState::Running,
+        epoch: config.epoch,
         root: Some(root),
         inbound: VecDeque::new(),
         held_syns: VecDeque::new(),
         log: LogRing::new(),
-        clock_offset_ns: now,
-        started_ns: now,
+        clock_offset_ns: clock_offset(now, 0),
         net_dirty: true,
         net_event_ns: 0,
         poll_at_ns: None,
@@ -451,10 +582,16 @@ pub fn list() -> Vec<CapsuleInfo> {
                     memory_limit,
                     sockets,
                     uptime_ns,
+                    epoch: c.epoch,
                 }
             })
             .collect()
     })
+}
+
+/// Whether a capsule named `name` is on this VM (in any state).
+pub fn exists(name: &str) -> bool {
+    registry(|r| find_slot(r, name).is_some())
 }
 
 /// Log bytes of capsule `name` from `offset`; see [`LogRing::read_from`].
@@ -489,7 +626,9 @@ pub fn service(net: &mut Network) -> bool {
     }
     // Packets between capsules of this VM: delivered now, polled next round.
     for delivery in local {
-        deliver(delivery);
+        if deliver(delivery).is_err() {
+            net.switch.counters.capsule_queue_drops += 1;
+        }
         busy = true;
     }
     busy |= wake();
@@ -497,17 +636,21 @@ pub fn service(net: &mut Network) -> bool {
     busy
 }
 
-/// Queues an inbound packet for a capsule (from the switch).
-pub fn deliver(delivery: LocalDelivery) {
+/// Queues an inbound packet for a capsule (from the switch). A full queue
+/// refuses it, for the caller to count; a capsule that ended takes nothing.
+pub fn deliver(delivery: LocalDelivery) -> Result<(), QueueFull> {
     registry(|r| {
         // A frozen capsule's packets are held for it (and forwarded after a move).
         if let Some(c) = r.capsules.get_mut(&delivery.slot)
             && matches!(c.state, CapsuleState::Running | CapsuleState::Frozen)
-            && c.inbound.len() < MAX_QUEUED
         {
+            if c.inbound.len() >= MAX_QUEUED {
+                return Err(QueueFull);
+            }
             c.inbound.push_back(delivery.packet);
         }
-    });
+        Ok(())
+    })
 }
 
 fn poll_capsule(slot: u32, now: u64, net: &mut Network, local: &mut Vec<LocalDelivery>) -> bool {
@@ -546,20 +689,36 @@ fn poll_capsule(slot: u32, now: u64, net: &mut Network, local: &mut Vec<LocalDel
         }
         arena::set_domain(prev);
     };
-    let (changed, poll_at) = arena::with_domain(slot, || {
+    let (changed, poll_at, bad) = arena::with_domain(slot, || {
         let changed = root.stack.poll(clock, &mut inbound, &mut send);
-        let sockets = &mut root.stack.sockets;
-        root.closing.retain(|h| {
-            let done = !sockets.get::<smoltcp::socket::tcp::Socket>(*h).is_open();
-            if done {
-                sockets.remove(*h);
-            }
-            !done
-        });
-        (changed, root.stack.poll_at_ns(clock))
+        // Closed streams whose TCP is done. Their handles come from the
+        // arena: checked, not trusted (see `SocketIndex`).
+        let mut bad = None;
+        if !root.closing.is_empty() {
+            let index = SocketIndex::new(&root.stack.sockets);
+            let sockets = &mut root.stack.sockets;
+            root.closing.retain(|h| {
+                if index.kind(*h) != Some(SocketKind::Tcp) {
+                    bad = Some(*h);
+                    return false;
+                }
+                let done = !sockets.get::<tcp::Socket>(*h).is_open();
+                if done {
+                    sockets.remove(*h);
+                }
+                !done
+            });
+        }
+        (changed, root.stack.poll_at_ns(clock), bad)
     });
     registry(|r| {
         if let Some(c) = r.capsules.get_mut(&slot) {
+            if let Some(handle) = bad {
+                end_damaged(
+                    c,
+                    alloc::format!("socket handle {handle} among its closing streams"),
+                );
+            }
             c.poll_at_ns = poll_at;
             if changed || had_packets {
                 c.net_event_ns = c.clock_ns().max(c.net_event_ns + 1);
@@ -651,12 +810,27 @@ fn wake() -> bool {
                 stack,
                 ..
             } = root;
+            // Handles of parked tasks come from the arena: checked, not
+            // trusted (see `SocketIndex`).
+            let index = tasks
+                .iter()
+                .any(|t| {
+                    matches!(t.state, TaskState::WaitingNet { .. }) && net_waits.contains_key(&t.id)
+                })
+                .then(|| SocketIndex::new(&stack.sockets));
+            let mut bad = None;
             for task in tasks.iter_mut() {
                 let ready = match task.state {
                     TaskState::Sleeping { until_ns } => until_ns <= clock,
                     // Reading socket state writes nothing to the arena.
                     TaskState::WaitingNet { seen } => match net_waits.get(&task.id) {
-                        Some((socket, want)) => want.ready(&stack.sockets, *socket),
+                        Some((socket, want)) => index
+                            .as_ref()
+                            .and_then(|index| want.ready(index, &stack.sockets, *socket))
+                            .unwrap_or_else(|| {
+                                bad = Some((task.id, *socket, *want));
+                                false
+                            }),
                         None => events > seen,
                     },
                     TaskState::Joining { task } => exited.contains(&task),
@@ -666,6 +840,13 @@ fn wake() -> bool {
                     task.state = TaskState::Runnable;
                     woke = true;
                 }
+            }
+            if let Some((task, socket, want)) = bad {
+                end_damaged(
+                    c,
+                    alloc::format!("socket handle {socket} that task {task} waits on ({want:?})"),
+                );
+                continue;
             }
             if all_exited {
                 c.state = CapsuleState::Exited;
@@ -732,7 +913,16 @@ fn pick_next() -> Option<(u32, *mut Task)> {
 }
 
 /// A CPU exception in a task's code: the capsule dies, the kernel goes on.
-fn on_task_fault(slot: u32, frame: &TrapFrame) {
+/// Returns false when it cannot be contained: the task died inside the
+/// kernel heap's allocator, whose state is then unknown.
+fn on_task_fault(slot: u32, frame: &TrapFrame) -> bool {
+    // Before anything allocates: the task may have died inside its arena's
+    // allocator, whose lock it then still holds (the report below would wait
+    // for it for ever, with interrupts off).
+    arena::abandon(slot);
+    if crate::mm::heap::lock_held() {
+        return false;
+    }
     // SAFETY: a fault while the registry lock was held can only come from the
     // faulting task itself (one CPU, tasks hold it with interrupts off);
     // that task will never run again.
@@ -747,19 +937,39 @@ fn on_task_fault(slot: u32, frame: &TrapFrame) {
         &alloc::format!("capsule {running}"),
     );
     fail(slot, "CPU exception", &report);
+    true
 }
 
-/// A panic in a task: the capsule dies, the kernel goes on. Never returns.
-pub fn on_task_panic(slot: u32, message: &str) -> ! {
+/// A panic in a task: the capsule dies, the kernel goes on, and this never
+/// returns — unless the task panicked inside the kernel heap's allocator,
+/// which leaves the kernel in an unknown state: then it returns at once and
+/// the panic ends the VM.
+pub fn on_task_panic(slot: u32, message: &str) {
+    arena::abandon(slot);
+    if crate::mm::heap::lock_held() {
+        return;
+    }
     if REGISTRY.is_locked() {
         // SAFETY: as in `on_task_fault`: only the panicking task can hold it.
         unsafe { REGISTRY.force_unlock() };
     }
-    arena::set_domain(None);
     fail(slot, "panic", message);
     sched::reset_after_task_death();
     sched::yield_now();
     unreachable!("a dead capsule's task was scheduled");
+}
+
+/// Ends a capsule whose own memory holds something the kernel cannot use
+/// (`what`, e.g. a socket handle that names no socket): the kernel loop found
+/// it while serving the capsule, and it ends the capsule, not the VM.
+fn end_damaged(c: &mut Capsule, what: String) {
+    let reason = alloc::format!("bad state: the kernel found a bad {what}");
+    let _ = writeln!(c.log, "capsule ended by {reason}");
+    crate::println!(
+        "*** capsule {} ended by {reason}; the kernel and other capsules go on",
+        c.name
+    );
+    c.state = CapsuleState::Faulted(reason);
 }
 
 fn fail(slot: u32, kind: &str, detail: &str) {

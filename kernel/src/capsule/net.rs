@@ -7,7 +7,8 @@ use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::net::Ipv4Addr;
 
-use smoltcp::iface::{Config, Interface, PollResult, SocketSet};
+use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::socket::Socket;
 use smoltcp::time::Instant;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
 
@@ -81,5 +82,49 @@ impl CapsuleStack {
         let port = self.next_port;
         self.next_port = if port == u16::MAX { 49152 } else { port + 1 };
         port
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketKind {
+    Tcp,
+    Udp,
+    Other,
+}
+
+/// The handles of a socket set and what each names, for the kernel loop.
+/// Handles the kernel loop reads from a capsule's arena (its closing streams,
+/// what its parked tasks wait on) are the capsule's own memory, which a buggy
+/// capsule can damage; `SocketSet::get` panics on a handle that names no
+/// socket or one of another kind, and a panic in the kernel loop would end
+/// the VM. Looked up here first, a bad handle ends only its capsule.
+pub struct SocketIndex {
+    by_handle: Vec<(SocketHandle, SocketKind)>,
+}
+
+impl SocketIndex {
+    pub fn new(sockets: &SocketSet<'static>) -> Self {
+        let mut by_handle: Vec<(SocketHandle, SocketKind)> = sockets
+            .iter()
+            .map(|(handle, socket)| {
+                let kind = match socket {
+                    Socket::Tcp(_) => SocketKind::Tcp,
+                    Socket::Udp(_) => SocketKind::Udp,
+                    #[allow(unreachable_patterns)]
+                    _ => SocketKind::Other,
+                };
+                (handle, kind)
+            })
+            .collect();
+        by_handle.sort_unstable_by_key(|(handle, _)| *handle);
+        Self { by_handle }
+    }
+
+    /// What `handle` names, if it names a socket of the set.
+    pub fn kind(&self, handle: SocketHandle) -> Option<SocketKind> {
+        self.by_handle
+            .binary_search_by_key(&handle, |(h, _)| *h)
+            .ok()
+            .map(|i| self.by_handle[i].1)
     }
 }

@@ -10,8 +10,9 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use capsules_wire::control::{
-    CapsuleInfo, CapsuleState, ErrorCode, FrameDecoder, Incoming, MAX_FRAME_LEN, MAX_IMAGE_CHUNK,
-    PROTOCOL_VERSION, ProgramInfo, Request, Response, ServerSession, Status, frame,
+    CapsuleInfo, CapsuleState, ErrorCode, FrameDecoder, HANDSHAKE_DEADLINE_MS, Incoming,
+    MAX_FRAME_LEN, MAX_IMAGE_CHUNK, PROTOCOL_VERSION, ProgramInfo, Request, Response,
+    ServerSession, Status, frame,
 };
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
@@ -24,6 +25,10 @@ const MAX_CONNECTIONS: usize = 8;
 /// A connection with no request for this long is closed, so that silent
 /// clients cannot hold every slot.
 const IDLE_TIMEOUT_NS: u64 = 60_000_000_000;
+/// A connection that has not proved the key this long after it left the
+/// listening state (SYN received) is closed: without the key, nobody holds a
+/// slot for longer.
+const HANDSHAKE_DEADLINE_NS: u64 = HANDSHAKE_DEADLINE_MS * 1_000_000;
 /// Room for a whole maximal frame, so an image chunk arrives in one window.
 const RX_BUFFER: usize = MAX_FRAME_LEN + 16 * 1024;
 const TX_BUFFER: usize = MAX_FRAME_LEN + 16 * 1024;
@@ -42,6 +47,9 @@ struct Connection {
     outbox: Vec<u8>,
     close_when_flushed: bool,
     last_activity_ns: u64,
+    /// When the socket left the listening state: the handshake deadline
+    /// counts from here until the session is open.
+    since_ns: Option<u64>,
 }
 
 /// Images in flight: frozen capsules' images being read (source side) and
@@ -81,8 +89,12 @@ impl Images {
         }
     }
 
-    /// Drops what no request has named for [`STALE_IMAGE_NS`].
+    /// Drops what no request has named for [`STALE_IMAGE_NS`], and images
+    /// taken of capsules that are gone (ended, or suspended and killed).
     fn expire(&mut self) {
+        if !self.outgoing.is_empty() {
+            self.outgoing.retain(|name, _| capsule::exists(name));
+        }
         if self.touched.is_empty() {
             return;
         }
@@ -112,8 +124,15 @@ impl Images {
 
 struct IncomingImage {
     expected: u64,
+    /// Allocated whole at admission, so that what was admitted is taken.
     bytes: Vec<u8>,
+    /// Frames for the arena the image becomes, promised at admission and
+    /// released (set to `None`) just before the restore maps it.
+    arena: Option<crate::mm::frame::Reservation>,
 }
+
+/// Frames kept free beyond what an admitted image needs.
+const ADMISSION_HEADROOM_FRAMES: u64 = 1024;
 
 /// A hold on traffic to a moving capsule ends by itself after this long.
 const HOLD_LIMIT_NS: u64 = 10_000_000_000;
@@ -123,7 +142,11 @@ const MAX_INCOMING: usize = 4;
 
 pub struct ControlService {
     images: Images,
-    key: Vec<u8>,
+    /// The lab's cluster key: each session derives the control key from it.
+    cluster_key: Vec<u8>,
+    /// The key that seals and opens images, derived from the cluster key
+    /// (never the control key).
+    image_key: Vec<u8>,
     port: u16,
     vm_name: String,
     connections: Vec<Connection>,
@@ -150,18 +173,32 @@ impl ControlService {
                     outbox: Vec::new(),
                     close_when_flushed: false,
                     last_activity_ns: 0,
+                    since_ns: None,
                 }
             })
             .collect();
         READY_NS.store(crate::time::since_boot_ns(), Ordering::Relaxed);
         Self {
             images: Images::default(),
-            key: key.to_vec(),
+            cluster_key: key.to_vec(),
+            image_key: capsules_wire::auth::image_key(key).to_vec(),
             port,
             vm_name: vm_name.into(),
             connections,
             shutdown_requested: false,
         }
+    }
+
+    /// Carries out one request that its session has already authenticated,
+    /// as [`Self::poll`] does for each request it receives.
+    pub fn serve(&mut self, request: &Request, net: &mut Network) -> Response {
+        handle_request(
+            request,
+            &self.vm_name,
+            net,
+            &mut self.images,
+            &self.image_key,
+        )
     }
 
     pub fn shutdown_requested(&self) -> bool {
@@ -196,17 +233,37 @@ impl ControlService {
             conn.decoder = FrameDecoder::new();
             conn.outbox.clear();
             conn.close_when_flushed = false;
+            conn.since_ns = None;
             if let Err(e) = socket.listen(self.port) {
                 log::error!("control: cannot listen on port {}: {e:?}", self.port);
             }
             return false;
         }
+        let now = crate::time::since_boot_ns();
+        if socket.state() == tcp::State::Listen {
+            // Also after a reset in SYN-RECEIVED, which returns here.
+            conn.since_ns = None;
+            return false;
+        }
+        let since = *conn.since_ns.get_or_insert(now);
+        if !conn.session.as_ref().is_some_and(ServerSession::is_open)
+            && now.saturating_sub(since) > HANDSHAKE_DEADLINE_NS
+        {
+            // Half-open, silent or refused: the slot goes back to listening.
+            log::info!(
+                "control: closing a connection from {:?} that did not prove the key within {HANDSHAKE_DEADLINE_MS} ms",
+                socket.remote_endpoint()
+            );
+            socket.abort();
+            conn.session = None;
+            return true;
+        }
         if socket.state() == tcp::State::Established && conn.session.is_none() {
-            let session = ServerSession::new(&self.key, crate::random::bytes32());
+            let mut session = ServerSession::new(&self.cluster_key, crate::random::bytes32());
             conn.outbox
                 .extend(frame(&session.hello(crate::build_id(), &self.vm_name)));
             conn.session = Some(session);
-            conn.last_activity_ns = crate::time::since_boot_ns();
+            conn.last_activity_ns = now;
             log::debug!("control: connection from {:?}", socket.remote_endpoint());
             busy = true;
         }
@@ -235,13 +292,14 @@ impl ControlService {
             while !conn.close_when_flushed {
                 match conn.decoder.next_frame() {
                     Ok(Some(payload)) => match session.handle(&payload) {
+                        Incoming::Opened => {}
                         Incoming::Request { seq, request } => {
                             let response = handle_request(
                                 &request,
                                 &self.vm_name,
                                 net,
                                 &mut self.images,
-                                &self.key,
+                                &self.image_key,
                             );
                             shutdown |= request == Request::Shutdown;
                             replies.push(session.reply(seq, &response));
@@ -249,6 +307,14 @@ impl ControlService {
                         Incoming::Refused { reply, code } => {
                             log::warn!("control: refused a request ({})", code.as_str());
                             replies.push(reply);
+                        }
+                        Incoming::HandshakeFailed { reply, code } => {
+                            log::warn!(
+                                "control: refused a client hello ({}); closing",
+                                code.as_str()
+                            );
+                            replies.push(reply);
+                            conn.close_when_flushed = true;
                         }
                     },
                     Ok(None) => break,
@@ -317,6 +383,7 @@ fn handle_request(
                 heap_used_bytes: mem.heap_used_bytes,
                 nic: net.nic.counters(),
                 tsc_hz: crate::time::tsc_hz(),
+                switch: net.switch.status(),
             })
         }
         Request::Shutdown => {
@@ -335,6 +402,7 @@ fn handle_request(
                 } else {
                     run.memory_limit
                 },
+                epoch: run.epoch,
             };
             match capsule::start(config, net) {
                 Ok(()) => capsule::list()
@@ -350,10 +418,14 @@ fn handle_request(
         Request::ListCapsules => {
             Response::Capsules(capsule::list().into_iter().map(wire_info).collect())
         }
-        Request::KillCapsule { name } => match capsule::kill(name, net) {
-            Ok(()) => Response::Killed,
-            Err(e) => capsule_error(e),
-        },
+        Request::KillCapsule { name } => {
+            // The end of a suspend: its image has been read.
+            images.outgoing.remove(name);
+            match capsule::kill(name, net) {
+                Ok(()) => Response::Killed,
+                Err(e) => capsule_error(e),
+            }
+        }
         Request::CapsuleLogs { name, offset, max } => {
             let max = (*max as usize).min(MAX_LOG_CHUNK);
             match capsule::read_log(name, *offset, max) {
@@ -384,7 +456,9 @@ fn handle_request(
             images.hand_out(name, capsule::migrate::freeze_delta(name, key))
         }
         Request::RestoreStage { name } => match images.incoming.remove(name) {
-            Some(incoming) => {
+            Some(mut incoming) => {
+                // Staging maps the arena itself, after its own memory check.
+                incoming.arena = None;
                 // Verified and decoded now, before the freeze, so none of
                 // it lengthens the pause.
                 if let Some(old) = images.staged.remove(name) {
@@ -422,9 +496,9 @@ fn handle_request(
                 alloc::format!("no pre-copy of '{name}' staged here"),
             ),
         },
-        Request::ThawCapsule { name } => {
+        Request::ThawCapsule { name, epoch } => {
             images.outgoing.remove(name);
-            match capsule::migrate::thaw(name) {
+            match capsule::migrate::thaw(name, *epoch) {
                 Ok(()) => Response::Done,
                 Err(e) => capsule_error(e),
             }
@@ -437,36 +511,60 @@ fn handle_request(
             }
         }
         Request::RestoreBegin { name, image_len } => {
-            let (_, free_frames) = crate::mm::frame::counts();
+            // A new transfer of the same name replaces the old one.
+            images.incoming.remove(name);
             // Room for the image itself and the arena it becomes; after a
             // pre-copy the arena is mapped already, and only the delta comes.
+            // Both are taken now — the image's buffer allocated, the arena's
+            // frames reserved — so that concurrent admissions cannot each be
+            // granted the same free memory.
             let image_frames = image_len.div_ceil(crate::mm::PAGE_SIZE);
-            let needed_frames = if images.staged.contains_key(name) {
-                image_frames + 1024
+            let arena_frames = if images.staged.contains_key(name) {
+                0
             } else {
-                2 * image_frames + 1024
+                image_frames
             };
-            if images.incoming.len() >= MAX_INCOMING && !images.incoming.contains_key(name) {
-                Response::error(ErrorCode::LimitReached, "too many images being received")
-            } else if free_frames < needed_frames {
+            let too_big = || {
                 Response::error(
                     ErrorCode::LimitReached,
                     alloc::format!("not enough memory for a {} KiB image", image_len / 1024),
                 )
+            };
+            if images.incoming.len() >= MAX_INCOMING {
+                Response::error(ErrorCode::LimitReached, "too many images being received")
             } else if capsule::list().iter().any(|c| &c.name == name) {
                 Response::error(
                     ErrorCode::AlreadyExists,
                     alloc::format!("a capsule named '{name}' already exists here"),
                 )
+            } else if crate::mm::frame::available()
+                < image_frames
+                    .saturating_add(arena_frames)
+                    .saturating_add(ADMISSION_HEADROOM_FRAMES)
+            {
+                too_big()
             } else {
-                images.incoming.insert(
-                    name.clone(),
-                    IncomingImage {
-                        expected: *image_len,
-                        bytes: Vec::new(),
-                    },
-                );
-                Response::Done
+                let mut bytes = Vec::new();
+                let arena = crate::mm::frame::reserve(arena_frames, ADMISSION_HEADROOM_FRAMES);
+                match (
+                    usize::try_from(*image_len)
+                        .ok()
+                        .and_then(|len| bytes.try_reserve_exact(len).ok()),
+                    arena,
+                ) {
+                    (Some(()), Some(arena)) => {
+                        images.incoming.insert(
+                            name.clone(),
+                            IncomingImage {
+                                expected: *image_len,
+                                bytes,
+                                arena: Some(arena),
+                            },
+                        );
+                        Response::Done
+                    }
+                    _ => too_big(),
+                }
             }
         }
         Request::RestoreChunk { name, offset, data } => match images.incoming.get_mut(name) {
@@ -491,23 +589,25 @@ fn handle_request(
                 alloc::format!("no restore of '{name}' in progress"),
             ),
         },
-        Request::RestoreCommit { name } => match images.incoming.remove(name) {
+        Request::RestoreCommit { name, epoch } => match images.incoming.remove(name) {
             // The announced length is an upper bound (admission happens
             // before the image exists); the image's own header says how long
             // it must be, and decoding checks that.
-            Some(incoming) if incoming.bytes.len() as u64 <= incoming.expected => {
+            Some(mut incoming) if incoming.bytes.len() as u64 <= incoming.expected => {
+                // The restore checks memory itself, for the arena's real length.
+                incoming.arena = None;
                 let delta = capsules_wire::image::peek_kind(&incoming.bytes)
                     == Some(capsules_wire::image::ImageKind::Delta);
                 match match images.staged.remove(name) {
                     Some(base) if delta => {
-                        capsule::migrate::restore_merged(base, &incoming.bytes, key, net)
+                        capsule::migrate::restore_merged(base, &incoming.bytes, key, *epoch, net)
                     }
                     // A whole image (a resume) replaces a forgotten pre-copy.
                     Some(base) => {
                         capsule::migrate::abort_staged(base);
-                        capsule::migrate::restore(&incoming.bytes, key, net)
+                        capsule::migrate::restore(&incoming.bytes, key, *epoch, net)
                     }
-                    None => capsule::migrate::restore(&incoming.bytes, key, net),
+                    None => capsule::migrate::restore(&incoming.bytes, key, *epoch, net),
                 } {
                     Ok(info) => Response::CapsuleStarted(wire_info(info)),
                     Err(e) => Response::error(
@@ -534,6 +634,18 @@ fn handle_request(
             if let Some(staged) = images.staged.remove(name) {
                 capsule::migrate::abort_staged(staged);
             }
+            Response::Done
+        }
+        Request::Fence { name, epoch } => {
+            // A restore in progress here would become an older copy too: the
+            // directory only fences once the move it belonged to is over.
+            images.incoming.remove(name);
+            images.outgoing.remove(name);
+            if let Some(staged) = images.staged.remove(name) {
+                capsule::migrate::abort_staged(staged);
+            }
+            let dropped = capsule::fence(name, *epoch, net);
+            log::info!("control: fenced {name} at epoch {epoch}: {dropped} stale copies dropped");
             Response::Done
         }
         Request::HoldTraffic { locator } => {
@@ -586,17 +698,19 @@ fn wire_info(c: capsule::CapsuleInfo) -> CapsuleInfo {
         memory_limit: c.memory_limit,
         sockets: c.sockets,
         uptime_ns: c.uptime_ns,
+        epoch: c.epoch,
     }
 }
 
 fn capsule_error(e: capsule::CapsuleError) -> Response {
     use capsule::CapsuleError as E;
     let code = match &e {
-        E::UnknownProgram(_) | E::BadName => ErrorCode::InvalidArgument,
+        E::UnknownProgram(_) | E::BadName | E::BadLocator(_) => ErrorCode::InvalidArgument,
         E::NameTaken(_) | E::LocatorTaken(_) | E::SlotTaken(_) => ErrorCode::AlreadyExists,
         E::NotFound(_) => ErrorCode::NotFound,
         E::LimitReached(_) | E::OutOfMemory => ErrorCode::LimitReached,
         E::NotRunning(_) | E::NotFrozen(_) | E::BadImage(_) => ErrorCode::InvalidArgument,
+        E::Stale { .. } => ErrorCode::Stale,
     };
     Response::error(code, alloc::format!("{e}"))
 }
@@ -609,6 +723,7 @@ fn restore_error_code(e: &capsule::migrate::RestoreError) -> ErrorCode {
             ErrorCode::AlreadyExists
         }
         R::Capsule(C::OutOfMemory | C::LimitReached(_)) => ErrorCode::LimitReached,
+        R::Capsule(C::Stale { .. }) => ErrorCode::Stale,
         _ => ErrorCode::InvalidArgument,
     }
 }

@@ -57,11 +57,19 @@ pub enum ArenaError {
 
 static ACTIVE: [AtomicBool; MAX_SLOTS as usize] =
     [const { AtomicBool::new(false) }; MAX_SLOTS as usize];
-/// Bytes mapped for an arena that is still arriving (pre-copy): its pages
+/// Bytes mapped at the start of each window, as the kernel counts them: of
+/// an active arena, or of one that is still arriving (pre-copy: its pages
 /// come one batch at a time and its header may not be there yet, so it is
-/// not active (no allocation, no header reads) until [`adopt`]. 0 = none.
-static RESERVED_LEN: [AtomicU64; MAX_SLOTS as usize] =
-    [const { AtomicU64::new(0) }; MAX_SLOTS as usize];
+/// not active — no allocation, no header reads — until [`adopt`]). 0 = none.
+/// Teardown unmaps this much and never asks the header inside the window:
+/// the capsule can overwrite its header, and a task that died inside the
+/// allocator leaves the header's lock held.
+static MAPPED: [AtomicU64; MAX_SLOTS as usize] = [const { AtomicU64::new(0) }; MAX_SLOTS as usize];
+/// Arenas whose capsule died by a fault or panic, perhaps inside its
+/// allocator: their free list may be half-updated and their lock held by the
+/// dead task, so nothing allocates, frees or waits there any more.
+static ABANDONED: [AtomicBool; MAX_SLOTS as usize] =
+    [const { AtomicBool::new(false) }; MAX_SLOTS as usize];
 static DOMAIN: AtomicU32 = AtomicU32::new(KERNEL_DOMAIN);
 
 pub fn window_base(slot: u32) -> u64 {
@@ -110,17 +118,23 @@ fn unmap_range(start: u64, len: u64) {
 }
 
 impl ArenaHeap {
-    fn grow(&mut self, base: u64, need: u64) -> bool {
+    fn grow(&mut self, slot: u32, need: u64) -> bool {
         let step = need.max(GROWTH_STEP).next_multiple_of(PAGE_SIZE);
-        if self.mapped + step > self.limit {
+        // The header lives in the window and the capsule can write to it:
+        // whatever it says, growth stays inside the window.
+        let Some(end) = self.mapped.checked_add(step) else {
+            return false;
+        };
+        if end > self.limit.min(SLOT_SIZE) {
             return false;
         }
-        if map_range(base + self.mapped, step).is_err() {
+        if map_range(window_base(slot) + self.mapped, step).is_err() {
             return false;
         }
+        MAPPED[slot as usize].fetch_max(end, Ordering::AcqRel);
         // SAFETY: the new pages directly follow the heap's end.
         unsafe { self.heap.extend(step as usize) };
-        self.mapped += step;
+        self.mapped = end;
         true
     }
 }
@@ -135,7 +149,9 @@ pub fn create(slot: u32, limit: u64) -> Result<(), ArenaError> {
     if limit < initial {
         return Err(ArenaError::LimitTooSmall);
     }
-    if ACTIVE[slot as usize].swap(true, Ordering::AcqRel) {
+    if MAPPED[slot as usize].load(Ordering::Acquire) != 0
+        || ACTIVE[slot as usize].swap(true, Ordering::AcqRel)
+    {
         return Err(ArenaError::SlotInUse);
     }
     let base = window_base(slot);
@@ -143,6 +159,8 @@ pub fn create(slot: u32, limit: u64) -> Result<(), ArenaError> {
         ACTIVE[slot as usize].store(false, Ordering::Release);
         return Err(e);
     }
+    MAPPED[slot as usize].store(initial, Ordering::Release);
+    ABANDONED[slot as usize].store(false, Ordering::Release);
     let heap_start = (base + HEADER_SIZE) as *mut u8;
     // SAFETY: the header page was just mapped; the heap area after it too.
     unsafe {
@@ -185,24 +203,27 @@ pub fn reserve(slot: u32, len: u64) -> Result<(), ArenaError> {
         return Err(ArenaError::LimitTooSmall);
     }
     if ACTIVE[slot as usize].load(Ordering::Acquire)
-        || RESERVED_LEN[slot as usize].load(Ordering::Acquire) != 0
+        || MAPPED[slot as usize].load(Ordering::Acquire) != 0
     {
         return Err(ArenaError::SlotInUse);
     }
     map_range(window_base(slot), len)?;
-    RESERVED_LEN[slot as usize].store(len, Ordering::Release);
+    MAPPED[slot as usize].store(len, Ordering::Release);
     Ok(())
+}
+
+/// Bytes mapped for a reservation of `slot` (not yet adopted); 0 if none.
+fn reserved_len(slot: u32) -> u64 {
+    if slot >= MAX_SLOTS || ACTIVE[slot as usize].load(Ordering::Acquire) {
+        return 0;
+    }
+    MAPPED[slot as usize].load(Ordering::Acquire)
 }
 
 /// Copies `data` to `offset` of a reserved window; false (and nothing
 /// written) when the slot is not reserved or the bytes would not fit.
 pub fn write_reserved(slot: u32, offset: u64, data: &[u8]) -> bool {
-    let Some(len) = RESERVED_LEN
-        .get(slot as usize)
-        .map(|l| l.load(Ordering::Acquire))
-    else {
-        return false;
-    };
+    let len = reserved_len(slot);
     if len == 0
         || offset
             .checked_add(data.len() as u64)
@@ -224,19 +245,16 @@ pub fn write_reserved(slot: u32, offset: u64, data: &[u8]) -> bool {
 
 /// Grows a reserved window to `len` bytes (fresh zero pages).
 pub fn extend_reserved(slot: u32, len: u64) -> Result<(), ArenaError> {
-    let Some(have) = RESERVED_LEN
-        .get(slot as usize)
-        .map(|l| l.load(Ordering::Acquire))
-        .filter(|l| *l != 0)
-    else {
+    let have = reserved_len(slot);
+    if have == 0 {
         return Err(ArenaError::SlotOutOfRange);
-    };
+    }
     if len > SLOT_SIZE || !len.is_multiple_of(PAGE_SIZE) {
         return Err(ArenaError::LimitTooSmall);
     }
     if len > have {
         map_range(window_base(slot) + have, len - have)?;
-        RESERVED_LEN[slot as usize].store(len, Ordering::Release);
+        MAPPED[slot as usize].store(len, Ordering::Release);
     }
     Ok(())
 }
@@ -244,10 +262,7 @@ pub fn extend_reserved(slot: u32, len: u64) -> Result<(), ArenaError> {
 /// Makes a reserved window an active arena once every page is in: its header
 /// must name this slot. On failure the reservation stays (see [`discard`]).
 pub fn adopt(slot: u32) -> Result<(), ArenaError> {
-    if RESERVED_LEN
-        .get(slot as usize)
-        .is_none_or(|l| l.load(Ordering::Acquire) == 0)
-    {
+    if reserved_len(slot) == 0 {
         return Err(ArenaError::SlotOutOfRange);
     }
     // SAFETY: the header page is mapped (every reservation has it); it is
@@ -256,20 +271,24 @@ pub fn adopt(slot: u32) -> Result<(), ArenaError> {
     if header.magic != MAGIC || header.slot != slot {
         return Err(ArenaError::SlotOutOfRange);
     }
-    RESERVED_LEN[slot as usize].store(0, Ordering::Release);
+    ABANDONED[slot as usize].store(false, Ordering::Release);
     ACTIVE[slot as usize].store(true, Ordering::Release);
     Ok(())
 }
 
 /// Unmaps a reservation that will not become an arena.
 pub fn discard(slot: u32) {
-    let Some(len) = RESERVED_LEN
-        .get(slot as usize)
-        .map(|l| l.swap(0, Ordering::AcqRel))
-    else {
+    if reserved_len(slot) == 0 {
         return;
-    };
+    }
+    let len = MAPPED[slot as usize].swap(0, Ordering::AcqRel);
     unmap_range(window_base(slot), len);
+}
+
+/// Bytes mapped for the active arena of `slot`.
+fn mapped_len(slot: u32) -> Option<u64> {
+    header(slot)?;
+    Some(MAPPED[slot as usize].load(Ordering::Acquire))
 }
 
 /// The mapped bytes of an arena, to copy into an image. The capsule must be
@@ -278,7 +297,7 @@ pub fn discard(slot: u32) {
 /// # Safety
 /// No task of the capsule may run while the returned slice is used.
 pub unsafe fn mapped_bytes(slot: u32) -> Option<&'static [u8]> {
-    let (mapped, _, _) = usage(slot)?;
+    let mapped = mapped_len(slot)?;
     // SAFETY: the range is mapped while the slot is active; the caller
     // guarantees nobody writes to it meanwhile.
     Some(unsafe { core::slice::from_raw_parts(window_base(slot) as *const u8, mapped as usize) })
@@ -290,23 +309,52 @@ pub fn map_more(slot: u32, from: u64, to: u64) -> Result<(), ArenaError> {
     if header(slot).is_none() || to > SLOT_SIZE || from > to {
         return Err(ArenaError::SlotOutOfRange);
     }
-    map_range(window_base(slot) + from, to - from)
+    map_range(window_base(slot) + from, to - from)?;
+    MAPPED[slot as usize].fetch_max(to, Ordering::AcqRel);
+    Ok(())
 }
 
 /// Offsets of the arena's pages written since the last call (see
 /// [`paging::take_dirty`]). The first call after creation reports every
 /// page that was ever written.
 pub fn take_dirty(slot: u32) -> Option<alloc::vec::Vec<u64>> {
-    let (mapped, _, _) = usage(slot)?;
+    let mapped = mapped_len(slot)?;
     Some(paging::take_dirty(VirtAddr::new(window_base(slot)), mapped))
 }
 
 /// Unmaps the whole arena and returns its frames. Every object in it is gone.
+/// Reads nothing inside the window (see [`MAPPED`]), so it is safe for the
+/// arena of a capsule that died anywhere, inside its allocator included.
 pub fn destroy(slot: u32) {
-    let Some(h) = header(slot) else { return };
-    let mapped = crate::arch::without_interrupts(|| h.state.lock().mapped);
+    if header(slot).is_none() {
+        return;
+    }
     ACTIVE[slot as usize].store(false, Ordering::Release);
+    let mapped = MAPPED[slot as usize].swap(0, Ordering::AcqRel);
+    ABANDONED[slot as usize].store(false, Ordering::Release);
     unmap_range(window_base(slot), mapped);
+}
+
+/// The capsule of `slot` died (fault or panic), perhaps inside its allocator
+/// with the arena's lock held and its free list half-updated: from now on
+/// nothing is allocated or freed in its arena, and the allocation domain is
+/// the kernel's, so that reporting the death allocates in the kernel heap.
+/// The lock is never taken again ([`usage`] only tries, [`destroy`] does
+/// not need it), so whatever the dead task held cannot stall the kernel.
+pub fn abandon(slot: u32) {
+    if slot >= MAX_SLOTS {
+        return;
+    }
+    ABANDONED[slot as usize].store(true, Ordering::Release);
+    if domain() == Some(slot) {
+        set_domain(None);
+    }
+}
+
+fn abandoned(slot: u32) -> bool {
+    ABANDONED
+        .get(slot as usize)
+        .is_some_and(|a| a.load(Ordering::Acquire))
 }
 
 pub fn set_root(slot: u32, root: usize) {
@@ -321,12 +369,19 @@ pub fn root(slot: u32) -> Option<usize> {
         .filter(|r| *r != 0)
 }
 
-/// (bytes mapped including the header, bytes allocated, limit).
+/// (bytes mapped including the header, bytes allocated, limit). The last
+/// two read 0 for an arena whose lock a dead task holds: nothing ever waits
+/// for it (the allocator holds it only with interrupts off and never
+/// switches context inside, so outside a task's allocation it is held only
+/// if the task died there).
 pub fn usage(slot: u32) -> Option<(u64, u64, u64)> {
     let h = header(slot)?;
+    let mapped = MAPPED[slot as usize].load(Ordering::Acquire);
     Some(crate::arch::without_interrupts(|| {
-        let s = h.state.lock();
-        (s.mapped, s.heap.used() as u64, s.limit)
+        match h.state.try_lock() {
+            Some(s) if !abandoned(slot) => (mapped, s.heap.used() as u64, s.limit),
+            _ => (mapped, 0, 0),
+        }
     }))
 }
 
@@ -336,7 +391,7 @@ pub fn is_valid(slot: u32) -> bool {
 }
 
 pub fn alloc(slot: u32, layout: Layout) -> *mut u8 {
-    let Some(h) = header(slot) else {
+    let Some(h) = header(slot).filter(|_| !abandoned(slot)) else {
         return core::ptr::null_mut();
     };
     let mut state = h.state.lock();
@@ -345,7 +400,7 @@ pub fn alloc(slot: u32, layout: Layout) -> *mut u8 {
             return ptr.as_ptr();
         }
         let need = (layout.size() + layout.align()) as u64 + 64;
-        if !state.grow(window_base(slot), need) {
+        if !state.grow(slot, need) {
             return core::ptr::null_mut();
         }
     }
@@ -358,6 +413,11 @@ pub unsafe fn dealloc(slot: u32, ptr: *mut u8, layout: Layout) {
         // The arena is gone (capsule ended): its memory went with it.
         return;
     };
+    if abandoned(slot) {
+        // Its capsule is dead and the arena goes as a whole; its free list
+        // may be damaged.
+        return;
+    }
     // Large blocks are cleared when freed: a capsule image leaves out pages
     // that are all zero, so freed buffers (a 16 MiB request that was parsed
     // and dropped) do not travel with every move.

@@ -2,6 +2,8 @@
 //! minus the first MiB and the kernel image. Supports physically contiguous
 //! runs, which virtio queues and DMA buffers need.
 
+use core::sync::atomic::{AtomicU64, Ordering};
+
 use spin::Mutex;
 use x86_64::PhysAddr;
 use x86_64::structures::paging::{FrameAllocator, PhysFrame, Size4KiB};
@@ -171,6 +173,45 @@ pub fn counts() -> (u64, u64) {
         let b = FRAMES_STATE.lock();
         (b.total, b.free_count)
     })
+}
+
+/// Frames promised to admitted work that has not mapped them yet: the
+/// arenas of images being received. Allocation does not enforce them;
+/// admission checks do ([`reserve`], and restores through [`available`]), so
+/// two admissions are never both granted the same free frames.
+static RESERVED: AtomicU64 = AtomicU64::new(0);
+
+/// Free frames not promised to anyone ([`reserve`]).
+pub fn available() -> u64 {
+    counts().1.saturating_sub(RESERVED.load(Ordering::Acquire))
+}
+
+/// Frames set aside by [`reserve`] until dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    frames: u64,
+}
+
+impl Reservation {
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        RESERVED.fetch_sub(self.frames, Ordering::AcqRel);
+    }
+}
+
+/// Sets `frames` aside if that many stay [`available`] with `headroom` more
+/// to spare. Kernel loop only (the check and the update are not one step).
+pub fn reserve(frames: u64, headroom: u64) -> Option<Reservation> {
+    if available() < frames.checked_add(headroom)? {
+        return None;
+    }
+    RESERVED.fetch_add(frames, Ordering::AcqRel);
+    Some(Reservation { frames })
 }
 
 /// End of the highest usable RAM frame.

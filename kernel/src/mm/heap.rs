@@ -120,3 +120,11 @@ pub fn usage() -> (usize, usize) {
         (state.mapped as usize, state.heap.used())
     })
 }
+
+/// Whether the kernel heap's lock is held. Outside an allocation it can be
+/// held only by a context that died inside one (the lock is taken with
+/// interrupts off and no context switch happens inside): the heap is then in
+/// an unknown state, and such a death cannot be contained to a capsule.
+pub fn lock_held() -> bool {
+    KERNEL_HEAP.state.is_locked()
+}

@@ -12,7 +12,7 @@ use capsules_wire::bootcfg::Ipv4Cidr;
 
 use crate::drivers::virtio::net::VirtioNet;
 use machine::MachineStack;
-use switch::{LocalDelivery, Switch};
+use switch::{LocalDelivery, QueueFull, Switch};
 
 /// Current time for the machine stack.
 pub fn now() -> smoltcp::time::Instant {
@@ -47,22 +47,37 @@ impl Network {
     }
 
     /// Moves every received frame through the switch. Packets for capsules are
-    /// handed to `deliver`. Returns whether any frame arrived.
-    pub fn pump(&mut self, deliver: &mut dyn FnMut(LocalDelivery)) -> bool {
+    /// handed to `deliver` (which refuses them when the capsule's queue is
+    /// full: counted here). Also sends frames that waited for room in the
+    /// NIC's ring. Returns whether anything arrived or left.
+    pub fn pump(
+        &mut self,
+        deliver: &mut dyn FnMut(LocalDelivery) -> Result<(), QueueFull>,
+    ) -> bool {
         self.nic.service_interrupt();
         let now = crate::time::since_boot_ns();
-        let mut any = false;
         let Network { nic, switch, .. } = self;
+        // The device has freed buffers since the last round, maybe.
+        let mut any = switch.flush_outbox(nic);
         // Each frame is copied out first: the switch may transmit (ARP
         // replies) while handling it, which needs the NIC.
         while let Some(frame) = nic.receive(|f| alloc::vec::Vec::from(f)) {
             any = true;
             let (_, local) = switch.ingress(&frame, nic, now);
-            if let Some(local) = local {
-                deliver(local);
+            if let Some(local) = local
+                && deliver(local).is_err()
+            {
+                switch.counters.capsule_queue_drops += 1;
             }
         }
         switch.expire(nic, now);
+        // Released holds whose capsule is here.
+        while let Some(local) = switch.take_local() {
+            any = true;
+            if deliver(local).is_err() {
+                switch.counters.capsule_queue_drops += 1;
+            }
+        }
         any
     }
 
@@ -82,6 +97,6 @@ impl Network {
 
     /// Whether the NIC has something for the kernel loop.
     pub fn has_work(&self) -> bool {
-        self.nic.has_work() || !self.switch.machine_rx.is_empty()
+        self.nic.has_work() || !self.switch.machine_rx.is_empty() || self.switch.has_local()
     }
 }

@@ -5,12 +5,20 @@
 //! next hops by ARP while the packet waits), short-cuts traffic between
 //! capsules of the same VM, announces capsules with gratuitous ARP, and drops
 //! (and counts) malformed frames.
+//!
+//! Everything it keeps is bounded, since ARP and IP from the LAN are
+//! unauthenticated: the neighbour table (learned only from ARP that concerns
+//! this VM, aged, least recently used evicted first), the packets waiting for
+//! ARP, those held for a moving locator, and the frames waiting for room in
+//! the NIC's transmit ring. Whatever a bound turns away is counted and shows
+//! in the VM's `Status`.
 
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
 use core::net::Ipv4Addr;
 
 use capsules_wire::bootcfg::Ipv4Cidr;
+use capsules_wire::control::SwitchStatus;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
     EthernetRepr, Ipv4Packet,
@@ -19,12 +27,22 @@ use smoltcp::wire::{
 use crate::drivers::virtio::net::{MAX_FRAME, VirtioNet};
 
 const ETHERNET_HEADER: usize = 14;
-/// Packets waiting for ARP, in total.
-const MAX_PENDING: usize = 128;
-const ARP_TIMEOUT_NS: u64 = 3_000_000_000;
-const NEIGHBOUR_TTL_NS: u64 = 300_000_000_000;
 /// Frames queued for one stack before new ones are dropped.
 pub const MAX_QUEUED: usize = 256;
+/// Packets waiting for ARP, in total: a released hold and a moved capsule's
+/// whole queue (each at most `MAX_QUEUED`) may wait for one resolution.
+const MAX_PENDING: usize = 2 * MAX_QUEUED;
+const ARP_TIMEOUT_NS: u64 = 3_000_000_000;
+const NEIGHBOUR_TTL_NS: u64 = 300_000_000_000;
+/// Neighbour entries kept. A VM talks to a few hosts of its LAN and the VMs
+/// of its cluster; every entry beyond this evicts the least recently used.
+pub const MAX_NEIGHBOURS: usize = 256;
+/// How often aged neighbour entries are swept out.
+const NEIGHBOUR_SWEEP_NS: u64 = 1_000_000_000;
+/// Frames waiting for room in the NIC's transmit ring (which holds
+/// `QUEUE_SIZE` = 64): a released burst drains through here at the pace the
+/// device takes it.
+pub const MAX_OUTBOX: usize = 2 * MAX_QUEUED;
 
 /// Where an inbound frame went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +72,28 @@ pub struct SwitchCounters {
     pub unroutable: u64,
     pub arp_timeouts: u64,
     pub forwarded: u64,
+    /// Live neighbour entries evicted to keep the table within bounds.
+    pub neighbour_evictions: u64,
+    /// Packets for a capsule whose inbound queue was full (a frozen one's
+    /// fills up first); counted by whoever delivers (`Network::pump`,
+    /// capsule service).
+    pub capsule_queue_drops: u64,
+    /// Packets to a held locator beyond `MAX_QUEUED`.
+    pub held_drops: u64,
+    /// Frames for which neither the NIC ring nor the outbox had room, or
+    /// packets beyond `MAX_PENDING` waiting for ARP.
+    pub tx_drops: u64,
+}
+
+/// A capsule's inbound queue was full: the packet was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueFull;
+
+struct Neighbour {
+    mac: EthernetAddress,
+    expires_ns: u64,
+    /// Last learned or used: the entry least recently used goes first.
+    used_ns: u64,
 }
 
 struct Pending {
@@ -77,8 +117,16 @@ pub struct Switch {
     /// send to them waits here (until when, packets) rather than going to a
     /// VM that is about to stop answering.
     holding: BTreeMap<Ipv4Addr, (u64, Vec<Vec<u8>>)>,
-    neighbours: BTreeMap<Ipv4Addr, (EthernetAddress, u64)>,
+    neighbours: BTreeMap<Ipv4Addr, Neighbour>,
+    next_sweep_ns: u64,
     pending: Vec<Pending>,
+    /// Whole Ethernet frames waiting for room in the NIC's transmit ring,
+    /// oldest first; while any wait, new frames queue behind them (order).
+    outbox: VecDeque<Vec<u8>>,
+    /// Packets for resident capsules that did not come from `ingress` or
+    /// `egress` (a hold released once its locator arrived here); the kernel
+    /// loop delivers them (`Network::pump`).
+    local: VecDeque<LocalDelivery>,
     pub machine_rx: VecDeque<Vec<u8>>,
     pub counters: SwitchCounters,
 }
@@ -105,7 +153,10 @@ impl Switch {
             forwarding: BTreeMap::new(),
             holding: BTreeMap::new(),
             neighbours: BTreeMap::new(),
+            next_sweep_ns: 0,
             pending: Vec::new(),
+            outbox: VecDeque::new(),
+            local: VecDeque::new(),
             machine_rx: VecDeque::new(),
             counters: SwitchCounters::default(),
         }
@@ -115,6 +166,15 @@ impl Switch {
         // A capsule that comes back supersedes its forwarding entry.
         self.forwarding.remove(&locator);
         self.locators.insert(locator, slot);
+        // It arrived on a VM that was holding what local capsules sent it:
+        // those packets are for it, here, and come before anything sent
+        // from now on (which the hairpin delivers directly).
+        if let Some((_, held)) = self.holding.remove(&locator) {
+            self.local.extend(
+                held.into_iter()
+                    .map(|packet| LocalDelivery { slot, packet }),
+            );
+        }
     }
 
     /// Sends packets for `locator` on to `via` until `until_ns` (kernel time).
@@ -133,14 +193,24 @@ impl Switch {
     }
 
     /// Stops holding traffic to `locator` and sends what was held to wherever
-    /// it answers now (its old neighbour entry is forgotten, so ARP finds the
-    /// new VM). Returns how many packets went.
+    /// it answers now: to the capsule itself if it arrived on this VM, else
+    /// on the wire (its old neighbour entry is forgotten, so ARP finds the
+    /// new VM; the frames leave at the pace the NIC takes them). Returns how
+    /// many packets went.
     pub fn release_held(&mut self, locator: Ipv4Addr, nic: &mut VirtioNet, now_ns: u64) -> usize {
         let Some((_, packets)) = self.holding.remove(&locator) else {
             return 0;
         };
-        self.neighbours.remove(&locator);
         let count = packets.len();
+        if let Some(slot) = self.resident(locator) {
+            self.local.extend(
+                packets
+                    .into_iter()
+                    .map(|packet| LocalDelivery { slot, packet }),
+            );
+            return count;
+        }
+        self.neighbours.remove(&locator);
         for packet in packets {
             if let Some(src) = ipv4_src(&packet) {
                 let hop = self.next_hop(locator).unwrap_or(locator);
@@ -148,6 +218,36 @@ impl Switch {
             }
         }
         count
+    }
+
+    /// The next packet for a resident capsule that the switch produced by
+    /// itself (see `local`).
+    pub fn take_local(&mut self) -> Option<LocalDelivery> {
+        self.local.pop_front()
+    }
+
+    pub fn has_local(&self) -> bool {
+        !self.local.is_empty()
+    }
+
+    pub fn neighbour_count(&self) -> usize {
+        self.neighbours.len()
+    }
+
+    /// Frames waiting for room in the NIC's transmit ring.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// What the VM's `Status` reports about the switch.
+    pub fn status(&self) -> SwitchStatus {
+        SwitchStatus {
+            neighbours: self.neighbours.len() as u64,
+            neighbour_evictions: self.counters.neighbour_evictions,
+            capsule_queue_drops: self.counters.capsule_queue_drops,
+            held_drops: self.counters.held_drops,
+            tx_drops: self.counters.tx_drops,
+        }
     }
 
     pub fn held_packets(&self) -> usize {
@@ -253,11 +353,23 @@ impl Switch {
             self.counters.malformed += 1;
             return Delivery::Dropped;
         };
-        if source_hardware_addr.is_unicast() && !source_protocol_addr.is_unspecified() {
-            self.neighbours.insert(
-                source_protocol_addr,
-                (source_hardware_addr, now_ns + NEIGHBOUR_TTL_NS),
-            );
+        // Learn the sender only where this VM has a use for it: an answer to
+        // its own question, a host asking for one of its addresses (it is
+        // about to talk to us), or news about a neighbour it already knows
+        // (a capsule announced on another VM). ARP between strangers is not
+        // worth an entry, and would let anyone on the LAN fill the table.
+        let concerns_us = self
+            .pending
+            .iter()
+            .any(|p| p.next_hop == source_protocol_addr)
+            || self.locators.contains_key(&target_protocol_addr)
+            || target_protocol_addr == self.machine.addr
+            || self.neighbours.contains_key(&source_protocol_addr);
+        if concerns_us
+            && source_hardware_addr.is_unicast()
+            && !source_protocol_addr.is_unspecified()
+        {
+            self.learn(source_protocol_addr, source_hardware_addr, now_ns);
             self.flush_pending(source_protocol_addr, nic);
         }
         if operation == ArpOperation::Request && self.locators.contains_key(&target_protocol_addr) {
@@ -277,6 +389,40 @@ impl Switch {
         self.queue_machine(frame)
     }
 
+    /// Records (or refreshes) `ip` at `mac`. When the table is full, an aged
+    /// entry or else the least recently used one makes room.
+    fn learn(&mut self, ip: Ipv4Addr, mac: EthernetAddress, now_ns: u64) {
+        if !self.neighbours.contains_key(&ip) && self.neighbours.len() >= MAX_NEIGHBOURS {
+            let victim = self
+                .neighbours
+                .iter()
+                .min_by_key(|(_, n)| (n.expires_ns > now_ns, n.used_ns))
+                .map(|(ip, n)| (*ip, n.expires_ns > now_ns));
+            if let Some((victim, live)) = victim {
+                self.neighbours.remove(&victim);
+                self.counters.neighbour_evictions += u64::from(live);
+            }
+        }
+        self.neighbours.insert(
+            ip,
+            Neighbour {
+                mac,
+                expires_ns: now_ns + NEIGHBOUR_TTL_NS,
+                used_ns: now_ns,
+            },
+        );
+    }
+
+    /// The MAC of a live neighbour entry, marking it used.
+    fn neighbour_mac(&mut self, ip: Ipv4Addr, now_ns: u64) -> Option<EthernetAddress> {
+        let n = self.neighbours.get_mut(&ip)?;
+        if n.expires_ns <= now_ns {
+            return None;
+        }
+        n.used_ns = now_ns;
+        Some(n.mac)
+    }
+
     fn send_arp(&mut self, nic: &mut VirtioNet, dst: EthernetAddress, repr: &ArpRepr) {
         let len = ETHERNET_HEADER + repr.buffer_len();
         let eth = EthernetRepr {
@@ -284,11 +430,66 @@ impl Switch {
             dst_addr: dst,
             ethertype: EthernetProtocol::Arp,
         };
-        nic.transmit(len, |buf| {
+        self.emit_frame(nic, len, |buf| {
             let mut frame = EthernetFrame::new_unchecked(buf);
             eth.emit(&mut frame);
             repr.emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));
         });
+    }
+
+    /// Sends a frame of `len` bytes that `write` builds: straight into the
+    /// NIC's ring when it has room and nothing older waits, else into the
+    /// outbox, which `flush_outbox` drains as the device frees buffers. A
+    /// burst (a released hold, a moved capsule's queue, packets waiting for
+    /// one ARP answer) thus leaves whole, at the pace the NIC takes it,
+    /// instead of overflowing its 64 buffers.
+    fn emit_frame(&mut self, nic: &mut VirtioNet, len: usize, write: impl FnOnce(&mut [u8])) {
+        let mut write = Some(write);
+        if self.outbox.is_empty() && nic.can_transmit() {
+            let sent = nic.transmit(len, |buf| {
+                if let Some(write) = write.take() {
+                    write(buf)
+                }
+            });
+            if sent.is_some() {
+                return;
+            }
+        }
+        // `write` is gone only if the device took the buffer and then
+        // refused it: that frame is lost.
+        let Some(write) = write.take() else {
+            self.counters.tx_drops += 1;
+            return;
+        };
+        if self.outbox.len() >= MAX_OUTBOX {
+            self.counters.tx_drops += 1;
+            return;
+        }
+        let mut frame = alloc::vec![0u8; len];
+        write(&mut frame);
+        self.outbox.push_back(frame);
+    }
+
+    /// Moves waiting frames into the NIC's ring while it has room. Returns
+    /// whether any went.
+    pub fn flush_outbox(&mut self, nic: &mut VirtioNet) -> bool {
+        let mut any = false;
+        while let Some(frame) = self.outbox.front() {
+            if !nic.can_transmit() {
+                break;
+            }
+            if nic
+                .transmit(frame.len(), |buf| buf.copy_from_slice(frame))
+                .is_none()
+            {
+                // Room, yet refused: the device is broken for this frame;
+                // retrying it would only block the ones behind.
+                self.counters.tx_drops += 1;
+            }
+            self.outbox.pop_front();
+            any = true;
+        }
+        any
     }
 
     /// Announces that `locator` is now reached through this VM.
@@ -340,7 +541,7 @@ impl Switch {
             if held.len() < MAX_QUEUED {
                 held.push(packet.to_vec());
             } else {
-                self.counters.queue_full += 1;
+                self.counters.held_drops += 1;
             }
             return None;
         }
@@ -383,17 +584,14 @@ impl Switch {
         let mac = if dst.is_broadcast() {
             Some(EthernetAddress::BROADCAST)
         } else {
-            self.neighbours
-                .get(&hop)
-                .filter(|(_, expires)| *expires > now_ns)
-                .map(|(mac, _)| *mac)
+            self.neighbour_mac(hop, now_ns)
         };
         match mac {
             Some(mac) => self.transmit_ip(nic, mac, packet),
             None => {
                 let already_asked = self.pending.iter().any(|p| p.next_hop == hop);
                 if self.pending.len() >= MAX_PENDING {
-                    self.counters.queue_full += 1;
+                    self.counters.tx_drops += 1;
                 } else {
                     let packet = packet.to_vec();
                     self.pending.push(Pending {
@@ -426,35 +624,39 @@ impl Switch {
             dst_addr: dst,
             ethertype: EthernetProtocol::Ipv4,
         };
-        let sent = nic.transmit(ETHERNET_HEADER + packet.len(), |buf| {
+        self.emit_frame(nic, ETHERNET_HEADER + packet.len(), |buf| {
             let mut frame = EthernetFrame::new_unchecked(buf);
             eth.emit(&mut frame);
             frame.payload_mut().copy_from_slice(packet);
         });
-        if sent.is_none() {
-            // The NIC ring is full; TCP will retransmit.
-            self.counters.queue_full += 1;
-        }
     }
 
     fn flush_pending(&mut self, resolved: Ipv4Addr, nic: &mut VirtioNet) {
-        let Some((mac, _)) = self.neighbours.get(&resolved).copied() else {
+        let Some(mac) = self.neighbours.get(&resolved).map(|n| n.mac) else {
             return;
         };
-        let mut i = 0;
-        while i < self.pending.len() {
-            if self.pending[i].next_hop == resolved {
-                let p = self.pending.swap_remove(i);
-                self.transmit_ip(nic, mac, &p.packet);
-            } else {
-                i += 1;
-            }
+        if !self.pending.iter().any(|p| p.next_hop == resolved) {
+            return;
+        }
+        // In the order they were sent: a released burst of one TCP
+        // connection must not arrive reversed.
+        let (ready, waiting) = core::mem::take(&mut self.pending)
+            .into_iter()
+            .partition::<Vec<Pending>, _>(|p| p.next_hop == resolved);
+        self.pending = waiting;
+        for p in ready {
+            self.transmit_ip(nic, mac, &p.packet);
         }
     }
 
-    /// Drops packets whose next hop never answered.
+    /// Drops packets whose next hop never answered, forwarding entries and
+    /// holds that ran out, and aged neighbour entries.
     pub fn expire(&mut self, nic: &mut VirtioNet, now_ns: u64) {
         self.forwarding.retain(|_, (_, until)| *until > now_ns);
+        if now_ns >= self.next_sweep_ns {
+            self.neighbours.retain(|_, n| n.expires_ns > now_ns);
+            self.next_sweep_ns = now_ns + NEIGHBOUR_SWEEP_NS;
+        }
         let overdue: Vec<Ipv4Addr> = self
             .holding
             .iter()

@@ -92,8 +92,9 @@ pub const SLICE_TICKS: u64 = 1;
 
 /// Chooses the next runnable task (implemented by the capsule registry).
 pub type PickNext = fn() -> Option<(u32, *mut Task)>;
-/// Called when a task's code faults; returns after the capsule is marked dead.
-pub type OnTaskFault = fn(slot: u32, frame: &TrapFrame);
+/// Called when a task's code faults; returns after the capsule is marked
+/// dead (true), or false when the fault cannot be contained to the capsule.
+pub type OnTaskFault = fn(slot: u32, frame: &TrapFrame) -> bool;
 
 static PICK_NEXT: Mutex<Option<PickNext>> = Mutex::new(None);
 static ON_FAULT: Mutex<Option<OnTaskFault>> = Mutex::new(None);
@@ -182,8 +183,10 @@ fn on_trap(frame: &mut TrapFrame, fx: &mut FxArea, cause: SwitchCause) {
     let running = *RUNNING.lock();
     match (cause, running) {
         (SwitchCause::Fault, Running::Task { slot, .. }) => {
-            if let Some(on_fault) = *ON_FAULT.lock() {
-                on_fault(slot, frame);
+            let on_fault = *ON_FAULT.lock();
+            if !on_fault.is_some_and(|f| f(slot, frame)) {
+                // Not contained: the trap code reports it and ends the VM.
+                return;
             }
             reset_after_task_death();
             // The faulting context is discarded, not saved.

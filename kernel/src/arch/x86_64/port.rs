@@ -24,6 +24,15 @@ pub unsafe fn inb(port: u16) -> u8 {
 
 /// # Safety
 /// As for [`outb`].
+pub unsafe fn outw(port: u16, value: u16) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
+    };
+}
+
+/// # Safety
+/// As for [`outb`].
 pub unsafe fn outl(port: u16, value: u32) {
     // SAFETY: forwarded to the caller.
     unsafe {

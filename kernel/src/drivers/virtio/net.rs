@@ -208,9 +208,11 @@ impl VirtioNet {
     }
 
     /// Sends one frame of `len` bytes that `f` writes. Returns `None` (and
-    /// does not call `f`) when no transmit buffer is free or `len` is too big.
+    /// does not call `f`) when no transmit buffer is free or `len` is not an
+    /// Ethernet frame's: QEMU stops the device for good when handed an empty
+    /// frame ("virtio-net nothing to send"; found by fuzzing, docs/fuzzing.md).
     pub fn transmit<R>(&mut self, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> Option<R> {
-        if len > MAX_FRAME || !self.can_transmit() {
+        if !(14..=MAX_FRAME).contains(&len) || !self.can_transmit() {
             return None;
         }
         let index = self.tx_free.iter().position(|free| *free)?;

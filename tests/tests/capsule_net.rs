@@ -1,0 +1,218 @@
+//! System tests of what the kernel is told about its capsules' network and
+//! time: a lab whose capsule range is not the default carries capsule
+//! traffic between VMs and across moves (the range reaches the kernel on its
+//! command line), and a capsule that ran a while keeps its clock when it is
+//! resumed into a freshly booted lab. Run one at a time
+//! (`--test-threads=1`).
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use capsules_system_tests::{
+    Lab, capsulectl_bin, capsulectl_ok, describe, require_clients, scratch_dir, text,
+    unique_lab_name, wait_for,
+};
+use serde_json::Value;
+
+const REDIS_CLI: (&str, &str) = ("redis-cli", "redis-tools");
+
+/// A lab of `vms` VMs with `--capsule-range RANGE`, torn down when dropped.
+fn lab_with_range(tag: &str, vms: usize, range: &str) -> Lab {
+    let mut lab = Lab::guard(&unique_lab_name(tag));
+    lab.up_output = capsulectl_ok(&[
+        "lab",
+        "up",
+        "--lab",
+        &lab.name,
+        "--vms",
+        &vms.to_string(),
+        "--capsule-range",
+        range,
+    ]);
+    lab
+}
+
+/// The latest count `sink: NAME N` in the sink's log, and the whole log.
+fn sink_count(lab: &Lab, sink: &str, ticker: &str) -> (u64, String) {
+    let log = lab.ctl_ok(&["logs", sink]);
+    let prefix = format!("sink: {ticker} ");
+    let n = log
+        .lines()
+        .filter_map(|l| {
+            let at = l.find(&prefix)?;
+            l[at + prefix.len()..].trim().parse::<u64>().ok()
+        })
+        .max()
+        .unwrap_or(0);
+    (n, log)
+}
+
+fn migrate(lab: &Lab, name: &str, to: &str) {
+    let out = lab.ctl_ok(&["migrate", name, "--to", to, "--json"]);
+    let v: Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("migrate --json: {e}: {out}"));
+    assert_eq!(v["to"], to, "{v}");
+    eprintln!(
+        "migrated {name} -> {to}: downtime {:.1} ms",
+        v["downtime_ms"].as_f64().unwrap_or(0.0)
+    );
+}
+
+/// Waits until the sink counted `more` lines past `from`, failing on a gap.
+fn sink_grows(lab: &Lab, from: u64, more: u64, after: &str) -> u64 {
+    wait_for(
+        Duration::from_secs(20),
+        &format!("the sink's count to grow past {} {after}", from + more),
+        || {
+            let (n, log) = sink_count(lab, "sink", "tick");
+            assert!(!log.contains("GAP"), "the sink saw a gap:\n{log}");
+            (n >= from + more).then_some(n)
+        },
+    )
+}
+
+/// With `--capsule-range 10.77.0.0/16` (a range that exists only inside the
+/// lab namespace), a capsule on vm2 reaches one on vm1, and their stream
+/// survives moves that make a VM hold packets and release them to the other
+/// VM, and to itself. The kernel learns the range from its command line;
+/// before, it treated only 198.18.0.0/16 as on-link and sent the rest to
+/// the gateway, which does not route.
+#[test]
+fn capsules_talk_and_move_in_a_lab_with_another_capsule_range() {
+    let lab = lab_with_range("range", 2, "10.77.0.0/16");
+    let sink = lab.run_locator("sink", "sink", &["--on", "vm1"], &[]);
+    assert!(
+        sink.starts_with("10.77."),
+        "locator {sink} outside the range"
+    );
+    // A host of the lab reaches it too (the namespace routes the range to
+    // the bridge).
+    let out = lab.exec(&["ping", "-c", "1", "-W", "2", &sink]);
+    assert!(out.status.success(), "ping {sink}: {}", describe(&out));
+    lab.run_capsule(
+        "ticker",
+        Some("tick"),
+        &["--on", "vm2"],
+        &[&format!("{sink}:9000"), "20"],
+    );
+    let mut count = sink_grows(&lab, 0, 20, "(ticker on vm2, sink on vm1)");
+    // tick joins the sink on vm1; then the sink leaves for vm2 while vm1
+    // holds what tick sends it and releases it to vm2 on the wire; then
+    // tick follows, vm2 holding what the sink sends it.
+    for (name, to) in [("tick", "vm1"), ("sink", "vm2"), ("tick", "vm2")] {
+        migrate(&lab, name, to);
+        count = sink_grows(&lab, count, 30, &format!("after moving {name} to {to}"));
+    }
+    let (_, log) = sink_count(&lab, "sink", "tick");
+    for bad in ["GAP", "unexpected line", "bad number"] {
+        assert!(!log.contains(bad), "sink log has '{bad}':\n{log}");
+    }
+    for vm in lab.vm_ls() {
+        let switch = &vm["switch"];
+        assert!(switch.is_object(), "vm ls --json lacks the switch: {vm}");
+        for key in ["capsule_queue_drops", "held_drops", "tx_drops"] {
+            assert_eq!(switch[key], 0, "{}: {key} in {vm}", vm["name"]);
+        }
+    }
+    let table = lab.ctl_ok(&["vm", "ls"]);
+    assert!(table.contains("DROPS Q/HOLD/TX"), "vm ls:\n{table}");
+    eprintln!("sink counted {count} lines from tick across 3 moves in 10.77.0.0/16");
+}
+
+/// `capsulectl ARGS… --lab NAME` with the image key in a scratch file.
+fn ctl_with_key(lab: &Lab, key_file: &Path, args: &[&str]) -> Output {
+    Command::new(capsulectl_bin())
+        .args(args)
+        .args(["--lab", &lab.name])
+        .env("CAPSULES_IMAGE_KEY_FILE", key_file)
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run capsulectl")
+}
+
+fn redis(lab: &Lab, locator: &str, args: &[&str]) -> String {
+    let mut argv = vec!["redis-cli", "-h", locator];
+    argv.extend_from_slice(args);
+    let out = lab.exec(&argv);
+    assert!(
+        out.status.success(),
+        "redis-cli {args:?}: {}",
+        describe(&out)
+    );
+    text(&out.stdout).trim_end_matches('\n').to_string()
+}
+
+fn kv_uptime_s(lab: &Lab, locator: &str) -> u64 {
+    let info = redis(lab, locator, &["INFO"]);
+    info.lines()
+        .find_map(|l| l.trim().strip_prefix("uptime_in_seconds:"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no uptime_in_seconds in INFO:\n{info}"))
+}
+
+/// A kv that ran half a minute is suspended and resumed into a lab booted
+/// just now, whose kernel has been up for less time than the capsule has
+/// run. Its clock goes on from where it stopped: a key's time to live is
+/// what was left of it (not half a minute more), expiries happen on time,
+/// and its uptime does not fall back.
+#[test]
+fn a_capsule_resumed_into_a_younger_lab_keeps_its_clock() {
+    require_clients(&[REDIS_CLI]);
+    let dir = scratch_dir("clock");
+    let key_file = dir.join("image.key");
+    let image = dir.join("kv.img");
+    let mut first = Lab::up("clock-a", 1);
+    let loc = first.run_locator("kv", "kv", &["--on", "vm1"], &[]);
+    let started = Instant::now();
+    // Longer than the next lab takes to boot and resume it, with room.
+    while started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let uptime_before = kv_uptime_s(&first, &loc);
+    // The guest's clock is the TSC calibrated at boot; on a loaded TCG host it
+    // may run a little slow against the wall clock.
+    assert!(uptime_before >= 20, "kv uptime {uptime_before} s");
+    assert_eq!(
+        redis(&first, &loc, &["SET", "fresh", "v", "PX", "20000"]),
+        "OK"
+    );
+    let out = ctl_with_key(
+        &first,
+        &key_file,
+        &["suspend", "kv", "-o", image.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "suspend: {}", describe(&out));
+    first.down();
+
+    let second = Lab::up("clock-b", 1);
+    let out = ctl_with_key(
+        &second,
+        &key_file,
+        &["resume", image.to_str().unwrap(), "--on", "vm1"],
+    );
+    assert!(out.status.success(), "resume: {}", describe(&out));
+    let vm = second.vm_ls().swap_remove(0);
+    let vm_uptime_s = vm["uptime_ns"].as_u64().unwrap_or(0) / 1_000_000_000;
+    let pttl: i64 = redis(&second, &loc, &["PTTL", "fresh"])
+        .parse()
+        .expect("PTTL is a number");
+    assert!(
+        (1..=20_000).contains(&pttl),
+        "PTTL of a key set with PX 20000 before the suspend is {pttl} ms after resuming \
+         on a VM up for {vm_uptime_s} s (the capsule had run {uptime_before} s)"
+    );
+    let uptime_after = kv_uptime_s(&second, &loc);
+    assert!(
+        uptime_after >= uptime_before,
+        "kv uptime fell from {uptime_before} s to {uptime_after} s"
+    );
+    // Expiries keep time: a key set now for 1 s is gone 2.5 s later.
+    assert_eq!(
+        redis(&second, &loc, &["SET", "soon", "v", "PX", "1000"]),
+        "OK"
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(redis(&second, &loc, &["EXISTS", "soon"]), "0");
+    let _ = std::fs::remove_dir_all(&dir);
+}
