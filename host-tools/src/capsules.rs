@@ -34,7 +34,7 @@ const LOG_CHUNK: u32 = 16 * 1024;
 pub struct LabSession {
     pub lab: LabState,
     pub dir: std::path::PathBuf,
-    key: Vec<u8>,
+    pub(crate) key: Vec<u8>,
     _inside: NetnsGuard,
 }
 
@@ -121,6 +121,7 @@ impl LabSession {
                 eprintln!("capsulectl: warning: {e:#}");
             }
         }
+        crate::vm::mark_lost_on_dead_vms(self, &mut map)?;
         Ok((lock, map))
     }
 }
@@ -351,9 +352,12 @@ impl PsRow {
 /// Joins directory records with what each VM reports (`None`: VM silent):
 /// a row for every copy any VM reports — so that two copies can never hide
 /// behind one record — and one for each record no VM reports a copy of.
+/// A record on a VM in `dead` (its QEMU is gone) shows as lost even before
+/// a capsule command or `recover` writes that down.
 pub fn join_rows(
     map: &DirectoryMap,
     reports: &BTreeMap<String, Option<Vec<CapsuleInfo>>>,
+    dead: &[String],
 ) -> Vec<PsRow> {
     let mut rows = Vec::new();
     for c in map.capsules.values() {
@@ -368,15 +372,19 @@ pub fn join_rows(
             .collect();
         let recorded_found = copies.iter().any(|r| r.vm == c.vm);
         if !recorded_found {
-            let state = if c.lost.is_some() {
-                "lost"
+            let row = if c.lost.is_some() {
+                PsRow::of_record(c, "lost")
+            } else if dead.contains(&c.vm) && copies.is_empty() {
+                let mut row = PsRow::of_record(c, "lost");
+                row.reason = Some(format!("{} died holding the only copy", c.vm));
+                row
             } else {
                 match reports.get(&c.vm) {
-                    Some(Some(_)) => "missing",
-                    _ => "unreachable",
+                    Some(Some(_)) => PsRow::of_record(c, "missing"),
+                    _ => PsRow::of_record(c, "unreachable"),
                 }
             };
-            rows.push(PsRow::of_record(c, state));
+            rows.push(row);
         }
         rows.extend(copies);
     }
@@ -401,7 +409,14 @@ pub fn ps(s: &LabSession) -> Result<Vec<PsRow>> {
         .iter()
         .map(|vm| (vm.name.clone(), s.list_capsules(vm).ok()))
         .collect();
-    Ok(join_rows(&map, &reports))
+    let dead: Vec<String> = s
+        .lab
+        .vms
+        .iter()
+        .filter(|vm| !vm.pid.is_some_and(|pid| crate::lab::is_our_qemu(pid, vm)))
+        .map(|vm| vm.name.clone())
+        .collect();
+    Ok(join_rows(&map, &reports, &dead))
 }
 
 /// `capsulectl kill`: KillCapsule on its VM, then out of the directory. A VM
@@ -613,7 +628,7 @@ mod tests {
             ]),
         );
         reports.insert("vm2".to_string(), None);
-        let rows = join_rows(&map, &reports);
+        let rows = join_rows(&map, &reports, &[]);
         let states: Vec<(&str, &str)> = rows
             .iter()
             .map(|r| (r.name.as_str(), r.state.as_str()))
@@ -656,7 +671,7 @@ mod tests {
             "vm2".to_string(),
             Some(vec![frozen_old, info("stray", CapsuleState::Running)]),
         );
-        let rows = join_rows(&map, &reports);
+        let rows = join_rows(&map, &reports, &[]);
         let seen: Vec<(&str, &str, &str, bool)> = rows
             .iter()
             .map(|r| (r.name.as_str(), r.vm.as_str(), r.state.as_str(), r.recorded))
@@ -675,6 +690,39 @@ mod tests {
             Some("vm2 died holding the only copy")
         );
         assert_eq!(rows[3].directory_epoch, None);
+    }
+
+    #[test]
+    fn a_record_on_a_dead_vm_shows_as_lost_unless_a_copy_runs_elsewhere() {
+        let mut map = DirectoryMap::new(CapsuleRange::default());
+        map.insert(rec("a", "vm2", 1)).unwrap();
+        map.insert(rec("b", "vm2", 2)).unwrap();
+        let mut reports = BTreeMap::new();
+        reports.insert(
+            "vm1".to_string(),
+            Some(vec![info("b", CapsuleState::Running)]),
+        );
+        reports.insert("vm2".to_string(), None);
+        let rows = join_rows(&map, &reports, &["vm2".to_string()]);
+        let seen: Vec<(&str, &str, &str)> = rows
+            .iter()
+            .map(|r| (r.name.as_str(), r.vm.as_str(), r.state.as_str()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("a", "vm2", "lost"),
+                ("b", "vm2", "unreachable"),
+                ("b", "vm1", "running")
+            ]
+        );
+        assert_eq!(
+            rows[0].reason.as_deref(),
+            Some("vm2 died holding the only copy")
+        );
+        // Silent but alive: nothing is concluded.
+        let rows = join_rows(&map, &reports, &[]);
+        assert_eq!(rows[0].state, "unreachable");
     }
 
     #[test]

@@ -338,6 +338,22 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Boot a VM again under the same name, address and MAC: after it died,
+    /// or to replace it. Capsules whose only copy it held are then recorded
+    /// as lost.
+    Restart {
+        /// The VM, e.g. vm2.
+        vm: String,
+        #[command(flatten)]
+        lab: LabArg,
+        /// Also restart a VM that still runs capsules (they end) or does not
+        /// answer.
+        #[arg(long)]
+        force: bool,
+        /// Print a JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -412,7 +428,7 @@ fn print_json(value: &impl Serialize) -> Result<()> {
 fn wants_json(command: &Command) -> bool {
     match command {
         Command::Lab(LabCommand::Up { json, .. } | LabCommand::Down { json, .. })
-        | Command::Vm(VmCommand::Ls { json, .. })
+        | Command::Vm(VmCommand::Ls { json, .. } | VmCommand::Restart { json, .. })
         | Command::Run { json, .. }
         | Command::Ps { json, .. }
         | Command::Kill { json, .. }
@@ -473,6 +489,29 @@ pub fn run(cli: Cli) -> Result<i32> {
                 println!("{}", render::vm_json(&vms));
             } else {
                 print!("{}", render::vm_table(&vms));
+            }
+            Ok(0)
+        }
+        Command::Vm(VmCommand::Restart {
+            vm,
+            lab,
+            force,
+            json,
+        }) => {
+            let done = crate::vm::restart(&lab.name, &vm, force)?;
+            if json {
+                print_json(&done)?;
+                return Ok(0);
+            }
+            println!(
+                "{} restarted (was {}): pid {}, answering after {:.0} ms",
+                done.vm, done.was, done.pid, done.boot_ms
+            );
+            if !done.lost.is_empty() {
+                println!("lost with its previous run: {}", done.lost.join(", "));
+            }
+            if let Some(log) = &done.previous_serial_log {
+                println!("previous serial log: {log}");
             }
             Ok(0)
         }
@@ -538,7 +577,12 @@ pub fn run(cli: Cli) -> Result<i32> {
             {
                 bail!("no capsule named '{n}' in lab '{}'", lab.name);
             }
-            let done = crate::recover::recover_all(&session, &mut map, name.as_deref())?;
+            let mut done = crate::recover::recover_all(&session, &mut map, name.as_deref())?;
+            done.extend(
+                crate::vm::mark_lost_on_dead_vms(&session, &mut map)?
+                    .into_iter()
+                    .filter(|r| name.as_deref().is_none_or(|n| n == r.name)),
+            );
             if json {
                 print_json(&done)?;
             } else if done.is_empty() {

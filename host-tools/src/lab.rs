@@ -307,20 +307,7 @@ fn start_lab(
     let mut children = Vec::new();
     for i in 0..lab.vms.len() {
         let vm = &lab.vms[i];
-        let spec = VmSpec {
-            kernel: lab.kernel_of(&vm.name).0.to_path_buf(),
-            cmdline: vm_cmdline(vm, lab.gateway, lab.capsule_range),
-            key_file: Some(key_file.clone()),
-            mem_mib: lab.mem_mib,
-            accel,
-            serial_log: vm.serial_log.clone(),
-            monitor: Some(monitor_path(vm)),
-            nic: Nic::Tap {
-                ifname: vm.tap.clone(),
-                mac: vm.mac.clone(),
-            },
-        };
-        let child = qemu::spawn_detached(&spec, &vm.qemu_log)?;
+        let child = qemu::spawn_detached(&vm_spec(lab, vm, &key_file, accel), &vm.qemu_log)?;
         lab.vms[i].pid = Some(child.id());
         state::save(dir, lab)?;
         children.push(child);
@@ -329,6 +316,24 @@ fn start_lab(
     drop(_inside);
     progress.set_message(format!("lab '{}': starting the directory", lab.name));
     start_directory(lab, dir)
+}
+
+/// How QEMU runs `vm` of `lab` (the caller is inside the lab namespace, where
+/// its tap lives).
+pub fn vm_spec(lab: &LabState, vm: &VmRecord, key_file: &Path, accel: Accel) -> VmSpec {
+    VmSpec {
+        kernel: lab.kernel_of(&vm.name).0.to_path_buf(),
+        cmdline: vm_cmdline(vm, lab.gateway, lab.capsule_range),
+        key_file: Some(key_file.to_path_buf()),
+        mem_mib: lab.mem_mib,
+        accel,
+        serial_log: vm.serial_log.clone(),
+        monitor: Some(monitor_path(vm)),
+        nic: Nic::Tap {
+            ifname: vm.tap.clone(),
+            mac: vm.mac.clone(),
+        },
+    }
 }
 
 /// The DNS address of a lab's directory: the bridge address, port 53.
@@ -719,7 +724,11 @@ const REAP_GRACE: Duration = Duration::from_secs(5);
 /// then SIGKILL to those still running, each step with a bounded wait. Returns
 /// the exited QEMUs (pid, start time) for `wait_reaped`, or fails naming the
 /// one that survived SIGKILL.
-fn stop_vms(vms: &[VmRecord], key: &[u8], in_namespace: bool) -> Result<Vec<(u32, Option<u64>)>> {
+pub fn stop_vms(
+    vms: &[VmRecord],
+    key: &[u8],
+    in_namespace: bool,
+) -> Result<Vec<(u32, Option<u64>)>> {
     // Each running QEMU of ours, pinned by its start time.
     let ours: Vec<(&VmRecord, u32, Option<u64>)> = vms
         .iter()
@@ -757,7 +766,7 @@ fn stop_vms(vms: &[VmRecord], key: &[u8], in_namespace: bool) -> Result<Vec<(u32
 /// An exited process stays a zombie until its parent reaps it. Waits (at
 /// most REAP_GRACE) for that, so that no process of a lab is left when
 /// `lab down` returns. Each process is given as its pid and start time.
-fn wait_reaped(processes: impl Iterator<Item = (u32, Option<u64>)>) {
+pub fn wait_reaped(processes: impl Iterator<Item = (u32, Option<u64>)>) {
     let pinned: Vec<(u32, u64)> = processes
         .filter_map(|(pid, ticks)| Some((pid, ticks?)))
         .collect();

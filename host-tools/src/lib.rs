@@ -21,3 +21,4 @@ pub mod qemu;
 pub mod recover;
 pub mod render;
 pub mod state;
+pub mod vm;

@@ -96,6 +96,14 @@ impl LabState {
             None => bail!("lab '{}' has no VM named '{name}'", self.name),
         }
     }
+
+    pub fn vm_mut(&mut self, name: &str) -> Result<&mut VmRecord> {
+        let lab = self.name.clone();
+        match self.vms.iter_mut().find(|vm| vm.name == name) {
+            Some(vm) => Ok(vm),
+            None => bail!("lab '{lab}' has no VM named '{name}'"),
+        }
+    }
 }
 
 /// The directory all labs' state lives under.

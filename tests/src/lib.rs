@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use capsulectl as host;
 
+pub mod clients;
+
 /// The workspace root (this crate lives in `<root>/tests`).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -13,7 +13,6 @@ use capsules_system_tests::{
     Lab, capsulectl_bin, capsulectl_ok, describe, require_clients, scratch_dir, text,
     unique_lab_name, wait_for,
 };
-use serde_json::Value;
 
 const REDIS_CLI: (&str, &str) = ("redis-cli", "redis-tools");
 
@@ -33,39 +32,13 @@ fn lab_with_range(tag: &str, vms: usize, range: &str) -> Lab {
     lab
 }
 
-/// The latest count `sink: NAME N` in the sink's log, and the whole log.
-fn sink_count(lab: &Lab, sink: &str, ticker: &str) -> (u64, String) {
-    let log = lab.ctl_ok(&["logs", sink]);
-    let prefix = format!("sink: {ticker} ");
-    let n = log
-        .lines()
-        .filter_map(|l| {
-            let at = l.find(&prefix)?;
-            l[at + prefix.len()..].trim().parse::<u64>().ok()
-        })
-        .max()
-        .unwrap_or(0);
-    (n, log)
-}
-
-fn migrate(lab: &Lab, name: &str, to: &str) {
-    let out = lab.ctl_ok(&["migrate", name, "--to", to, "--json"]);
-    let v: Value =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("migrate --json: {e}: {out}"));
-    assert_eq!(v["to"], to, "{v}");
-    eprintln!(
-        "migrated {name} -> {to}: downtime {:.1} ms",
-        v["downtime_ms"].as_f64().unwrap_or(0.0)
-    );
-}
-
 /// Waits until the sink counted `more` lines past `from`, failing on a gap.
 fn sink_grows(lab: &Lab, from: u64, more: u64, after: &str) -> u64 {
     wait_for(
         Duration::from_secs(20),
         &format!("the sink's count to grow past {} {after}", from + more),
         || {
-            let (n, log) = sink_count(lab, "sink", "tick");
+            let (n, log) = lab.sink_count("sink", "tick");
             assert!(!log.contains("GAP"), "the sink saw a gap:\n{log}");
             (n >= from + more).then_some(n)
         },
@@ -101,10 +74,10 @@ fn capsules_talk_and_move_in_a_lab_with_another_capsule_range() {
     // holds what tick sends it and releases it to vm2 on the wire; then
     // tick follows, vm2 holding what the sink sends it.
     for (name, to) in [("tick", "vm1"), ("sink", "vm2"), ("tick", "vm2")] {
-        migrate(&lab, name, to);
+        lab.migrate_ok(name, to);
         count = sink_grows(&lab, count, 30, &format!("after moving {name} to {to}"));
     }
-    let (_, log) = sink_count(&lab, "sink", "tick");
+    let (_, log) = lab.sink_count("sink", "tick");
     for bad in ["GAP", "unexpected line", "bad number"] {
         assert!(!log.contains(bad), "sink log has '{bad}':\n{log}");
     }

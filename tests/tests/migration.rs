@@ -3,19 +3,19 @@
 //! connections open (socat, redis over one TCP connection, curl keep-alive, a
 //! listener fed by `ticker`, and two capsules talking to each other). The
 //! failure cases check that a capsule never gets lost: a destination that
-//! dies mid-transfer, damaged image files and a different kernel build.
+//! dies mid-transfer, damaged image files and a different kernel build
+//! (faults at every phase of a move are in faults.rs).
 //! Run one at a time (`--test-threads=1`).
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use capsules_system_tests::host::netns::NetnsGuard;
+use capsules_system_tests::clients::{Bg, IncrClient, Redis, Reply, other_vm};
 use capsules_system_tests::{
     Lab, capsulectl, capsulectl_bin, describe, http_bytes, repo_root, require_clients, scratch_dir,
     stable, text, unique_lab_name, wait_for,
@@ -31,112 +31,6 @@ const SS: (&str, &str) = ("ss", "iproute2");
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// A background process this test started; killed by its pid (and reaped)
-/// when dropped, also when the test panics.
-struct Bg {
-    what: String,
-    child: Option<Child>,
-}
-
-impl Bg {
-    fn spawn(what: &str, mut cmd: Command) -> Bg {
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        Bg {
-            what: what.to_string(),
-            child: Some(child),
-        }
-    }
-
-    fn child(&mut self) -> &mut Child {
-        self.child.as_mut().expect("child present until drop")
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child().try_wait(), Ok(None))
-    }
-
-    fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let what = format!("{} to end", self.what);
-        let child = self.child.as_mut().expect("child present until drop");
-        wait_for(timeout, &what, || child.try_wait().expect("try_wait"))
-    }
-}
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            if let Ok(None) = child.try_wait() {
-                // SIGKILL to this child's pid only.
-                let _ = child.kill();
-            }
-            let _ = child.wait();
-        }
-    }
-}
-
-/// A command run directly inside the lab namespace (`ip netns exec` execs
-/// the program, so the child's pid is the client's own).
-fn in_lab(lab: &Lab, argv: &[&str]) -> Command {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &lab.netns()])
-        .args(argv)
-        .stdin(Stdio::null());
-    cmd
-}
-
-/// `capsulectl ARGS… --lab NAME` with extra environment variables.
-fn ctl_env(lab: &Lab, envs: &[(&str, &Path)], args: &[&str]) -> Output {
-    let mut cmd = Command::new(capsulectl_bin());
-    cmd.args(args)
-        .args(["--lab", &lab.name])
-        .stdin(Stdio::null());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("cannot run capsulectl")
-}
-
-fn other_vm(vm: &str) -> &'static str {
-    if vm == "vm1" { "vm2" } else { "vm1" }
-}
-
-/// `capsulectl migrate NAME --to VM --json`, asserting success; the report.
-fn migrate(lab: &Lab, name: &str, to: &str) -> Value {
-    let out = lab.ctl_ok(&["migrate", name, "--to", to, "--json"]);
-    let v: Value =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("migrate --json: {e}: {out}"));
-    assert_eq!(v["name"], name, "{v}");
-    assert_eq!(v["to"], to, "{v}");
-    for key in [
-        "from",
-        "image_bytes",
-        "downtime_ms",
-        "freeze_ms",
-        "transfer_ms",
-        "restore_ms",
-        "release_ms",
-        "total_ms",
-        "transfer_mib_s",
-    ] {
-        assert!(!v[key].is_null(), "migrate --json lacks {key}: {v}");
-    }
-    let row = lab
-        .ps_row(name)
-        .unwrap_or_else(|| panic!("{name} not in ps after migrating"));
-    assert_eq!(row["vm"], to, "ps after migrate: {row}");
-    assert_eq!(row["state"], "running", "ps after migrate: {row}");
-    eprintln!(
-        "migrated {name} {} -> {to}: downtime {:.1} ms, image {} bytes, total {:.1} ms",
-        v["from"].as_str().unwrap_or("?"),
-        v["downtime_ms"].as_f64().unwrap_or(0.0),
-        v["image_bytes"],
-        v["total_ms"].as_f64().unwrap_or(0.0)
-    );
-    v
-}
 
 fn downtimes(moves: &[Value]) -> Vec<String> {
     moves
@@ -173,205 +67,6 @@ impl Pattern {
     }
 }
 
-/// `TcpExtTCPTimeouts` of the lab namespace (retransmission timeouts seen by
-/// the Linux side of every connection in it).
-fn tcp_timeouts(lab: &Lab) -> u64 {
-    let out = lab.exec(&["nstat", "-azs", "TcpExtTCPTimeouts"]);
-    assert!(out.status.success(), "nstat: {}", describe(&out));
-    text(&out.stdout)
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            (f.next() == Some("TcpExtTCPTimeouts")).then(|| f.next()?.parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("no TcpExtTCPTimeouts in nstat output: {}", describe(&out)))
-}
-
-/// A TCP connection made from inside the lab namespace (the socket stays in
-/// the namespace it was created in, whatever thread uses it later).
-fn connect_in_lab(lab: &Lab, addr: SocketAddr) -> TcpStream {
-    let ns = lab.netns();
-    let stream = std::thread::spawn(move || -> anyhow::Result<TcpStream> {
-        let _inside = NetnsGuard::enter(&ns)?;
-        Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(5))?)
-    })
-    .join()
-    .expect("connect thread panicked")
-    .unwrap_or_else(|e| panic!("cannot connect to {addr} from the lab: {e:#}"));
-    stream.set_nodelay(true).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
-    stream
-        .set_write_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
-    stream
-}
-
-/// A RESP reply.
-#[derive(Debug, Clone, PartialEq)]
-enum Reply {
-    Simple(String),
-    Error(String),
-    Int(i64),
-    Bulk(Option<Vec<u8>>),
-    Array(Vec<Reply>),
-}
-
-/// One Redis connection, kept for the whole test.
-struct Redis {
-    w: TcpStream,
-    r: BufReader<TcpStream>,
-}
-
-impl Redis {
-    fn connect(lab: &Lab, locator: &str) -> Redis {
-        let addr: SocketAddr = format!("{locator}:6379").parse().unwrap();
-        let w = connect_in_lab(lab, addr);
-        let r = BufReader::new(w.try_clone().unwrap());
-        Redis { w, r }
-    }
-
-    fn call(&mut self, args: &[&[u8]]) -> std::io::Result<Reply> {
-        let mut req = format!("*{}\r\n", args.len()).into_bytes();
-        for a in args {
-            req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-            req.extend_from_slice(a);
-            req.extend_from_slice(b"\r\n");
-        }
-        self.w.write_all(&req)?;
-        self.read_reply()
-    }
-
-    fn cmd(&mut self, args: &[&str]) -> Reply {
-        let raw: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-        self.call(&raw)
-            .unwrap_or_else(|e| panic!("redis {args:?} failed on the kept connection: {e}"))
-    }
-
-    fn line(&mut self) -> std::io::Result<String> {
-        let mut line = String::new();
-        let n = self.r.read_line(&mut line)?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "connection closed by the server",
-            ));
-        }
-        Ok(line.trim_end_matches(['\r', '\n']).to_string())
-    }
-
-    fn read_reply(&mut self) -> std::io::Result<Reply> {
-        let line = self.line()?;
-        let bad =
-            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
-        let (kind, rest) = line.split_at(line.len().min(1));
-        Ok(match kind {
-            "+" => Reply::Simple(rest.to_string()),
-            "-" => Reply::Error(rest.to_string()),
-            ":" => Reply::Int(rest.parse().map_err(|_| bad(&line))?),
-            "$" => {
-                let n: i64 = rest.parse().map_err(|_| bad(&line))?;
-                if n < 0 {
-                    Reply::Bulk(None)
-                } else {
-                    let mut body = vec![0; n as usize + 2];
-                    self.r.read_exact(&mut body)?;
-                    body.truncate(n as usize);
-                    Reply::Bulk(Some(body))
-                }
-            }
-            "*" => {
-                let n: i64 = rest.parse().map_err(|_| bad(&line))?;
-                let mut items = Vec::new();
-                for _ in 0..n.max(0) {
-                    items.push(self.read_reply()?);
-                }
-                Reply::Array(items)
-            }
-            _ => return Err(bad(&format!("not a RESP reply: {line:?}"))),
-        })
-    }
-}
-
-/// What a loop of INCRs on one connection saw.
-struct IncrReport {
-    redis: Redis,
-    replies: u64,
-    errors: Vec<String>,
-}
-
-/// One redis connection INCRing `counter` in a loop on its own thread:
-/// every reply must be exactly one more than the one before, from 1 on.
-struct IncrClient {
-    stop: Arc<AtomicBool>,
-    /// The latest reply.
-    last: Arc<AtomicU64>,
-    worker: std::thread::JoinHandle<IncrReport>,
-}
-
-impl IncrClient {
-    /// Starts the loop and waits for its first replies; returns the client
-    /// and the latest reply seen.
-    fn start(mut redis: Redis) -> (Self, u64) {
-        let stop = Arc::new(AtomicBool::new(false));
-        let last = Arc::new(AtomicU64::new(0));
-        let worker = {
-            let (stop, last) = (stop.clone(), last.clone());
-            std::thread::spawn(move || {
-                let mut expected = 1;
-                let mut replies = 0;
-                let mut errors = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    match redis.call(&[b"INCR", b"counter"]) {
-                        Ok(Reply::Int(n)) if n == expected => {
-                            replies += 1;
-                            expected += 1;
-                            last.store(n as u64, Ordering::Relaxed);
-                        }
-                        Ok(other) => {
-                            errors.push(format!("INCR reply {other:?}, expected {expected}"));
-                            break;
-                        }
-                        Err(e) => {
-                            errors.push(format!("INCR after {replies} replies: {e}"));
-                            break;
-                        }
-                    }
-                }
-                IncrReport {
-                    redis,
-                    replies,
-                    errors,
-                }
-            })
-        };
-        let client = IncrClient { stop, last, worker };
-        let seen = client.wait(0, "the first INCR replies");
-        (client, seen)
-    }
-
-    /// Waits (at most 20 s) until the latest reply is above `from`; returns it.
-    fn wait(&self, from: u64, what: &str) -> u64 {
-        wait_for(Duration::from_secs(20), what, || {
-            let now = self.last.load(Ordering::Relaxed);
-            (now > from).then_some(now)
-        })
-    }
-
-    fn latest(&self) -> u64 {
-        self.last.load(Ordering::Relaxed)
-    }
-
-    /// Stops the loop, failing the test if any reply was wrong or missing.
-    fn finish(self) -> IncrReport {
-        self.stop.store(true, Ordering::Relaxed);
-        let report = self.worker.join().expect("INCR loop panicked");
-        assert!(report.errors.is_empty(), "INCR loop: {:?}", report.errors);
-        report
-    }
-}
-
 /// Complete lines of a file (a trailing partial line is left out).
 fn complete_lines(path: &Path) -> Vec<String> {
     let body = std::fs::read_to_string(path).unwrap_or_default();
@@ -388,15 +83,12 @@ fn file_len(path: &Path) -> u64 {
 fn start_listener(lab: &Lab, file: &Path) -> Bg {
     let listener = Bg::spawn(
         "the socat listener",
-        in_lab(
-            lab,
-            &[
-                "socat",
-                "-u",
-                "TCP-LISTEN:9000,reuseaddr,bind=192.0.2.1",
-                &format!("OPEN:{},creat,append", file.display()),
-            ],
-        ),
+        lab.command_in(&[
+            "socat",
+            "-u",
+            "TCP-LISTEN:9000,reuseaddr,bind=192.0.2.1",
+            &format!("OPEN:{},creat,append", file.display()),
+        ]),
     );
     wait_for(
         Duration::from_secs(10),
@@ -422,18 +114,15 @@ fn echo_stream_survives_ten_migrations_byte_for_byte() {
     let dir = scratch_dir("mig-echo");
     let (got_path, err_path) = (dir.join("got"), dir.join("err"));
 
-    let mut cmd = in_lab(
-        &lab,
-        &[
-            "socat",
-            "-t",
-            "30",
-            "-T",
-            "60",
-            "-",
-            &format!("TCP:{loc}:7,connect-timeout=5"),
-        ],
-    );
+    let mut cmd = lab.command_in(&[
+        "socat",
+        "-t",
+        "30",
+        "-T",
+        "60",
+        "-",
+        &format!("TCP:{loc}:7,connect-timeout=5"),
+    ]);
     cmd.stdin(Stdio::piped())
         .stdout(File::create(&got_path).unwrap())
         .stderr(File::create(&err_path).unwrap());
@@ -460,7 +149,7 @@ fn echo_stream_survives_ten_migrations_byte_for_byte() {
     wait_for(Duration::from_secs(20), "the first echoed bytes", || {
         (file_len(&got_path) > 0).then_some(())
     });
-    let timeouts_before = tcp_timeouts(&lab);
+    let timeouts_before = lab.tcp_timeouts();
 
     let mut moves = Vec::new();
     let mut vm = "vm1";
@@ -475,7 +164,7 @@ fn echo_stream_survives_ten_migrations_byte_for_byte() {
         );
         let before = file_len(&got_path);
         let to = other_vm(vm);
-        moves.push(migrate(&lab, "echo", to));
+        moves.push(lab.migrate_ok("echo", to));
         vm = to;
         eprintln!("  stream: {before} bytes back before this move");
     }
@@ -485,7 +174,7 @@ fn echo_stream_survives_ten_migrations_byte_for_byte() {
         .expect("writer panicked")
         .unwrap_or_else(|e| panic!("writing into socat failed: {e}"));
     let status = stream.wait(Duration::from_secs(300));
-    let timeouts_after = tcp_timeouts(&lab);
+    let timeouts_after = lab.tcp_timeouts();
     assert!(
         status.success(),
         "socat ended with {status}: {}",
@@ -566,7 +255,7 @@ fn redis_connection_counts_without_a_gap_across_ten_migrations() {
     let mut vm = "vm1";
     for i in 0..10 {
         let to = other_vm(vm);
-        moves.push(migrate(&lab, "kv", to));
+        moves.push(lab.migrate_ok("kv", to));
         vm = to;
         // The same connection is served at the new place.
         seen = client.wait(seen, &format!("INCR replies after move {}", i + 1));
@@ -622,7 +311,7 @@ fn curl_keep_alive_fetches_correct_bodies_across_migrations() {
         argv.extend(["-o".to_string(), b.display().to_string(), url.clone()]);
     }
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let mut cmd = in_lab(&lab, &argv);
+    let mut cmd = lab.command_in(&argv);
     cmd.stdout(File::create(dir.join("w")).unwrap())
         .stderr(File::create(dir.join("err")).unwrap());
     let mut curl = Bg::spawn("curl", cmd);
@@ -639,7 +328,7 @@ fn curl_keep_alive_fetches_correct_bodies_across_migrations() {
             !bodies[URLS - 1].exists(),
             "curl was already at the last body"
         );
-        moves.push(migrate(&lab, "web", to));
+        moves.push(lab.migrate_ok("web", to));
         assert!(curl.running(), "curl had finished right after the move");
     }
     let status = curl.wait(Duration::from_secs(180));
@@ -684,7 +373,7 @@ fn ticker_keeps_its_outgoing_connection_across_migrations() {
     let mut vm = "vm1";
     for _ in 0..6 {
         let to = other_vm(vm);
-        moves.push(migrate(&lab, "tick", to));
+        moves.push(lab.migrate_ok("tick", to));
         vm = to;
         std::thread::sleep(Duration::from_millis(300));
     }
@@ -710,21 +399,6 @@ fn ticker_keeps_its_outgoing_connection_across_migrations() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The latest count `sink: NAME N` in the sink's log, and the whole log.
-fn sink_count(lab: &Lab, sink: &str, ticker: &str) -> (u64, String) {
-    let log = lab.ctl_ok(&["logs", sink]);
-    let prefix = format!("sink: {ticker} ");
-    let n = log
-        .lines()
-        .filter_map(|l| {
-            let at = l.find(&prefix)?;
-            l[at + prefix.len()..].trim().parse::<u64>().ok()
-        })
-        .max()
-        .unwrap_or(0);
-    (n, log)
-}
-
 /// The ticker `name` kept its first connection: it connected once and never
 /// lost it. (A reconnect can go unnoticed by the sink, which counts lines per
 /// ticker name, not per connection, when no line was lost with the old one.)
@@ -748,7 +422,7 @@ fn two_capsules_keep_talking_while_each_migrates() {
         &[&format!("{sink}:9000"), "20"],
     );
     let mut count = wait_for(Duration::from_secs(20), "the sink to count 20", || {
-        let (n, _) = sink_count(&lab, "sink", "tick");
+        let (n, _) = lab.sink_count("sink", "tick");
         (n >= 20).then_some(n)
     });
     let mut moves = Vec::new();
@@ -756,7 +430,7 @@ fn two_capsules_keep_talking_while_each_migrates() {
         let mut vm = start;
         for _ in 0..3 {
             let to = other_vm(vm);
-            moves.push(migrate(&lab, name, to));
+            moves.push(lab.migrate_ok(name, to));
             vm = to;
             std::thread::sleep(Duration::from_millis(300));
         }
@@ -766,14 +440,14 @@ fn two_capsules_keep_talking_while_each_migrates() {
             Duration::from_secs(20),
             &format!("the sink's count to grow past {before} after moving {name}"),
             || {
-                let (n, log) = sink_count(&lab, "sink", "tick");
+                let (n, log) = lab.sink_count("sink", "tick");
                 assert!(!log.contains("GAP"), "the sink saw a gap:\n{log}");
                 (n >= before + 30).then_some(n)
             },
         );
         assert_ticker_never_reconnected(&lab, "tick");
     }
-    let (_, log) = sink_count(&lab, "sink", "tick");
+    let (_, log) = lab.sink_count("sink", "tick");
     for bad in ["GAP", "unexpected line", "bad number"] {
         assert!(!log.contains(bad), "sink log has '{bad}':\n{log}");
     }
@@ -820,11 +494,7 @@ fn suspended_kv_resumes_intact_in_a_new_lab() {
     for n in ["1", "2", "3"] {
         assert_eq!(redis(&first, &["INCR", "counter"]), n);
     }
-    let out = ctl_env(
-        &first,
-        &env,
-        &["suspend", "kv", "-o", image.to_str().unwrap()],
-    );
+    let out = first.ctl_env(&env, &["suspend", "kv", "-o", image.to_str().unwrap()]);
     assert!(out.status.success(), "suspend: {}", describe(&out));
     assert!(
         first.ps_row("kv").is_none(),
@@ -833,11 +503,7 @@ fn suspended_kv_resumes_intact_in_a_new_lab() {
     first.down();
 
     // inspect FILE: what the image holds.
-    let out = ctl_env(
-        &first,
-        &env,
-        &["inspect", image.to_str().unwrap(), "--json"],
-    );
+    let out = first.ctl_env(&env, &["inspect", image.to_str().unwrap(), "--json"]);
     assert!(out.status.success(), "inspect: {}", describe(&out));
     let info: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("inspect --json: {e}: {}", describe(&out)));
@@ -853,7 +519,7 @@ fn suspended_kv_resumes_intact_in_a_new_lab() {
             .any(|s| s["local"].as_str().unwrap_or("").ends_with(":6379")),
         "no socket on port 6379 in the image: {info}"
     );
-    let out = ctl_env(&first, &env, &["inspect", image.to_str().unwrap()]);
+    let out = first.ctl_env(&env, &["inspect", image.to_str().unwrap()]);
     let human = text(&out.stdout);
     assert!(out.status.success(), "inspect: {}", describe(&out));
     for want in ["kv", &loc, "tasks", "sockets"] {
@@ -864,11 +530,7 @@ fn suspended_kv_resumes_intact_in_a_new_lab() {
     }
 
     let second = Lab::up("mig-susp-b", 2);
-    let out = ctl_env(
-        &second,
-        &env,
-        &["resume", image.to_str().unwrap(), "--on", "vm1"],
-    );
+    let out = second.ctl_env(&env, &["resume", image.to_str().unwrap(), "--on", "vm1"]);
     assert!(out.status.success(), "resume: {}", describe(&out));
     let row = second.ps_row("kv").expect("kv in ps after resume");
     assert_eq!(row["vm"], "vm1", "{row}");
@@ -991,8 +653,7 @@ fn a_lost_commit_answer_completes_the_move_instead_of_running_the_capsule_twice(
     let redis = Redis::connect(&lab, &loc);
     let (client, seen) = IncrClient::start(redis);
     // The destination commits, but capsulectl never reads its answer.
-    let out = ctl_env(
-        &lab,
+    let out = lab.ctl_env(
         &[("CAPSULES_FAULT", Path::new("commit-sent:drop-answer"))],
         &["migrate", "kv", "--to", "vm2"],
     );
@@ -1042,11 +703,7 @@ fn corrupted_and_truncated_images_are_refused_and_change_nothing() {
     let out = lab.exec(&["redis-cli", "-h", &loc, "SET", "k", "v"]);
     assert_eq!(text(&out.stdout).trim(), "OK", "{}", describe(&out));
     let image = dir.join("kv.img");
-    let out = ctl_env(
-        &lab,
-        &env,
-        &["suspend", "kv", "-o", image.to_str().unwrap()],
-    );
+    let out = lab.ctl_env(&env, &["suspend", "kv", "-o", image.to_str().unwrap()]);
     assert!(out.status.success(), "suspend: {}", describe(&out));
     let good = std::fs::read(&image).unwrap();
     assert!(good.len() > 1000, "image of {} bytes", good.len());
@@ -1064,7 +721,7 @@ fn corrupted_and_truncated_images_are_refused_and_change_nothing() {
         (&truncated_path, "truncated"),
     ] {
         for on in ["vm1", "vm2"] {
-            let out = ctl_env(&lab, &env, &["resume", path.to_str().unwrap(), "--on", on]);
+            let out = lab.ctl_env(&env, &["resume", path.to_str().unwrap(), "--on", on]);
             assert!(!out.status.success(), "resume of a {word} image succeeded");
             assert!(
                 text(&out.stderr).contains(word),
@@ -1077,15 +734,11 @@ fn corrupted_and_truncated_images_are_refused_and_change_nothing() {
                 "ps changed after a {word} image"
             );
         }
-        let out = ctl_env(&lab, &env, &["inspect", path.to_str().unwrap()]);
+        let out = lab.ctl_env(&env, &["inspect", path.to_str().unwrap()]);
         assert!(!out.status.success(), "inspect of a {word} image succeeded");
     }
     // The intact image still revives, with its data.
-    let out = ctl_env(
-        &lab,
-        &env,
-        &["resume", image.to_str().unwrap(), "--on", "vm2"],
-    );
+    let out = lab.ctl_env(&env, &["resume", image.to_str().unwrap(), "--on", "vm2"]);
     assert!(out.status.success(), "resume: {}", describe(&out));
     let out = lab.exec(&["redis-cli", "-h", &loc, "GET", "k"]);
     assert_eq!(text(&out.stdout).trim(), "v", "{}", describe(&out));
@@ -1190,258 +843,4 @@ fn demo_reports_zero_errors() {
         started.elapsed(),
         downtimes(moves)
     );
-}
-
-// ---- Faults injected at every phase of a move (issue 8) -------------------
-//
-// capsulectl is built for these tests with the `fault-injection` feature
-// (host-tools/src/fault.rs): `CAPSULES_FAULT=PHASE:exit` ends it on the spot
-// at that phase, as SIGKILL would; `PHASE:pause-MS` stops it there while the
-// test kills a VM. After each fault the capsule must run in exactly one place
-// (or nowhere, said so, when the VM holding the only copy died), the
-// directory must agree, and the client's INCRs must go on without a reply
-// missing or repeated.
-
-const PHASES: [&str; 8] = [
-    "precopy",
-    "freeze",
-    "transfer",
-    "restore",
-    "commit-sent",
-    "commit-answered",
-    "release",
-    "directory",
-];
-
-/// Every copy of `name` that a VM reports: (vm, state). VMs that do not
-/// answer (dead ones) report nothing.
-fn copies_on_vms(lab: &Lab, name: &str) -> Vec<(String, String)> {
-    let mut found = Vec::new();
-    for vm in ["vm1", "vm2"] {
-        let out = lab.ctl(&["debug", "capsules", "--vm", vm]);
-        if !out.status.success() {
-            continue;
-        }
-        for line in text(&out.stdout).lines() {
-            if let Some((n, state)) = line.split_once(' ')
-                && n == name
-            {
-                found.push((vm.to_string(), state.to_string()));
-            }
-        }
-    }
-    found
-}
-
-/// Exactly one copy of `name` runs, no other copy is left anywhere, and the
-/// directory names that copy with no operation open. Returns its VM.
-fn assert_exactly_one_copy(lab: &Lab, name: &str, context: &str) -> String {
-    let copies = copies_on_vms(lab, name);
-    assert_eq!(
-        copies.len(),
-        1,
-        "{context}: copies of {name} on the VMs: {copies:?}"
-    );
-    let (vm, state) = &copies[0];
-    assert_eq!(state, "running", "{context}: {copies:?}");
-    let rows: Vec<Value> = lab.ps().into_iter().filter(|r| r["name"] == name).collect();
-    assert_eq!(rows.len(), 1, "{context}: ps rows {rows:?}");
-    let row = &rows[0];
-    assert_eq!(row["vm"], vm.as_str(), "{context}: {row}");
-    assert_eq!(row["state"], "running", "{context}: {row}");
-    assert_eq!(row["recorded"], true, "{context}: {row}");
-    assert!(row["intent"].is_null(), "{context}: {row}");
-    assert_eq!(row["epoch"], row["directory_epoch"], "{context}: {row}");
-    vm.clone()
-}
-
-fn fault_env(spec: &str) -> (&'static str, PathBuf) {
-    ("CAPSULES_FAULT", PathBuf::from(spec))
-}
-
-#[test]
-fn capsulectl_killed_at_any_phase_of_a_move_leaves_exactly_one_copy() {
-    let lab = Lab::up("flt-kill", 2);
-    let loc = lab.run_locator("kv", "kv", &["--on", "vm1"], &[]);
-    let redis = Redis::connect(&lab, &loc);
-    let (client, mut seen) = IncrClient::start(redis);
-    let mut at = "vm1".to_string();
-    let mut epochs = vec![lab.ps_row("kv").unwrap()["epoch"].as_u64().unwrap()];
-    for phase in PHASES {
-        let to = other_vm(&at);
-        let (k, v) = fault_env(&format!("{phase}:exit"));
-        let out = ctl_env(&lab, &[(k, &v)], &["migrate", "kv", "--to", to]);
-        assert_eq!(
-            out.status.code(),
-            Some(137),
-            "migrate killed at {phase}: {}",
-            describe(&out)
-        );
-        // The interrupted move is on record, and ps says so.
-        let open = lab
-            .ps()
-            .into_iter()
-            .any(|r| r["name"] == "kv" && r["intent"].is_string());
-        assert!(
-            open,
-            "no open intent after a kill at {phase}: {:?}",
-            lab.ps()
-        );
-        let out = lab.ctl_ok(&["recover", "--json"]);
-        let done: Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(done.as_array().map(Vec::len), Some(1), "{phase}: {done}");
-        let now = assert_exactly_one_copy(&lab, "kv", &format!("killed at {phase}"));
-        // Before the commit nothing moved; once the commit is answered (or
-        // later) the move took effect. A commit sent but never answered may
-        // have been taken or not: either is right, as long as it is one copy.
-        let expected = match phase {
-            "precopy" | "freeze" | "transfer" | "restore" => Some(at.as_str()),
-            "commit-sent" => None,
-            _ => Some(to),
-        };
-        if let Some(vm) = expected {
-            assert_eq!(now, vm, "killed at {phase}: {done}");
-        }
-        let epoch = lab.ps_row("kv").unwrap()["epoch"].as_u64().unwrap();
-        // Before the freeze the copy never stopped, so it keeps its epoch;
-        // from the freeze on, a thaw or the new copy runs at a higher one.
-        let before = *epochs.last().unwrap();
-        if matches!(phase, "precopy" | "freeze") {
-            assert_eq!(epoch, before, "kill at {phase}: {epochs:?} then {epoch}");
-        } else {
-            assert!(
-                epoch > before,
-                "the epoch did not move on after a kill at {phase}: {epochs:?} then {epoch}"
-            );
-        }
-        epochs.push(epoch);
-        seen = client.wait(seen + 10, &format!("INCR replies after a kill at {phase}"));
-        at = now;
-    }
-    // And a plain move still works afterwards.
-    migrate(&lab, "kv", other_vm(&at));
-    client.wait(seen + 10, "INCR replies after the last move");
-    client.finish();
-    let journal = capsules_system_tests::host::journal::read(
-        &capsules_system_tests::host::state::lab_dir(&lab.name),
-    )
-    .unwrap();
-    let recovered = journal.iter().filter(|l| l["by"] == "recover").count();
-    assert_eq!(recovered, PHASES.len(), "{journal:?}");
-}
-
-#[test]
-fn a_capsule_command_recovers_a_move_left_open_by_itself() {
-    let lab = Lab::up("flt-auto", 2);
-    lab.run_locator("kv", "kv", &["--on", "vm1"], &[]);
-    let (k, v) = fault_env("transfer:exit");
-    let out = ctl_env(&lab, &[(k, &v)], &["migrate", "kv", "--to", "vm2"]);
-    assert_eq!(out.status.code(), Some(137), "{}", describe(&out));
-    assert_eq!(copies_on_vms(&lab, "kv"), [("vm1".into(), "frozen".into())]);
-    // Any capsule command, here starting another capsule, finishes the job.
-    let out = lab.ctl(&["run", "echo", "--name", "other"]);
-    assert!(out.status.success(), "{}", describe(&out));
-    assert!(
-        describe(&out).contains("recovered 'kv'"),
-        "run should say what it recovered: {}",
-        describe(&out)
-    );
-    assert_exactly_one_copy(&lab, "kv", "after run");
-}
-
-/// Kills our own QEMU of `vm`, by its recorded pid.
-fn kill_vm(lab: &Lab, vm: &str) {
-    let pid = lab
-        .vm_ls()
-        .iter()
-        .find(|v| v["name"] == vm)
-        .and_then(|v| v["pid"].as_u64())
-        .expect("QEMU pid") as i32;
-    // SAFETY: no memory involved; the pid is this lab's QEMU.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-}
-
-/// `migrate kv --to vm2` paused at `phase`, during which `vm` is killed.
-fn migrate_and_kill_at(lab: &Lab, phase: &str, vm: &str) -> Output {
-    let dir = scratch_dir(&format!("flt-{phase}"));
-    let mark = dir.join("mark");
-    let mut cmd = Command::new(capsulectl_bin());
-    cmd.args(["migrate", "kv", "--to", "vm2", "--lab", &lab.name])
-        .env("CAPSULES_FAULT", format!("{phase}:pause-3000"))
-        .env("CAPSULES_FAULT_MARK", &mark)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().expect("cannot start capsulectl");
-    wait_for(
-        Duration::from_secs(60),
-        &format!("migrate to reach {phase}"),
-        || mark.exists().then_some(()),
-    );
-    kill_vm(lab, vm);
-    let out = child.wait_with_output().expect("capsulectl output");
-    let _ = std::fs::remove_dir_all(&dir);
-    out
-}
-
-#[test]
-fn destination_killed_while_frozen_resumes_the_capsule_on_the_source() {
-    let lab = Lab::up("flt-dst", 2);
-    let loc = lab.run_locator("kv", "kv", &["--on", "vm1"], &[]);
-    let (client, seen) = IncrClient::start(Redis::connect(&lab, &loc));
-    let out = migrate_and_kill_at(&lab, "transfer", "vm2");
-    assert!(!out.status.success(), "{}", describe(&out));
-    assert!(
-        describe(&out).contains("keeps running on vm1"),
-        "{}",
-        describe(&out)
-    );
-    assert_eq!(
-        assert_exactly_one_copy(&lab, "kv", "vm2 killed while frozen"),
-        "vm1"
-    );
-    client.wait(seen + 20, "INCR replies after the failed move");
-    client.finish();
-}
-
-#[test]
-fn source_killed_after_the_commit_leaves_the_capsule_at_the_destination() {
-    let lab = Lab::up("flt-src", 2);
-    let loc = lab.run_locator("kv", "kv", &["--on", "vm1"], &[]);
-    let (client, seen) = IncrClient::start(Redis::connect(&lab, &loc));
-    let out = migrate_and_kill_at(&lab, "commit-answered", "vm1");
-    assert!(out.status.success(), "{}", describe(&out));
-    assert_eq!(
-        assert_exactly_one_copy(&lab, "kv", "vm1 killed after the commit"),
-        "vm2"
-    );
-    client.wait(seen + 20, "INCR replies at the destination");
-    client.finish();
-}
-
-#[test]
-fn source_killed_while_frozen_loses_the_capsule_and_says_so() {
-    let lab = Lab::up("flt-lost", 2);
-    lab.run_locator("kv", "kv", &["--on", "vm1"], &[]);
-    let out = migrate_and_kill_at(&lab, "transfer", "vm1");
-    assert!(!out.status.success(), "{}", describe(&out));
-    assert!(copies_on_vms(&lab, "kv").is_empty());
-    let row = lab.ps().into_iter().find(|r| r["name"] == "kv").unwrap();
-    assert_eq!(row["state"], "lost", "{row}");
-    assert!(
-        row["reason"].as_str().unwrap_or("").contains("vm1 died"),
-        "{row}"
-    );
-    assert!(row["intent"].is_null(), "{row}");
-    // Nothing can move, thaw or suspend what is lost; kill removes the record.
-    for args in [&["migrate", "kv", "--to", "vm2"][..], &["thaw", "kv"]] {
-        let out = lab.ctl(args);
-        assert!(
-            !out.status.success() && describe(&out).contains("lost"),
-            "{args:?}: {}",
-            describe(&out)
-        );
-    }
-    lab.ctl_ok(&["kill", "kv"]);
-    assert!(lab.ps().iter().all(|r| r["name"] != "kv"));
 }

@@ -1,0 +1,212 @@
+//! One VM's life within a lab: `capsulectl vm restart VM` boots a VM again
+//! under the same identity (name, address, MAC, tap, control port), after it
+//! died or to replace a running one.
+//!
+//! A VM that dies takes the copies it held with it. Restarting it makes that
+//! final in the directory: each capsule recorded there is marked lost (with
+//! the reason), unless another VM runs it. A VM that answers and still runs
+//! capsules is only restarted with `--force`, since that ends those capsules.
+
+use std::fs;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use capsules_wire::control::CapsuleInfo;
+use serde::Serialize;
+
+use crate::capsules::LabSession;
+use crate::directory;
+use crate::lab;
+use crate::netns;
+use crate::qemu::{self, Accel};
+use crate::state::{self, VmRecord};
+
+/// What `vm restart` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Restarted {
+    pub vm: String,
+    /// "dead", "running" or "unreachable": the VM as it was found.
+    pub was: String,
+    pub pid: u32,
+    /// Capsules the directory recorded on this VM that are now lost.
+    pub lost: Vec<String>,
+    /// Where the previous boot's serial log was kept, for a post-mortem.
+    pub previous_serial_log: Option<String>,
+    pub boot_ms: f64,
+}
+
+/// `capsulectl vm restart VM [--force]`.
+pub fn restart(lab_name: &str, vm_name: &str, force: bool) -> Result<Restarted> {
+    let s = LabSession::open(lab_name)?;
+    let vm = s.vm(vm_name)?.clone();
+    // Held throughout: no move can pick this VM while it reboots, and open
+    // intents are settled first (they may concern copies on this VM).
+    let held_before: Vec<String> = s
+        .load_map()?
+        .capsules
+        .values()
+        .filter(|r| r.vm == vm.name && r.lost.is_none())
+        .map(|r| r.name.clone())
+        .collect();
+    let (_lock, mut map) = s.lock_map(None)?;
+    let alive = vm.pid.is_some_and(|pid| lab::is_our_qemu(pid, &vm));
+    let was = if !alive {
+        "dead"
+    } else {
+        match s.list_capsules(&vm) {
+            Ok(running) if !running.is_empty() && !force => bail!(
+                "{vm_name} runs {}: move them away first (`capsulectl migrate NAME --to VM`), \
+                 or restart with --force to end them; nothing changed",
+                describe(&running)
+            ),
+            Ok(_) => "running",
+            Err(_) if !force => bail!(
+                "{vm_name} is alive but does not answer; restart it with --force to end whatever \
+                 it runs; nothing changed"
+            ),
+            Err(_) => "unreachable",
+        }
+    };
+    if alive {
+        let stopped = lab::stop_vms(std::slice::from_ref(&vm), &s.key, true)?;
+        lab::wait_reaped(stopped.into_iter());
+    }
+    // What the VM held is gone for good now: record it, before anything else
+    // can run, so that `ps` never shows these capsules as merely missing.
+    // (A dead VM's capsules were marked when the map was locked.)
+    let elsewhere = running_elsewhere(&s, &vm.name);
+    let mut ended = false;
+    for rec in map.capsules.values_mut() {
+        if rec.vm == vm.name && rec.lost.is_none() && !elsewhere.contains(&rec.name) {
+            rec.lost = Some(format!(
+                "{} was restarted with --force, ending the only copy",
+                vm.name
+            ));
+            ended = true;
+        }
+    }
+    if ended {
+        directory::save(&s.dir, &map)?;
+    }
+    let lost = held_before
+        .into_iter()
+        .filter(|n| map.get(n).is_some_and(|r| r.lost.is_some()))
+        .collect();
+    let previous_serial_log = keep_previous_log(&vm)?;
+    let (pid, boot) = boot(&s, &vm)?;
+    Ok(Restarted {
+        vm: vm.name,
+        was: was.into(),
+        pid,
+        lost,
+        previous_serial_log,
+        boot_ms: boot.as_secs_f64() * 1000.0,
+    })
+}
+
+fn describe(running: &[CapsuleInfo]) -> String {
+    let names: Vec<&str> = running.iter().map(|c| c.name.as_str()).collect();
+    format!(
+        "{} capsule{} ({})",
+        names.len(),
+        if names.len() == 1 { "" } else { "s" },
+        names.join(", ")
+    )
+}
+
+/// Names of capsules that some other VM of the lab reports running.
+fn running_elsewhere(s: &LabSession, skip: &str) -> Vec<String> {
+    s.lab
+        .vms
+        .iter()
+        .filter(|v| v.name != skip)
+        .filter_map(|v| s.list_capsules(v).ok())
+        .flatten()
+        .map(|c| c.name)
+        .collect()
+}
+
+/// Moves the last boot's serial log aside (`vmN.serial.log.previous`).
+fn keep_previous_log(vm: &VmRecord) -> Result<Option<String>> {
+    if !vm.serial_log.exists() {
+        return Ok(None);
+    }
+    let mut name = vm.serial_log.file_name().unwrap_or_default().to_os_string();
+    name.push(".previous");
+    let kept = vm.serial_log.with_file_name(name);
+    fs::rename(&vm.serial_log, &kept)
+        .with_context(|| format!("cannot keep {}", vm.serial_log.display()))?;
+    Ok(Some(kept.display().to_string()))
+}
+
+/// Boots `vm` again and waits until its control service answers with the
+/// expected build. Returns its pid and how long the boot took.
+fn boot(s: &LabSession, vm: &VmRecord) -> Result<(u32, Duration)> {
+    let started = std::time::Instant::now();
+    let accel = Accel::parse(&s.lab.accel)
+        .ok_or_else(|| anyhow!("lab state names an unknown accelerator '{}'", s.lab.accel))?;
+    let key_file = state::write_key_file(&s.dir, &s.key)?;
+    // The session runs inside the lab namespace, where the VM's tap is.
+    debug_assert!(netns::exists(&s.lab.netns));
+    let mut child =
+        qemu::spawn_detached(&lab::vm_spec(&s.lab, vm, &key_file, accel), &vm.qemu_log)?;
+    let pid = child.id();
+    // Saved at once, so `lab down` stops it whatever happens next.
+    let (mut current, dir) = lab::load_lab(&s.lab.name)?;
+    current.vm_mut(&vm.name)?.pid = Some(pid);
+    state::save(&dir, &current)?;
+    let mut only = current.clone();
+    only.vms.retain(|v| v.name == vm.name);
+    let build_id = crate::elf::read_build_id(&current.kernel)?;
+    lab::wait_ready(
+        &only,
+        std::slice::from_mut(&mut child),
+        &s.key,
+        &build_id,
+        lab::READY_TIMEOUT,
+    )?;
+    Ok((pid, started.elapsed()))
+}
+
+/// Marks lost every capsule whose recorded VM is dead (its QEMU process is
+/// gone, so no copy is left there) when no other VM runs it, and saves the
+/// map if anything changed. Records with an open intent are left to
+/// `recover`, which decides them from every VM's view. Returns what it did,
+/// in `recover`'s terms.
+pub fn mark_lost_on_dead_vms(
+    s: &LabSession,
+    map: &mut directory::DirectoryMap,
+) -> Result<Vec<crate::recover::Recovered>> {
+    let dead: Vec<&VmRecord> = s
+        .lab
+        .vms
+        .iter()
+        .filter(|vm| !vm.pid.is_some_and(|pid| lab::is_our_qemu(pid, vm)))
+        .collect();
+    let orphaned = |rec: &directory::CapsuleRecord| {
+        rec.lost.is_none() && rec.intent.is_none() && dead.iter().any(|vm| vm.name == rec.vm)
+    };
+    if !map.capsules.values().any(orphaned) {
+        return Ok(Vec::new());
+    }
+    let elsewhere = running_elsewhere(s, "");
+    let mut done = Vec::new();
+    for rec in map.capsules.values_mut() {
+        if orphaned(rec) && !elsewhere.contains(&rec.name) {
+            let why = format!("{} died holding the only copy", rec.vm);
+            eprintln!("capsulectl: '{}' is lost: {why}", rec.name);
+            rec.lost = Some(why);
+            done.push(crate::recover::Recovered {
+                name: rec.name.clone(),
+                intent: "none".into(),
+                outcome: "lost".into(),
+                vm: None,
+                epoch: Some(rec.epoch),
+            });
+        }
+    }
+    if !done.is_empty() {
+        directory::save(&s.dir, map)?;
+    }
+    Ok(done)
+}
