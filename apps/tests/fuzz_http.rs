@@ -215,17 +215,6 @@ fn split_responses(wire: &[u8], heads: &[bool]) -> Vec<(u16, String, Vec<u8>)> {
     out
 }
 
-fn random_cuts(rng: &mut Rng, len: usize) -> Vec<usize> {
-    let mut cuts: Vec<usize> = (0..rng.below(8)).map(|_| rng.below(len + 1)).collect();
-    if rng.chance(1, 16) {
-        cuts.extend(0..len.min(300));
-    }
-    cuts.push(len);
-    cuts.sort_unstable();
-    cuts.dedup();
-    cuts
-}
-
 #[test]
 fn fuzz_http_sessions() {
     let target = "http";
@@ -256,7 +245,7 @@ fn fuzz_http_sessions() {
                 pool[i] = stream.clone();
             }
         }
-        let cuts = random_cuts(&mut rng, stream.len());
+        let cuts = rng.cuts(stream.len());
         let answered = guarded(target, &stream, || {
             let Some(whole) = drive(&stream, &[stream.len()]) else {
                 return false;

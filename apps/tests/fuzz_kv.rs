@@ -258,18 +258,6 @@ fn count_replies(buf: &[u8]) -> Option<(u64, bool)> {
     Some((n, last_is_protocol_error))
 }
 
-fn random_cuts(rng: &mut Rng, len: usize) -> Vec<usize> {
-    let mut cuts: Vec<usize> = (0..rng.below(8)).map(|_| rng.below(len + 1)).collect();
-    if rng.chance(1, 16) {
-        // Byte by byte (bounded).
-        cuts.extend(0..len.min(300));
-    }
-    cuts.push(len);
-    cuts.sort_unstable();
-    cuts.dedup();
-    cuts
-}
-
 #[test]
 fn fuzz_kv_sessions() {
     let target = "kv";
@@ -289,7 +277,7 @@ fn fuzz_kv_sessions() {
             }
             _ => rng.random_input(200),
         };
-        let cuts = random_cuts(&mut rng, stream.len());
+        let cuts = rng.cuts(stream.len());
         let accepted = guarded(target, &stream, || {
             let whole = run(&stream, &[stream.len()]);
             let pieces = run(&stream, &cuts);

@@ -5,7 +5,6 @@
 //! fails.
 
 use capsules_apps::{http, kv};
-use capsules_wire::auth::{derive_key, one_time_tag, sha256};
 use capsules_wire::bootcfg::BootConfig;
 use capsules_wire::control::{
     ClientHello, ClientSession, Envelope, FrameDecoder, Hello, Incoming, Request, Response,
@@ -13,7 +12,7 @@ use capsules_wire::control::{
 };
 use capsules_wire::image::{
     CapsuleImage, IMAGE_MAGIC, IMAGE_NONCE_LEN, IMAGE_VERSION, ImageKind, MAX_ARENA_BYTES,
-    PAGE_SIZE, peek_build_id, peek_kind, reseal,
+    PAGE_SIZE, peek_build_id, peek_kind, reseal, seal,
 };
 
 pub const KEY: [u8; 32] = [0x42; 32];
@@ -96,21 +95,9 @@ pub fn check_control_stream(data: &[u8]) {
 
 /// Seals `header` and `body` with `key` as the encoder does.
 pub fn seal_image(header: &[u8], body: &[u8], key: &[u8], with_digest: bool) -> Vec<u8> {
-    let mut out = header.to_vec();
-    out.extend_from_slice(body);
-    let digest = if with_digest {
-        sha256(&[&out])
-    } else {
-        [0; 32]
-    };
-    let one_time = derive_key(
-        key,
-        &[b"CPSL-IMG", &out[NONCE_AT..NONCE_AT + IMAGE_NONCE_LEN]],
-    );
-    let tag = one_time_tag(&one_time, &[&out]);
-    out.extend_from_slice(&digest);
-    out.extend_from_slice(&tag);
-    out
+    let mut content = header.to_vec();
+    content.extend_from_slice(body);
+    seal(content, key, with_digest)
 }
 
 /// A valid image header for a body of `body_len` bytes.

@@ -10,8 +10,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use capsules_system_tests::{
-    Lab, capsulectl_bin, capsulectl_ok, describe, require_clients, scratch_dir, text,
-    unique_lab_name, wait_for,
+    Lab, capsulectl_bin, capsulectl_ok, describe, require_clients, scratch_dir, unique_lab_name,
+    wait_for,
 };
 
 const REDIS_CLI: (&str, &str) = ("redis-cli", "redis-tools");
@@ -104,20 +104,8 @@ fn ctl_with_key(lab: &Lab, key_file: &Path, args: &[&str]) -> Output {
         .expect("cannot run capsulectl")
 }
 
-fn redis(lab: &Lab, locator: &str, args: &[&str]) -> String {
-    let mut argv = vec!["redis-cli", "-h", locator];
-    argv.extend_from_slice(args);
-    let out = lab.exec(&argv);
-    assert!(
-        out.status.success(),
-        "redis-cli {args:?}: {}",
-        describe(&out)
-    );
-    text(&out.stdout).trim_end_matches('\n').to_string()
-}
-
 fn kv_uptime_s(lab: &Lab, locator: &str) -> u64 {
-    let info = redis(lab, locator, &["INFO"]);
+    let info = lab.redis_cli(locator, &["INFO"]);
     info.lines()
         .find_map(|l| l.trim().strip_prefix("uptime_in_seconds:"))
         .and_then(|v| v.parse().ok())
@@ -147,7 +135,7 @@ fn a_capsule_resumed_into_a_younger_lab_keeps_its_clock() {
     // may run a little slow against the wall clock.
     assert!(uptime_before >= 20, "kv uptime {uptime_before} s");
     assert_eq!(
-        redis(&first, &loc, &["SET", "fresh", "v", "PX", "20000"]),
+        first.redis_cli(&loc, &["SET", "fresh", "v", "PX", "20000"]),
         "OK"
     );
     let out = ctl_with_key(
@@ -167,7 +155,8 @@ fn a_capsule_resumed_into_a_younger_lab_keeps_its_clock() {
     assert!(out.status.success(), "resume: {}", describe(&out));
     let vm = second.vm_ls().swap_remove(0);
     let vm_uptime_s = vm["uptime_ns"].as_u64().unwrap_or(0) / 1_000_000_000;
-    let pttl: i64 = redis(&second, &loc, &["PTTL", "fresh"])
+    let pttl: i64 = second
+        .redis_cli(&loc, &["PTTL", "fresh"])
         .parse()
         .expect("PTTL is a number");
     assert!(
@@ -182,10 +171,10 @@ fn a_capsule_resumed_into_a_younger_lab_keeps_its_clock() {
     );
     // Expiries keep time: a key set now for 1 s is gone 2.5 s later.
     assert_eq!(
-        redis(&second, &loc, &["SET", "soon", "v", "PX", "1000"]),
+        second.redis_cli(&loc, &["SET", "soon", "v", "PX", "1000"]),
         "OK"
     );
     std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(redis(&second, &loc, &["EXISTS", "soon"]), "0");
+    assert_eq!(second.redis_cli(&loc, &["EXISTS", "soon"]), "0");
     let _ = std::fs::remove_dir_all(&dir);
 }

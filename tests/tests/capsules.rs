@@ -330,17 +330,7 @@ fn kv_capsule_serves_redis_cli() {
     require_clients(&[REDIS_CLI]);
     let lab = Lab::up("kv", 1);
     let ip = lab.run_locator("kv", "store", &[], &[]);
-    let redis = |args: &[&str]| -> String {
-        let mut argv = vec!["redis-cli", "-h", &ip];
-        argv.extend_from_slice(args);
-        let out = lab.exec(&argv);
-        assert!(
-            out.status.success(),
-            "redis-cli {args:?}: {}",
-            describe(&out)
-        );
-        text(&out.stdout).trim().to_string()
-    };
+    let redis = |args: &[&str]| lab.redis_cli(&ip, args).trim().to_string();
     assert_eq!(redis(&["PING"]), "PONG");
     assert_eq!(redis(&["SET", "greeting", "hello world"]), "OK");
     assert_eq!(redis(&["GET", "greeting"]), "hello world");

@@ -477,17 +477,7 @@ fn suspended_kv_resumes_intact_in_a_new_lab() {
 
     let mut first = Lab::up("mig-susp-a", 2);
     let loc = first.run_locator("kv", "kv", &["--on", "vm2"], &[]);
-    let redis = |lab: &Lab, args: &[&str]| -> String {
-        let mut argv = vec!["redis-cli", "-h", &loc];
-        argv.extend_from_slice(args);
-        let out = lab.exec(&argv);
-        assert!(
-            out.status.success(),
-            "redis-cli {args:?}: {}",
-            describe(&out)
-        );
-        text(&out.stdout).trim_end_matches('\n').to_string()
-    };
+    let redis = |lab: &Lab, args: &[&str]| lab.redis_cli(&loc, args);
     for (k, v) in &data {
         assert_eq!(redis(&first, &["SET", k, v]), "OK");
     }

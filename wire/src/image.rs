@@ -207,6 +207,22 @@ impl From<DecodeError> for ImageError {
     }
 }
 
+/// Seals `content` (an image's header and body, the header holding the
+/// nonce) with `key`: appends the SHA-256 of the content (zeros without
+/// `with_digest`) and the MAC. The one sealing step of the encoder, of
+/// [`reseal`] and of the fuzzers that build images field by field.
+pub fn seal(mut content: Vec<u8>, key: &[u8], with_digest: bool) -> Vec<u8> {
+    let digest = if with_digest {
+        sha256(&[&content])
+    } else {
+        [0u8; 32]
+    };
+    let tag = mac(key, &content);
+    content.extend_from_slice(&digest);
+    content.extend_from_slice(&tag);
+    content
+}
+
 /// The MAC of header and body (`sealed`), whose header holds the nonce.
 fn mac(key: &[u8], sealed: &[u8]) -> auth::Tag {
     let nonce = &sealed[NONCE_AT..NONCE_AT + IMAGE_NONCE_LEN];
@@ -304,15 +320,7 @@ impl CapsuleImage {
         out.extend_from_slice(&(body.len() as u64).to_le_bytes());
         out.extend_from_slice(nonce);
         out.extend_from_slice(&body);
-        let digest = if with_digest {
-            sha256(&[&out])
-        } else {
-            [0u8; 32]
-        };
-        let tag = mac(key, &out);
-        out.extend_from_slice(&digest);
-        out.extend_from_slice(&tag);
-        out
+        seal(out, key, with_digest)
     }
 
     /// Checks framing, digest and MAC, then decodes. Nothing is trusted before
@@ -495,12 +503,7 @@ fn check_seal(bytes: &[u8], key: Option<&[u8]>) -> Result<Sealed, ImageError> {
 pub fn reseal(bytes: &[u8], old_key: &[u8], new_key: &[u8]) -> Result<Vec<u8>, ImageError> {
     let sealed = check_seal(bytes, Some(old_key))?;
     let content_end = HEADER_LEN + sealed.body_len;
-    let mut out = bytes[..content_end].to_vec();
-    let digest = sha256(&[&out]);
-    let tag = mac(new_key, &out);
-    out.extend_from_slice(&digest);
-    out.extend_from_slice(&tag);
-    Ok(out)
+    Ok(seal(bytes[..content_end].to_vec(), new_key, true))
 }
 
 /// The kind recorded in an image, read without verifying anything (to pick

@@ -16,7 +16,6 @@
 mod fuzzkit;
 mod wiregen;
 
-use capsules_wire::auth::{derive_key, one_time_tag, sha256};
 use capsules_wire::image::*;
 use fuzzkit::{Rng, Stats, assert_bounded, guarded, inputs, measure, mutate};
 use wiregen::{gen_image, gen_nonce};
@@ -101,21 +100,9 @@ fn make_hostile(rng: &mut Rng, image: &mut CapsuleImage) {
 /// Seals `header` (its body length field as given) and `body` with `key`,
 /// as the encoder does: SHA-256 (or zeros) and the MAC over both.
 fn seal(header: &[u8], body: &[u8], key: &[u8], with_digest: bool) -> Vec<u8> {
-    let mut out = header.to_vec();
-    out.extend_from_slice(body);
-    let digest = if with_digest {
-        sha256(&[&out])
-    } else {
-        [0; 32]
-    };
-    let one_time = derive_key(
-        key,
-        &[b"CPSL-IMG", &out[NONCE_AT..NONCE_AT + IMAGE_NONCE_LEN]],
-    );
-    let tag = one_time_tag(&one_time, &[&out]);
-    out.extend_from_slice(&digest);
-    out.extend_from_slice(&tag);
-    out
+    let mut content = header.to_vec();
+    content.extend_from_slice(body);
+    capsules_wire::image::seal(content, key, with_digest)
 }
 
 /// Checks an accepted image on its own terms, without trusting the

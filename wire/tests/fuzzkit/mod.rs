@@ -97,6 +97,20 @@ impl Rng {
 
     /// Pure random bytes of a random length up to `max_len` (short lengths
     /// are favoured: most parsers decide early).
+    /// Where to cut a stream of `len` bytes into the reads a server sees:
+    /// a few random points, sometimes every byte of the first 300, and
+    /// always the end (sorted, no repeats).
+    pub fn cuts(&mut self, len: usize) -> Vec<usize> {
+        let mut cuts: Vec<usize> = (0..self.below(8)).map(|_| self.below(len + 1)).collect();
+        if self.chance(1, 16) {
+            cuts.extend(0..len.min(300));
+        }
+        cuts.push(len);
+        cuts.sort_unstable();
+        cuts.dedup();
+        cuts
+    }
+
     pub fn random_input(&mut self, max_len: usize) -> Vec<u8> {
         let len = if self.chance(3, 4) {
             self.below(max_len.min(64) + 1)
