@@ -3,6 +3,8 @@
 //!
 //! `capsules-bench [boot|ping|all] [--boots N] [--pings N] [--accel auto|kvm|tcg] [--kernel PATH]`
 //! `capsules-bench [capsule-mem|density|kv|http|capsules] [--runs N] [--per-round N] [--cap N] [--vm-mem MIB]`
+//! `capsules-bench migration [--moves N] [--only LABEL,…] [--plot FILE.svg]` (module `migration`)
+//! `capsules-bench soak --moves N [--sample-every N]` (module `soak`)
 //!
 //! Each run creates its own network namespace (`capsules-bench<pid>`) with a
 //! bridge and one tap, boots VMs there with the same QEMU command line as
@@ -25,6 +27,7 @@ use clap::{Parser, ValueEnum};
 
 mod capsules;
 mod migration;
+mod soak;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Which {
@@ -44,6 +47,9 @@ enum Which {
     Capsules,
     /// Downtime and client pause per migration (idle, 1 MiB, 16 MiB heap; 1 and 100 connections).
     Migration,
+    /// A kv and an http capsule under client load, each moved `--moves` times:
+    /// lost or repeated replies, RTOs, memory of the VMs.
+    Soak,
 }
 
 #[derive(Debug, Parser)]
@@ -72,9 +78,13 @@ struct Args {
     /// Most capsules the density benchmark tries to start.
     #[arg(long, default_value_t = 2000)]
     cap: usize,
-    /// Migrations per scenario of the migration benchmark.
+    /// Migrations per scenario of the migration benchmark; moves per capsule
+    /// of the soak.
     #[arg(long, default_value_t = 20)]
     moves: usize,
+    /// Soak: rounds (one move of each capsule) between memory samples; even.
+    #[arg(long, default_value_t = 100)]
+    sample_every: usize,
     /// Migration scenarios to run, by label (`idle-1c`, `1m-1c`, `16m-1c`,
     /// `idle-100c`, `1m-100c`, `16m-100c`); all when not given.
     #[arg(long, value_delimiter = ',')]
@@ -381,6 +391,14 @@ fn main() -> Result<()> {
             args.moves,
             &args.only,
             args.plot.as_deref(),
+        );
+    }
+    if args.which == Which::Soak {
+        return soak::bench_soak(
+            args.accel,
+            args.kernel.clone(),
+            args.moves,
+            args.sample_every,
         );
     }
     if !matches!(args.which, Which::Boot | Which::Ping | Which::All) {

@@ -24,14 +24,14 @@ use std::path::{Path, PathBuf};
 
 use crate::{median, sorted};
 
-struct TwoVmLab {
-    name: String,
-    netns: String,
-    accel: String,
+pub(crate) struct TwoVmLab {
+    pub(crate) name: String,
+    pub(crate) netns: String,
+    pub(crate) accel: String,
 }
 
 impl TwoVmLab {
-    fn up(tag: &str, accel: AccelChoice, kernel: Option<PathBuf>) -> Result<Self> {
+    pub(crate) fn up(tag: &str, accel: AccelChoice, kernel: Option<PathBuf>) -> Result<Self> {
         let name = format!("bench{}-{tag}", std::process::id());
         let report = lab::up(&UpOptions {
             name: name.clone(),
@@ -58,7 +58,7 @@ impl Drop for TwoVmLab {
 }
 
 /// Retransmission timeouts the lab namespace's TCP has taken so far.
-fn tcp_timeouts(netns: &str) -> Result<u64> {
+pub(crate) fn tcp_timeouts(netns: &str) -> Result<u64> {
     let out = Command::new("ip")
         .args(["netns", "exec", netns, "nstat", "-az", "TcpExtTCPTimeouts"])
         .output()
