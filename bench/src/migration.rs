@@ -5,7 +5,9 @@
 //! connection (and checks every reply); the others stay open and idle. The
 //! Linux peer's retransmission timeouts are counted from its TCP statistics.
 //! `--plot FILE.svg` draws the first scenario's run: the latency of every
-//! INCR over time, each move shaded from freeze to running again.
+//! INCR over time, each move shaded from freeze to running again. After the
+//! moves each idle connection must answer an `ECHO` with its own tag; the
+//! count that did is reported, and any that did not fails the benchmark.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -114,6 +116,8 @@ impl Scenario {
 
 pub struct ScenarioResult {
     pub label: String,
+    /// Idle connections that answered correctly after the moves, of how many.
+    pub idle_answered: Option<(usize, usize)>,
     pub image_kib: u64,
     pub downtime: Vec<f64>,
     pub pause: Vec<f64>,
@@ -200,6 +204,7 @@ fn run_scenario(
     let timeouts_before = tcp_timeouts(&lab.netns)?;
     let mut result = ScenarioResult {
         label: format!("{} MiB heap, {} conn", sc.heap >> 20, sc.connections),
+        idle_answered: None,
         image_kib: 0,
         downtime: Vec::new(),
         pause: Vec::new(),
@@ -240,12 +245,81 @@ fn run_scenario(
     }
     result.timeouts = tcp_timeouts(&lab.netns)?.saturating_sub(timeouts_before);
     result.latencies = std::mem::take(&mut *latencies.lock().expect("lock"));
+    if !idle.is_empty() {
+        let (answered, failures) = check_idle(&idle);
+        result.idle_answered = Some((answered, idle.len()));
+        if answered < idle.len() {
+            result.errors.push(format!(
+                "{} of {} idle connections did not answer correctly after the moves; first: {}",
+                idle.len() - answered,
+                idle.len(),
+                failures.first().map(String::as_str).unwrap_or("?")
+            ));
+        }
+    }
     drop(idle);
     let _ = capsules::kill(session, &name, true);
     Ok(result)
 }
 
-/// Runs every scenario with `moves` migrations each and prints a table.
+/// `ECHO idle-I` for idle connection I: an answer naming another connection
+/// would show connections mixed up by a move.
+fn idle_tag(i: usize) -> String {
+    format!("idle-{i}")
+}
+
+fn echo_request(tag: &str) -> Vec<u8> {
+    format!("*2\r\n$4\r\nECHO\r\n${}\r\n{tag}\r\n", tag.len()).into_bytes()
+}
+
+/// Reads the answer to `ECHO tag`: exactly the bulk string `tag`.
+fn read_echo(reader: &mut impl BufRead, tag: &str) -> Result<()> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        bail!("connection closed");
+    }
+    if line != format!("${}\r\n", tag.len()) {
+        bail!("ECHO {tag} answered {line:?}");
+    }
+    line.clear();
+    reader.read_line(&mut line)?;
+    if line != format!("{tag}\r\n") {
+        bail!("ECHO {tag} answered {line:?}");
+    }
+    Ok(())
+}
+
+/// Sends `ECHO idle-I` on every idle connection, then reads every answer;
+/// how many answered correctly, and what went wrong on the others.
+fn check_idle(idle: &[TcpStream]) -> (usize, Vec<String>) {
+    let mut failures = Vec::new();
+    let mut sent = Vec::new();
+    for (i, s) in idle.iter().enumerate() {
+        let tag = idle_tag(i);
+        let outcome = (|| -> Result<()> {
+            s.set_write_timeout(Some(Duration::from_secs(10)))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            (&*s).write_all(&echo_request(&tag))?;
+            Ok(())
+        })();
+        match outcome {
+            Ok(()) => sent.push((i, tag)),
+            Err(e) => failures.push(format!("idle connection {i}: {e:#}")),
+        }
+    }
+    let mut answered = 0;
+    for (i, tag) in sent {
+        match read_echo(&mut BufReader::new(&idle[i]), &tag) {
+            Ok(()) => answered += 1,
+            Err(e) => failures.push(format!("idle connection {i}: {e:#}")),
+        }
+    }
+    (answered, failures)
+}
+
+/// Runs every scenario with `moves` migrations each and prints a table;
+/// fails if any scenario had an error (a move, the client, or an idle
+/// connection that no longer answers).
 pub fn bench_migration(
     accel: AccelChoice,
     kernel: Option<PathBuf>,
@@ -293,6 +367,7 @@ pub fn bench_migration(
         "{:<26} {:>9} {:>17} {:>17} {:>5} {:>6}",
         "scenario", "image KiB", "downtime med/max", "pause med/max", "RTOs", "errors"
     );
+    let mut failed = Vec::new();
     for sc in scenarios
         .iter()
         .filter(|sc| only.is_empty() || only.contains(&sc.tag()))
@@ -316,13 +391,22 @@ pub fn bench_migration(
             r.timeouts,
             r.errors.len()
         );
+        if let Some((answered, of)) = r.idle_answered {
+            println!("  idle connections answering after the moves: {answered}/{of}");
+        }
         for e in &r.errors {
             eprintln!("  error: {e}");
+        }
+        if !r.errors.is_empty() {
+            failed.push(format!("{}: {} error(s)", sc.tag(), r.errors.len()));
         }
         if let Some(path) = plot_to.take() {
             plot::write_svg(&figure(&r, &lab.accel), path)?;
             eprintln!("  plot of this scenario: {}", path.display());
         }
+    }
+    if !failed.is_empty() {
+        bail!("migration benchmark failed: {}", failed.join("; "));
     }
     Ok(())
 }
@@ -343,5 +427,39 @@ fn figure(r: &ScenarioResult, accel: &str) -> plot::Figure {
             points: r.latencies.clone(),
         }],
         bands: r.bands.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echo_of_an_idle_connection() {
+        let tag = idle_tag(42);
+        assert_eq!(
+            echo_request(&tag),
+            b"*2\r\n$4\r\nECHO\r\n$7\r\nidle-42\r\n".to_vec()
+        );
+        read_echo(&mut &b"$7\r\nidle-42\r\n"[..], &tag).unwrap();
+    }
+
+    #[test]
+    fn wrong_echo_answers_fail() {
+        let tag = idle_tag(42);
+        for bad in [
+            &b""[..],
+            b"$7\r\nidle-41\r\n",
+            b"$8\r\nidle-420\r\n",
+            b"-ERR unknown command\r\n",
+            b"+PONG\r\n",
+            b"$7\r\n",
+        ] {
+            assert!(
+                read_echo(&mut &bad[..], &tag).is_err(),
+                "{:?} accepted",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }
