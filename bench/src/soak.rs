@@ -521,6 +521,37 @@ fn http_client(addr: SocketAddr, stop: &AtomicBool, pulse: &Pulse) -> ClientOutc
     out
 }
 
+/// TCP counters reported beside the verdict to explain pauses: segments
+/// retransmitted, tail-loss probes and fast retransmits (none of them is an
+/// RTO; `TcpExtTCPTimeouts` is judged separately).
+const INFO_COUNTERS: [&str; 3] = [
+    "TcpRetransSegs",
+    "TcpExtTCPLossProbes",
+    "TcpExtTCPFastRetrans",
+];
+
+/// The value of counter `name` in `nstat` output (`NAME VALUE RATE`).
+pub fn nstat_value(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        (f.next() == Some(name)).then(|| f.next()?.parse().ok())?
+    })
+}
+
+/// [`INFO_COUNTERS`] of the namespace now (0 for a counter nstat omits).
+fn tcp_counters(netns: &str) -> Result<Vec<u64>> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "nstat", "-azs"])
+        .args(INFO_COUNTERS)
+        .output()
+        .context("cannot run nstat (iproute2)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(INFO_COUNTERS
+        .iter()
+        .map(|name| nstat_value(&text, name).unwrap_or(0))
+        .collect())
+}
+
 /// Used memory and kernel heap of each VM at one point of the soak.
 #[derive(Debug, Clone)]
 struct MemSample {
@@ -665,6 +696,7 @@ pub fn bench_soak(
         }
     }
     let rtos_before = tcp_timeouts(&lab.netns)?;
+    let info_before = tcp_counters(&lab.netns)?;
     let mut report = SoakReport::default();
     let mut samples = vec![sample_memory(&session, 0)?];
     let mut capsules = [
@@ -767,11 +799,32 @@ pub fn bench_soak(
         }
     }
     print_report(&report, &capsules, &samples, &vm_names);
+    let after = tcp_counters(&lab.netns)?;
+    println!(
+        "for reading the pauses (not judged), in the lab namespace during the soak: {}",
+        INFO_COUNTERS
+            .iter()
+            .zip(info_before.iter().zip(&after))
+            .map(|(name, (b, a))| format!("{name} {}", a.saturating_sub(*b)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let failures = report.failures();
     if !failures.is_empty() {
         bail!("soak failed: {}", failures.join("; "));
     }
-    println!("soak passed");
+    if report
+        .memory
+        .iter()
+        .any(|(_, f)| *f == Flatness::TooFewSamples)
+    {
+        println!(
+            "soak passed, but memory was not judged: that needs at least {} rounds",
+            2 * sample_every
+        );
+    } else {
+        println!("soak passed");
+    }
     Ok(())
 }
 
@@ -915,6 +968,16 @@ mod tests {
         // Extreme values neither overflow nor panic.
         assert_eq!(s.observe(i64::MAX, 2), Step::Ahead((i64::MAX - 9) as u64));
         assert_eq!(s.observe(i64::MIN, 2), Step::Behind(u64::MAX));
+    }
+
+    #[test]
+    fn nstat_output() {
+        let text = "#kernel\nTcpRetransSegs                  12                 0.0\n\
+                    TcpExtTCPLossProbes             3                  0.0\n";
+        assert_eq!(nstat_value(text, "TcpRetransSegs"), Some(12));
+        assert_eq!(nstat_value(text, "TcpExtTCPLossProbes"), Some(3));
+        assert_eq!(nstat_value(text, "TcpExtTCPFastRetrans"), None);
+        assert_eq!(nstat_value(text, "TcpRetrans"), None);
     }
 
     #[test]
