@@ -717,6 +717,12 @@ pub fn bench_soak(
             pause: Vec::new(),
         },
     ];
+    // The reference for the pauses: the longest gap between replies in a
+    // second without moves.
+    kv_pulse.reset_longest();
+    http_pulse.reset_longest();
+    std::thread::sleep(Duration::from_secs(1));
+    let still = [kv_pulse.longest_ms(), http_pulse.longest_ms()];
     let began = Instant::now();
     'rounds: for round in 1..=moves {
         for c in capsules.iter_mut() {
@@ -799,6 +805,10 @@ pub fn bench_soak(
         }
     }
     print_report(&report, &capsules, &samples, &vm_names);
+    println!(
+        "longest gap between replies in 1 s without moves (before the first): kv {:.1} ms, http {:.1} ms",
+        still[0], still[1]
+    );
     let after = tcp_counters(&lab.netns)?;
     println!(
         "for reading the pauses (not judged), in the lab namespace during the soak: {}",
