@@ -31,8 +31,9 @@ pub enum IntentKind {
     Resume,
 }
 
-/// How far it had got, as far as its writer said. Informational: recovery
-/// decides from what the VMs hold, not from this.
+/// How far it had got, as far as its writer said. Recovery decides from
+/// what the VMs hold, and from one phase: at `CommitSent` the source's
+/// frozen copy may be out of date, so it is never thawed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
@@ -42,6 +43,11 @@ pub enum Phase {
     Freeze,
     /// The image is written or sent; the new copy is about to start.
     Commit,
+    /// A move's commit is about to be sent to the destination (written,
+    /// and fsync'd, before it is): from here on the destination may run the
+    /// capsule, so the source's frozen copy is never thawed again. If the
+    /// destination dies now, the capsule is lost.
+    CommitSent,
 }
 
 /// A move, suspend or resume that has begun and not ended.
@@ -102,6 +108,7 @@ impl Intent {
                 Phase::Precopy => "pre-copy",
                 Phase::Freeze => "freeze",
                 Phase::Commit => "commit",
+                Phase::CommitSent => "commit-sent",
             },
             self.pid
         )

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use capsules_wire::control::{
-    CapsuleInfo, CapsuleState, MAX_IMAGE_CHUNK, PageBatch, Request, Response,
+    CapsuleInfo, CapsuleState, ErrorCode, MAX_IMAGE_CHUNK, PageBatch, Request, Response,
 };
 use capsules_wire::image::{self, CapsuleImage, SocketSummary, TaskSummary};
 use serde::Serialize;
@@ -84,6 +84,26 @@ fn build_id_hex(id: &[u8]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `client.call(request)`; but when a test configured `drop-answer` at
+/// `phase` (`crate::fault`), the request is sent and carried out, and its
+/// answer lost: read and thrown away, and an error returned as if it had
+/// never come. The connection is of no further use then.
+fn call_at(
+    client: &mut ControlClient,
+    phase: Option<&str>,
+    what: &str,
+    request: &Request,
+) -> Result<Response> {
+    if phase.is_some_and(|p| fault::action(p) == Some(fault::Action::DropAnswer)) {
+        let _ = client.call(request);
+        bail!(
+            "the answer to {what} was lost (fault injection at {})",
+            phase.unwrap_or("?")
+        );
+    }
+    client.call(request)
+}
+
 /// Reads a frozen capsule's image from `client` and hands each chunk to `sink`
 /// as it arrives.
 fn read_image(
@@ -91,6 +111,7 @@ fn read_image(
     vm: &str,
     name: &str,
     len: u64,
+    fault_phase: Option<&str>,
     mut sink: impl FnMut(u64, Vec<u8>) -> Result<()>,
 ) -> Result<()> {
     let delay = fault::chunk_delay();
@@ -99,11 +120,18 @@ fn read_image(
         if let Some(d) = delay {
             std::thread::sleep(d);
         }
-        let resp = client.call(&Request::ReadImage {
-            name: name.into(),
-            offset,
-            len: MAX_IMAGE_CHUNK as u32,
-        })?;
+        // Only the first request of the stream may lose its answer.
+        let phase = fault_phase.filter(|_| offset == 0);
+        let resp = call_at(
+            client,
+            phase,
+            "ReadImage",
+            &Request::ReadImage {
+                name: name.into(),
+                offset,
+                len: MAX_IMAGE_CHUNK as u32,
+            },
+        )?;
         let data = match resp {
             Response::ImageChunk { data } if !data.is_empty() => data,
             Response::ImageChunk { .. } => bail!("{vm} ended the image at {offset} of {len} bytes"),
@@ -316,19 +344,28 @@ pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> 
     hold_traffic(s, &src.name, rec.locator, true);
     fault::point("freeze");
     let started = Instant::now();
-    let mut commit_sent = false;
-    let outcome = move_frozen(
-        &mut src_c,
-        &mut dst_c,
-        &src,
-        &dst,
-        &rec.name,
-        next_epoch,
-        &mut commit_sent,
-    );
-    let (image_len, t_frozen, t_transferred, t_running) = match outcome {
+    let frozen = freeze_and_stream(&mut src_c, &mut dst_c, &src, &dst, &rec.name, started)
+        .and_then(|times| {
+            // The commit rule: the destination must be alive right before
+            // `commit-sent` goes on record (if it is dead already the move
+            // rolls back, which is safe: no commit was sent); once on record
+            // (saved and fsync'd), a destination that dies makes the
+            // capsule lost, never thawed at the source.
+            answers(&mut dst_c, &dst).with_context(|| {
+                format!(
+                    "the destination {} does not answer before the commit",
+                    dst.name
+                )
+            })?;
+            let mut sent = intent.clone();
+            sent.phase = Phase::CommitSent;
+            write_intent(s, &mut map, &rec.name, &sent)?;
+            intent = sent;
+            Ok(times)
+        });
+    let (image_len, t_frozen, t_transferred) = match frozen {
         Ok(times) => times,
-        Err(e) if !commit_sent => {
+        Err(e) => {
             // The destination never got the commit: it runs nothing. Drop its
             // restore (on a new connection: the old one may be what failed),
             // then resume the capsule at the source.
@@ -339,13 +376,14 @@ pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> 
             });
             return Err(roll_back(s, &mut map, &rec, &intent, e));
         }
+    };
+    let t_running = match send_commit(&mut dst_c, &dst, &rec.name, next_epoch) {
+        Ok(_) => started.elapsed(),
         Err(e) => {
             // The commit was sent: the destination may run the capsule now.
-            // Ask every VM what it holds, and finish or roll back from that.
+            // Ask every VM what it holds, and finish or settle from that.
             settle_after_commit(s, &mut map, &rec, &intent, e)?;
-            // It runs at the destination; the answer with its times is lost.
-            let t = started.elapsed();
-            (0, t, t, t)
+            started.elapsed()
         }
     };
     if map.get(&rec.name).is_some_and(|r| r.intent.is_none()) {
@@ -369,10 +407,7 @@ pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> 
         });
     }
     fault::point("release");
-    let released = src_c.call(&Request::ReleaseCapsule {
-        name: rec.name.clone(),
-        forward_to: dst.ip,
-    });
+    release_source(s, &mut src_c, &src, &dst, &rec.name, next_epoch);
     let t_released = started.elapsed();
     hold_traffic(s, &src.name, rec.locator, false);
     fault::point("directory");
@@ -381,12 +416,16 @@ pub fn migrate(s: &LabSession, name: &str, to: &str) -> Result<MigrationReport> 
         epoch: next_epoch,
         release_from: None,
     };
-    close_intent(s, &mut map, &rec, &intent, moved)?;
-    if let Err(e) = released.and_then(|r| expect_done(r, "to release the capsule", &src.name)) {
-        eprintln!(
-            "capsulectl: warning: '{name}' runs on {} but {} did not release it: {e:#}",
-            dst.name, src.name
-        );
+    let recorded = if fault::action("directory") == Some(fault::Action::DropAnswer) {
+        Err(anyhow!(
+            "the directory write failed (fault injection at directory)"
+        ))
+    } else {
+        close_intent(s, &mut map, &rec, &intent, moved)
+    };
+    if let Err(e) = recorded {
+        // Whatever the VMs hold decides, as `recover` would.
+        settle_after_commit(s, &mut map, &rec, &intent, e)?;
     }
     let transfer = t_transferred - t_frozen;
     Ok(MigrationReport {
@@ -494,13 +533,16 @@ fn settle_after_commit(
                 rec.name
             );
         }
+        let settled = match &decision {
+            Decision::Lost { why } => format!("'{}' is lost: {why}", rec.name),
+            Decision::Thaw { vm, .. } | Decision::Keep { vm, .. } => {
+                format!("'{}' keeps running on {vm}", rec.name)
+            }
+            _ => format!("'{}' was settled", rec.name),
+        };
         return match close_intent(s, map, rec, intent, decision) {
             Ok(()) if complete => Ok(()),
-            Ok(()) => Err(e.context(format!(
-                "'{}' keeps running on {}",
-                rec.name,
-                intent.from.as_deref().unwrap_or("?")
-            ))),
+            Ok(()) => Err(e.context(settled)),
             Err(left) => Err(e.context(format!(
                 "'{}' is left as it is with its move on record: {left:#}",
                 rec.name
@@ -542,13 +584,6 @@ pub fn thaw(s: &LabSession, name: &str) -> Result<String> {
         .ok_or_else(|| anyhow!("'{name}' did not come back: {}", done.outcome))
 }
 
-type Phases = (
-    u64,
-    std::time::Duration,
-    std::time::Duration,
-    std::time::Duration,
-);
-
 /// Streams the image of `name` that the source holds (`len` bytes) to the
 /// destination: one thread reads chunks from the source while this one
 /// writes them, so neither waits for the whole image.
@@ -559,6 +594,7 @@ fn stream_image(
     dst: &VmRecord,
     name: &str,
     len: u64,
+    faults: bool,
 ) -> Result<()> {
     let (tx, rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(8);
     std::thread::scope(|scope| -> Result<()> {
@@ -568,18 +604,27 @@ fn stream_image(
         let rx = rx;
         // The sender moves into the reader, so the channel closes when it ends.
         let reader = scope.spawn(move || {
-            read_image(src_c, &src.name, name, len, |off, data| {
+            let phase = faults.then_some("transfer");
+            read_image(src_c, &src.name, name, len, phase, |off, data| {
                 tx.send((off, data))
                     .map_err(|_| anyhow!("the destination stopped taking the image"))
             })
         });
         for (offset, data) in rx.iter() {
+            // The last chunk is where a test may lose the answer at `restore`.
+            let last = offset + data.len() as u64 >= len;
+            let phase = (faults && last).then_some("restore");
             expect_done(
-                dst_c.call(&Request::RestoreChunk {
-                    name: name.into(),
-                    offset,
-                    data,
-                })?,
+                call_at(
+                    dst_c,
+                    phase,
+                    "the last RestoreChunk",
+                    &Request::RestoreChunk {
+                        name: name.into(),
+                        offset,
+                        data,
+                    },
+                )?,
                 "an image chunk",
                 &dst.name,
             )?;
@@ -602,7 +647,12 @@ fn precopy(
     name: &str,
     admission_len: u64,
 ) -> Result<u64> {
-    let base_len = match src_c.call(&Request::PrecopyCapsule { name: name.into() })? {
+    let base_len = match call_at(
+        src_c,
+        Some("precopy"),
+        "PrecopyCapsule",
+        &Request::PrecopyCapsule { name: name.into() },
+    )? {
         Response::Frozen { image_len } => image_len,
         Response::Error { code, message } => bail!(
             "{} refused to pre-copy '{name}': {message} ({})",
@@ -616,7 +666,7 @@ fn precopy(
     };
     // The base is the capsule's identity: the destination admits it and
     // maps its window, then the pages follow while the capsule runs on.
-    stream_image(src_c, dst_c, src, dst, name, base_len)?;
+    stream_image(src_c, dst_c, src, dst, name, base_len, false)?;
     expect_done(
         dst_c.call(&Request::RestoreStage { name: name.into() })?,
         "the base image",
@@ -715,20 +765,23 @@ fn stream_pages(
     })
 }
 
-/// Freeze (only pages written since the pre-copy), stream, commit. Returns
-/// the delta's length and the times (since the freeze request) when the
-/// capsule was frozen, the image was across, and it ran at the destination.
-fn move_frozen(
+/// Freeze (only pages written since the pre-copy) and stream the delta to
+/// the destination. Returns the delta's length and the times (since
+/// `start`) when the capsule was frozen and the image was across.
+fn freeze_and_stream(
     src_c: &mut ControlClient,
     dst_c: &mut ControlClient,
     src: &VmRecord,
     dst: &VmRecord,
     name: &str,
-    epoch: u64,
-    commit_sent: &mut bool,
-) -> Result<Phases> {
-    let start = Instant::now();
-    let image_len = match src_c.call(&Request::FreezeDelta { name: name.into() })? {
+    start: Instant,
+) -> Result<(u64, std::time::Duration, std::time::Duration)> {
+    let image_len = match call_at(
+        src_c,
+        Some("freeze"),
+        "FreezeDelta",
+        &Request::FreezeDelta { name: name.into() },
+    )? {
         Response::Frozen { image_len } => image_len,
         Response::Error { code, message } => bail!(
             "{} refused to freeze '{name}': {message} ({})",
@@ -742,12 +795,32 @@ fn move_frozen(
     };
     let t_frozen = start.elapsed();
     fault::point("transfer");
-    stream_image(src_c, dst_c, src, dst, name, image_len)?;
+    stream_image(src_c, dst_c, src, dst, name, image_len, true)?;
     let t_transferred = start.elapsed();
     fault::point("restore");
-    // From here on the destination may run the capsule: a failure no longer
-    // means the source can simply take it back.
-    *commit_sent = true;
+    Ok((image_len, t_frozen, t_transferred))
+}
+
+/// Whether the destination is alive and answers, asked right before the
+/// commit is put on record: its QEMU runs and it answers on `c`.
+fn answers(c: &mut ControlClient, vm: &VmRecord) -> Result<()> {
+    if !vm.pid.is_some_and(|pid| crate::lab::is_our_qemu(pid, vm)) {
+        bail!("{} is dead (its QEMU is gone)", vm.name);
+    }
+    match c.call(&Request::Version)? {
+        Response::Version { .. } => Ok(()),
+        other => bail!("unexpected answer to Version from {}: {other:?}", vm.name),
+    }
+}
+
+/// Sends the commit to the destination (the intent says `commit-sent`
+/// already) and reads its answer.
+fn send_commit(
+    dst_c: &mut ControlClient,
+    dst: &VmRecord,
+    name: &str,
+    epoch: u64,
+) -> Result<CapsuleInfo> {
     let request = Request::RestoreCommit {
         name: name.into(),
         epoch,
@@ -762,7 +835,6 @@ fn move_frozen(
     let info = commit(dst_c, &dst.name, &request)
         .with_context(|| format!("the destination {} did not take the capsule", dst.name))?;
     fault::point("commit-answered");
-    let t_running = start.elapsed();
     if info.state != CapsuleState::Running {
         bail!(
             "{} restored '{name}' but it is {}",
@@ -770,7 +842,62 @@ fn move_frozen(
             info.state.label()
         );
     }
-    Ok((image_len, t_frozen, t_transferred, t_running))
+    Ok(info)
+}
+
+/// Releases the source's frozen copy once the destination runs the
+/// capsule: its held packets go to the destination. A lost answer is asked
+/// again on a new connection (a copy already released is gone: `NotFound`
+/// means done); if the source still does not confirm, it is fenced at
+/// `epoch`, which ends its old copy, and a warning says so.
+fn release_source(
+    s: &LabSession,
+    src_c: &mut ControlClient,
+    src: &VmRecord,
+    dst: &VmRecord,
+    name: &str,
+    epoch: u64,
+) {
+    let request = Request::ReleaseCapsule {
+        name: name.into(),
+        forward_to: dst.ip,
+    };
+    let lose = ["commit-answered", "release"]
+        .into_iter()
+        .find(|p| fault::action(p) == Some(fault::Action::DropAnswer));
+    let first = call_at(src_c, lose, "ReleaseCapsule", &request)
+        .and_then(|r| expect_done(r, "to release the capsule", &src.name));
+    let Err(first) = first else { return };
+    let again = s.connect(src).and_then(|mut c| match c.call(&request)? {
+        Response::Done
+        | Response::Error {
+            code: ErrorCode::NotFound,
+            ..
+        } => Ok(()),
+        other => expect_done(other, "to release the capsule", &src.name),
+    });
+    if again.is_ok() {
+        eprintln!(
+            "capsulectl: warning: the answer of {} to the release of '{name}' was lost ({first:#}); asked again: released",
+            src.name
+        );
+        return;
+    }
+    let fenced = s.connect(src).and_then(|mut c| {
+        c.call(&Request::Fence {
+            name: name.into(),
+            epoch,
+        })
+    });
+    eprintln!(
+        "capsulectl: warning: '{name}' runs on {} but {} did not release it ({first:#}); {}",
+        dst.name,
+        src.name,
+        match fenced {
+            Ok(_) => format!("its old copy is fenced at epoch {epoch}"),
+            Err(e) => format!("fencing it failed too ({e:#}); its next fence ends the old copy"),
+        }
+    );
 }
 
 /// A fresh random nonce for sealing an image.
@@ -837,7 +964,7 @@ pub fn suspend(s: &LabSession, name: &str, out: &Path) -> Result<(CapsuleRecord,
             format!("suspend '{name}' {} -> {}", vm.name, out.display()),
         );
         let mut bytes = Vec::with_capacity(image_len as usize);
-        read_image(&mut c, &vm.name, &rec.name, image_len, |_, data| {
+        read_image(&mut c, &vm.name, &rec.name, image_len, None, |_, data| {
             progress.inc(data.len() as u64);
             bytes.extend_from_slice(&data);
             Ok(())

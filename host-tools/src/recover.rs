@@ -15,6 +15,10 @@
 //!   or is dead: thaw it there at a new epoch and fence everyone else;
 //! - no copy anywhere, and the VM that held it is dead: the capsule is lost,
 //!   and the directory says so;
+//! - the commit was sent (the intent is at `commit-sent`) and the
+//!   destination is dead: lost too — the destination may have run the
+//!   capsule, so the source's frozen copy is out of date; it is fenced, never
+//!   thawed;
 //! - a VM that matters is alive but silent: nothing is decided; try again.
 //!
 //! Whatever it decides, no VM is ever told to run a copy while another copy
@@ -30,7 +34,7 @@ use serde::Serialize;
 
 use crate::capsules::LabSession;
 use crate::directory::{self, CapsuleRecord, DirectoryMap};
-use crate::journal::{self, Intent, IntentKind, Outcome};
+use crate::journal::{self, Intent, IntentKind, Outcome, Phase};
 
 /// One copy of a capsule as a VM reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,6 +137,20 @@ pub fn decide(
         return Decision::Keep {
             vm: from.to_string(),
             epoch: c.epoch,
+        };
+    }
+    // The commit went out and the destination died: it may have run the
+    // capsule and answered its clients, so the frozen source copy is out of
+    // date and must never run. Nothing current survived.
+    if intent.phase == Phase::CommitSent
+        && let Some(to) = intent.to.as_deref()
+        && views.get(to) == Some(&VmView::Dead)
+    {
+        return Decision::Lost {
+            why: format!(
+                "{to} died after the commit was sent to it (it may have run the capsule, so \
+                 the frozen copy on {from} is out of date)"
+            ),
         };
     }
     // Whoever is silent might run a new copy, or be about to: wait for them.
@@ -385,7 +403,10 @@ pub fn apply(
         }
         Decision::Lost { why } => {
             // Past anything that might still surface (a VM restarted with a
-            // copy from an older image, say).
+            // copy from an older image, say). A frozen copy left behind (the
+            // source of a move whose commit went out) is fenced there too: it
+            // is out of date and must never run.
+            fence_others(s, name, rec.locator, intent.next_epoch + 1, None);
             map.note_epoch(name, intent.next_epoch + 1);
             let r = map.get_mut(name).expect("record exists");
             r.intent = None;
@@ -614,6 +635,29 @@ mod tests {
         }
         let v = views(&[("vm2", VmView::Silent)]);
         assert!(matches!(decide(&i, &v, None), Decision::Undecided { .. }));
+    }
+
+    #[test]
+    fn a_dead_destination_after_commit_sent_means_lost_never_a_thaw() {
+        let mut i = intent(IntentKind::Move, Some("vm1"), Some("vm2"));
+        i.phase = Phase::CommitSent;
+        let v = views(&[("vm1", answered(&[(Frozen, 3)])), ("vm2", VmView::Dead)]);
+        assert!(matches!(decide(&i, &v, None), Decision::Lost { why } if why.contains("vm2")));
+        // It answered with no copy: the commit never took; thawing is safe.
+        let v = views(&[("vm1", answered(&[(Frozen, 3)])), ("vm2", answered(&[]))]);
+        assert_eq!(
+            decide(&i, &v, None),
+            Decision::Thaw {
+                vm: "vm1".into(),
+                epoch: 5
+            }
+        );
+        // Silent: it may still run it; nothing is decided.
+        let v = views(&[("vm1", answered(&[(Frozen, 3)])), ("vm2", VmView::Silent)]);
+        assert!(matches!(decide(&i, &v, None), Decision::Undecided { .. }));
+        // It runs the new copy: the move completes, dead source or not.
+        let v = views(&[("vm1", VmView::Dead), ("vm2", answered(&[(Running, 4)]))]);
+        assert!(matches!(decide(&i, &v, None), Decision::Complete { vm, .. } if vm == "vm2"));
     }
 
     #[test]

@@ -139,7 +139,16 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     f.write_all(bytes)?;
     f.sync_all()?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
+    fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    // The rename is durable only once the directory that holds the name is
+    // on disk too (a crash could otherwise bring back the old file).
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    fs::File::open(parent)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync directory {}", parent.display()))
 }
 
 /// Writes the raw cluster key to `dir/cluster.key`, mode 0600 from the
