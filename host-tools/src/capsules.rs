@@ -126,6 +126,45 @@ impl LabSession {
     }
 }
 
+impl crate::recover::Env for LabSession {
+    fn lab_name(&self) -> &str {
+        &self.lab.name
+    }
+
+    fn vms(&self) -> &[VmRecord] {
+        &self.lab.vms
+    }
+
+    fn connect(&self, vm: &VmRecord) -> Result<crate::recover::Conn> {
+        LabSession::connect(self, vm).map(|c| Box::new(c) as crate::recover::Conn)
+    }
+
+    fn is_alive(&self, vm: &VmRecord) -> bool {
+        vm.pid.is_some_and(|pid| lab::is_our_qemu(pid, vm))
+    }
+
+    fn save_map(&self, map: &DirectoryMap) -> Result<()> {
+        directory::save(&self.dir, map)
+    }
+
+    fn log_intent(&self, capsule: &str, intent: &crate::journal::Intent) -> Result<()> {
+        crate::journal::log_intent(&self.dir, capsule, intent)
+    }
+
+    fn log_outcome(
+        &self,
+        capsule: &str,
+        outcome: &crate::journal::Outcome,
+        by: &str,
+    ) -> Result<()> {
+        crate::journal::log_outcome(&self.dir, capsule, outcome, by)
+    }
+
+    fn vm(&self, name: &str) -> Result<&VmRecord> {
+        LabSession::vm(self, name)
+    }
+}
+
 /// What `run` needs.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {

@@ -14,6 +14,39 @@ use capsules_wire::control::{
     frame,
 };
 
+/// What a move needs of a control connection to one VM: the real one is
+/// [`ControlClient`]; unit tests of the move use a fake VM
+/// (`crate::migrate::fake`). `Send`, so that a stream can read from one VM
+/// in a thread while writing to another.
+pub trait Transport: Send {
+    /// Sends one request and returns its verified answer.
+    fn call(&mut self, request: &Request) -> Result<Response>;
+    /// Sends a request and never reads its answer; the connection is of no
+    /// further use.
+    fn send_only(&mut self, request: &Request) -> Result<()>;
+    /// The request is carried out but its answer is lost: read and thrown
+    /// away (fault injection). The connection is of no further use.
+    fn lose_answer(&mut self, request: &Request) -> Result<()> {
+        self.call(request).map(|_| ())
+    }
+    /// The kernel build the VM runs (from its hello).
+    fn build_id(&self) -> Vec<u8>;
+}
+
+impl Transport for ControlClient {
+    fn call(&mut self, request: &Request) -> Result<Response> {
+        ControlClient::call(self, request)
+    }
+
+    fn send_only(&mut self, request: &Request) -> Result<()> {
+        ControlClient::send_only(self, request)
+    }
+
+    fn build_id(&self) -> Vec<u8> {
+        self.hello().build_id.clone()
+    }
+}
+
 /// One authenticated control connection.
 pub struct ControlClient {
     stream: TcpStream,

@@ -32,9 +32,44 @@ use anyhow::{Result, bail};
 use capsules_wire::control::{CapsuleInfo, CapsuleState, ErrorCode, Request, Response};
 use serde::Serialize;
 
-use crate::capsules::LabSession;
-use crate::directory::{self, CapsuleRecord, DirectoryMap};
-use crate::journal::{self, Intent, IntentKind, Outcome, Phase};
+use crate::control::Transport;
+use crate::directory::{CapsuleRecord, DirectoryMap};
+use crate::journal::{Intent, IntentKind, Outcome, Phase};
+use crate::state::VmRecord;
+
+/// A control connection to one VM, as an [`Env`] opens it.
+pub type Conn = Box<dyn Transport>;
+
+/// What a move and its recovery need from the lab: its VMs (to connect to,
+/// and to know whether their QEMU still runs), and the directory and
+/// journal (to write intents and outcomes). The real one is
+/// `crate::capsules::LabSession`; unit tests use a fake lab
+/// (`crate::migrate::fake`).
+pub trait Env {
+    /// The lab's name, for messages.
+    fn lab_name(&self) -> &str;
+    /// Every VM of the lab.
+    fn vms(&self) -> &[VmRecord];
+    /// Opens a control connection to `vm`.
+    fn connect(&self, vm: &VmRecord) -> Result<Conn>;
+    /// Whether `vm`'s QEMU still runs (a dead VM holds nothing, and is not
+    /// worth a connection attempt).
+    fn is_alive(&self, vm: &VmRecord) -> bool;
+    /// Saves the directory map (atomically, fsync'd).
+    fn save_map(&self, map: &DirectoryMap) -> Result<()>;
+    /// Appends an intent to the journal.
+    fn log_intent(&self, capsule: &str, intent: &Intent) -> Result<()>;
+    /// Appends an outcome to the journal.
+    fn log_outcome(&self, capsule: &str, outcome: &Outcome, by: &str) -> Result<()>;
+
+    /// The VM called `name`.
+    fn vm(&self, name: &str) -> Result<&VmRecord> {
+        self.vms()
+            .iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| anyhow::anyhow!("unknown VM '{name}' in lab '{}'", self.lab_name()))
+    }
+}
 
 /// One copy of a capsule as a VM reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,10 +237,13 @@ pub struct Recovered {
 /// What one VM holds of `name`; a RestoreAbort goes first on `to`, so that a
 /// commit still queued there has taken effect, or never will, before it is
 /// asked (its control service handles requests in order).
-fn view(s: &LabSession, vm: &str, name: &str, abort_first: bool) -> VmView {
+fn view(s: &dyn Env, vm: &str, name: &str, abort_first: bool) -> VmView {
     let Ok(rec) = s.vm(vm) else {
         return VmView::Dead;
     };
+    if !s.is_alive(rec) {
+        return VmView::Dead;
+    }
     let answer = s.connect(rec).and_then(|mut c| {
         if abort_first {
             c.call(&Request::RestoreAbort { name: name.into() })?;
@@ -214,7 +252,7 @@ fn view(s: &LabSession, vm: &str, name: &str, abort_first: bool) -> VmView {
     });
     match answer {
         Ok(Response::Capsules(list)) => VmView::Answered(copies_of(&list, name)),
-        _ if !rec.pid.is_some_and(|pid| crate::lab::is_our_qemu(pid, rec)) => VmView::Dead,
+        _ if !s.is_alive(rec) => VmView::Dead,
         _ => VmView::Silent,
     }
 }
@@ -230,9 +268,8 @@ fn copies_of(list: &[CapsuleInfo], name: &str) -> Vec<Copy> {
 }
 
 /// Every VM's view of `name`.
-pub fn views(s: &LabSession, name: &str, abort_on: Option<&str>) -> BTreeMap<String, VmView> {
-    s.lab
-        .vms
+pub fn views(s: &dyn Env, name: &str, abort_on: Option<&str>) -> BTreeMap<String, VmView> {
+    s.vms()
         .iter()
         .map(|vm| {
             let abort = abort_on == Some(vm.name.as_str());
@@ -244,9 +281,10 @@ pub fn views(s: &LabSession, name: &str, abort_on: Option<&str>) -> BTreeMap<Str
 /// Tells every answering VM but `keep` that epoch `epoch` of `name` is the
 /// committed one (older copies end there), and lets them send what they
 /// held for the locator. Best effort: a VM that does not answer learns it
-/// at its next fence, and refuses nothing it should not meanwhile.
-pub fn fence_others(s: &LabSession, name: &str, locator: Ipv4Addr, epoch: u64, keep: Option<&str>) {
-    for vm in &s.lab.vms {
+/// at its next fence, and refuses nothing it should not meanwhile. Dead VMs
+/// are skipped (a connection attempt would only wait for its timeout).
+pub fn fence_others(s: &dyn Env, name: &str, locator: Ipv4Addr, epoch: u64, keep: Option<&str>) {
+    for vm in s.vms().iter().filter(|vm| s.is_alive(vm)) {
         let _ = s.connect(vm).and_then(|mut c| {
             if Some(vm.name.as_str()) != keep {
                 c.call(&Request::Fence {
@@ -261,9 +299,9 @@ pub fn fence_others(s: &LabSession, name: &str, locator: Ipv4Addr, epoch: u64, k
 
 /// Finishes or rolls back the open intent of `name` (the caller holds the
 /// directory lock and passes the map it loaded under it). Saves the map.
-pub fn recover_one(s: &LabSession, map: &mut DirectoryMap, name: &str) -> Result<Recovered> {
+pub fn recover_one(s: &dyn Env, map: &mut DirectoryMap, name: &str) -> Result<Recovered> {
     let Some(rec) = map.get(name).cloned() else {
-        bail!("no capsule named '{name}' in lab '{}'", s.lab.name);
+        bail!("no capsule named '{name}' in lab '{}'", s.lab_name());
     };
     let Some(intent) = rec.intent.clone() else {
         return Ok(Recovered {
@@ -286,7 +324,7 @@ pub fn recover_one(s: &LabSession, map: &mut DirectoryMap, name: &str) -> Result
 
 /// Carries out a decision and records its outcome.
 pub fn apply(
-    s: &LabSession,
+    s: &dyn Env,
     map: &mut DirectoryMap,
     rec: &CapsuleRecord,
     intent: &Intent,
@@ -307,7 +345,7 @@ pub fn apply(
                 "cannot finish or roll back '{name}' ({}) yet: {why}; the capsule stays as it is, \
                  try `capsulectl recover {name} --lab {}` again",
                 intent.describe(),
-                s.lab.name
+                s.lab_name()
             )
         }
         Decision::Complete {
@@ -318,13 +356,10 @@ pub fn apply(
             if let Some(from) = &release_from {
                 let to_ip = s.vm(&vm)?.ip;
                 let _ = s.vm(from).and_then(|f| {
-                    s.call(
-                        f,
-                        &Request::ReleaseCapsule {
-                            name: name.into(),
-                            forward_to: to_ip,
-                        },
-                    )
+                    s.connect(f)?.call(&Request::ReleaseCapsule {
+                        name: name.into(),
+                        forward_to: to_ip,
+                    })
                 });
             }
             fence_others(s, name, rec.locator, epoch, Some(&vm));
@@ -417,15 +452,15 @@ pub fn apply(
             )
         }
     };
-    directory::save(&s.dir, map)?;
-    journal::log_outcome(&s.dir, name, &outcome, by)?;
+    s.save_map(map)?;
+    s.log_outcome(name, &outcome, by)?;
     Ok(result)
 }
 
 /// Recovers every capsule with an open intent (or just `only`). The caller
 /// holds the directory lock.
 pub fn recover_all(
-    s: &LabSession,
+    s: &dyn Env,
     map: &mut DirectoryMap,
     only: Option<&str>,
 ) -> Result<Vec<Recovered>> {
