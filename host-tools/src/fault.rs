@@ -11,9 +11,16 @@
 //! - `pause-MS` — it sleeps MS milliseconds there, and writes the phase's
 //!   name to `$CAPSULES_FAULT_MARK` first, so a test can kill a VM or take a
 //!   link down at exactly that point;
-//! - `drop-answer` — the request sent at this point is sent, but its answer
-//!   is never read (a lost answer). Only at `commit-sent`, where the commit
-//!   is sent before any action and its answer never read.
+//! - `drop-answer` — the request made at this point is sent and carried out,
+//!   but its answer is lost (read and thrown away; the connection is not
+//!   used again), at every phase of a move: `precopy` → `PrecopyCapsule`,
+//!   `freeze` → `FreezeDelta`, `transfer` → the delta's first `ReadImage`,
+//!   `restore` → the delta's last `RestoreChunk`, `commit-sent` →
+//!   `RestoreCommit` (sent, its answer never read), `commit-answered` and
+//!   `release` → `ReleaseCapsule` (the first request after the commit), and
+//!   `directory` → the final directory write fails once. The move then
+//!   settles from what the VMs hold (docs/architecture.md, "The stages of a
+//!   move").
 //!
 //! Phases, in the order a move passes them: `precopy`, `freeze`, `transfer`,
 //! `restore`, `commit-sent`, `commit-answered`, `release`, `directory`.
