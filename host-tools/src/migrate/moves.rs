@@ -407,6 +407,15 @@ impl<'a> Move<'a> {
         let first = call_at(&mut *self.src_c, lose, "ReleaseCapsule", &request)
             .and_then(|r| expect_done(r, "to release the capsule", &src.name));
         if let Err(first) = first {
+            // A dead source holds nothing: no connection attempt to wait for.
+            if !self.env.is_alive(src) {
+                eprintln!(
+                    "capsulectl: warning: '{name}' runs on {} but {} died before it confirmed the release ({first:#})",
+                    self.dst.name, src.name
+                );
+                self.times.t_released = Some(self.since_freeze());
+                return;
+            }
             let again = self
                 .env
                 .connect(src)
