@@ -17,8 +17,9 @@
 //! queued there), every VM is asked what it holds, and `crate::recover`
 //! decides. VMs that do not answer are asked again for up to
 //! [`SETTLE_TIMEOUT`]; if they stay silent the intent stays open for
-//! `capsulectl recover`. Before `commit-sent` is on record the answer is
-//! always "the source keeps (or thaws) its copy"; after it, the move
+//! `capsulectl recover`. Before `commit-sent` is on record the source keeps
+//! (or thaws) its copy — unless the source itself died, and with it the
+//! only copy; after it, the move
 //! completes if the destination runs the capsule, and if the destination
 //! died the capsule is lost: the source's frozen copy may be out of date (the
 //! destination may have run and answered clients), so it is fenced, never
