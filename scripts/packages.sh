@@ -23,6 +23,7 @@ declare -A test_programs=(
     [ip]=iproute2
     [ss]=iproute2
     [ping]=iputils-ping
+    [arping]=iputils-arping
     [socat]=socat
     [nc]=netcat-openbsd
     [curl]=curl

@@ -855,6 +855,9 @@ pub struct SwitchInfo {
     pub capsule_queue_drops: u64,
     pub held_drops: u64,
     pub tx_drops: u64,
+    /// ARP from another MAC claiming a running capsule's locator (two
+    /// copies); 0 from kernels that do not report it.
+    pub arp_conflicts: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -910,6 +913,7 @@ impl VmInfo {
             capsule_queue_drops: s.switch.capsule_queue_drops,
             held_drops: s.switch.held_drops,
             tx_drops: s.switch.tx_drops,
+            arp_conflicts: s.switch.arp_conflicts,
         });
         self
     }

@@ -81,6 +81,9 @@ pub fn vm_table(vms: &[VmInfo]) -> String {
                 v.switch.as_ref().map_or_else(dash, |s| {
                     format!("{}/{}/{}", s.capsule_queue_drops, s.held_drops, s.tx_drops)
                 }),
+                v.switch
+                    .as_ref()
+                    .map_or_else(dash, |s| s.arp_conflicts.to_string()),
                 match (&v.build_id, v.build_id_matches) {
                     (Some(id), Some(false)) => format!("{id} (MISMATCH)"),
                     (Some(id), _) => id.clone(),
@@ -102,6 +105,7 @@ pub fn vm_table(vms: &[VmInfo]) -> String {
             "RX/TX PKTS",
             "NEIGHBOURS",
             "DROPS Q/HOLD/TX",
+            "ARP CONFLICTS",
             "BUILD ID",
         ],
         &rows,
@@ -260,6 +264,7 @@ mod tests {
                 capsule_queue_drops: 44,
                 held_drops: 2,
                 tx_drops: 0,
+                arp_conflicts: 5,
             }),
             error: (state == "unreachable").then(|| "timed out".into()),
         }
@@ -284,6 +289,7 @@ mod tests {
                 "(1",
                 "evicted)",
                 "44/2/0",
+                "5",
                 "ab01"
             ]
         );
@@ -300,6 +306,8 @@ mod tests {
         assert_eq!(arr[1]["build_id"], serde_json::Value::Null);
         assert_eq!(arr[0]["switch"]["capsule_queue_drops"], 44);
         assert_eq!(arr[0]["switch"]["neighbour_evictions"], 1);
+        assert_eq!(arr[0]["switch"]["arp_conflicts"], 5);
+        assert!(t.starts_with("VM ") && t.lines().next().unwrap().contains("ARP CONFLICTS"));
     }
 
     #[test]

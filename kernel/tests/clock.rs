@@ -89,7 +89,7 @@ fn uptime_ns() -> u64 {
 /// Moves the capsule "away and back": freeze, release, and restore its
 /// image (changed by `edit`) at the next epoch.
 fn move_back(net: &mut Network, epoch: &mut u64, edit: impl FnOnce(&mut CapsuleImage)) {
-    let frozen = migrate::freeze(NAME, KEY).unwrap();
+    let frozen = migrate::freeze(NAME, KEY, net).unwrap();
     migrate::release(NAME, Ipv4Addr::new(192, 0, 2, 12), net).unwrap();
     let mut image = CapsuleImage::decode(&frozen, KEY).unwrap();
     edit(&mut image);

@@ -166,7 +166,7 @@ fn freeze_stops_the_capsule_and_thaw_resumes_it() {
             PUBLISHED.load(Ordering::Relaxed) > 5,
             "the capsule did not run"
         );
-        let image = migrate::freeze("c", KEY).unwrap();
+        let image = migrate::freeze("c", KEY, net).unwrap();
         assert_eq!(state_of("c"), Some(CapsuleState::Frozen));
         let at_freeze = PUBLISHED.load(Ordering::Relaxed);
         kloop::run_for(net, None, 50_000_000);
@@ -176,9 +176,9 @@ fn freeze_stops_the_capsule_and_thaw_resumes_it() {
             "a frozen capsule ran"
         );
         // A second freeze of a frozen capsule is refused.
-        assert!(migrate::freeze("c", KEY).is_err());
+        assert!(migrate::freeze("c", KEY, net).is_err());
         // At epoch 2 from here: its images restore above it, at 3.
-        migrate::thaw("c", 2).unwrap();
+        migrate::thaw("c", 2, net).unwrap();
         kloop::run_for(net, None, 50_000_000);
         assert!(
             PUBLISHED.load(Ordering::Relaxed) > at_freeze,
@@ -210,7 +210,7 @@ fn a_capsule_stopped_inside_api_calls_leaves_no_kernel_state_locked() {
             .unwrap();
             // A different stopping point every round.
             kloop::run_for(net, None, 15_000_000 + round * 731_000);
-            migrate::freeze("asker", KEY).unwrap();
+            migrate::freeze("asker", KEY, net).unwrap();
             capsule::kill("asker", net).unwrap();
             // Would spin for ever if the task had died holding a lock.
             assert_eq!(capsule::vm_name(), "test-vm");
@@ -227,7 +227,7 @@ fn a_capsule_stopped_inside_api_calls_leaves_no_kernel_state_locked() {
 fn image_carries_the_whole_capsule() {
     with_net(|net| {
         assert_counter_healthy(net, "c");
-        let image = migrate::freeze("c", KEY).unwrap();
+        let image = migrate::freeze("c", KEY, net).unwrap();
         let decoded = CapsuleImage::decode(&image, KEY).unwrap();
         assert_eq!(
             (
@@ -385,7 +385,7 @@ fn precopy_then_delta_restores_the_latest_state() {
             PUBLISHED.load(Ordering::Relaxed) > at_base,
             "capsule did not run after the pre-copy"
         );
-        let delta = migrate::freeze_delta("p", KEY).unwrap();
+        let delta = migrate::freeze_delta("p", KEY, net).unwrap();
         assert!(
             migrate::read_pages("p", 0).is_err(),
             "pages were read from a frozen capsule"

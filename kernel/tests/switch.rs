@@ -4,6 +4,9 @@
 //! the pace the NIC takes them, and the neighbour table stays bounded under
 //! an ARP flood. NIC 0 carries the capsules; NIC 1 plays a host (and "the
 //! other VM") on the same LAN, answering ARP and counting what arrives.
+//! Who answers ARP for a locator: a frozen capsule's VM gives it up to the
+//! first other MAC that claims it, thaw claims it back, and a running
+//! capsule's locator claimed elsewhere is counted as a conflict.
 
 #![no_std]
 #![no_main]
@@ -248,6 +251,200 @@ fn run_with_peer(lab: &mut Lab, ms: u64, answers: &[Ipv4Addr]) -> PeerLog {
     log
 }
 
+/// An ARP packet the peer received: (operation, sender MAC, sender address,
+/// target address).
+type ArpSeen = (ArpOperation, [u8; 6], Ipv4Addr, Ipv4Addr);
+
+/// Runs the VM for `ms` and returns every ARP packet the peer received.
+fn peer_arp(lab: &mut Lab, ms: u64) -> Vec<ArpSeen> {
+    let mut seen = Vec::new();
+    let end = time::since_boot_ns() + ms * 1_000_000;
+    while time::since_boot_ns() < end {
+        let busy = kloop::step(&mut lab.net, None);
+        while let Some(frame) = lab.peer.receive(|f| f.to_vec()) {
+            let Ok(eth) = EthernetFrame::new_checked(&frame[..]) else {
+                continue;
+            };
+            if eth.ethertype() != EthernetProtocol::Arp {
+                continue;
+            }
+            if let Ok(ArpRepr::EthernetIpv4 {
+                operation,
+                source_hardware_addr,
+                source_protocol_addr,
+                target_protocol_addr,
+                ..
+            }) = ArpPacket::new_checked(eth.payload()).and_then(|p| ArpRepr::parse(&p))
+            {
+                seen.push((
+                    operation,
+                    source_hardware_addr.0,
+                    source_protocol_addr,
+                    target_protocol_addr,
+                ));
+            }
+        }
+        if !busy {
+            kloop::idle(&lab.net);
+        }
+    }
+    seen
+}
+
+/// The peer (a host at `PEER`) asks who has `target`; returns the MACs that
+/// answered for it.
+fn who_answers(lab: &mut Lab, target: Ipv4Addr) -> Vec<[u8; 6]> {
+    let peer_mac = lab.peer.mac();
+    let request = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: EthernetAddress(peer_mac),
+        source_protocol_addr: PEER,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: target,
+    };
+    peer_send(lab, &arp_frame(peer_mac, [0xff; 6], &request));
+    peer_arp(lab, 100)
+        .into_iter()
+        .filter(|(op, _, src, dst)| *op == ArpOperation::Reply && *src == target && *dst == PEER)
+        .map(|(_, mac, _, _)| mac)
+        .collect()
+}
+
+/// Another VM (MAC `mac`, played by the peer's NIC) announces `locator`
+/// with a gratuitous ARP, as a destination does at the commit of a move.
+fn claim(lab: &mut Lab, locator: Ipv4Addr, mac: [u8; 6]) {
+    let garp = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: EthernetAddress(mac),
+        source_protocol_addr: locator,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: locator,
+    };
+    peer_send(lab, &arp_frame(mac, [0xff; 6], &garp));
+    let _ = peer_arp(lab, 50);
+}
+
+/// The destination VM of the tests below.
+const OTHER_VM_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xc5, 0x00, 0x77];
+
+/// A frozen capsule's VM answers ARP for its locator until another MAC
+/// claims it (the destination's gratuitous ARP at the commit); from then on
+/// it neither answers nor announces it, while its frozen copy waits for the
+/// release — and that claim is no conflict.
+fn a_frozen_source_stops_answering_arp_once_another_mac_claims_the_locator() {
+    with_lab(|lab| {
+        let loc = locator(24);
+        let vm_mac = lab.net.nic.mac();
+        start(lab, "arp-frozen", 24);
+        let _ = peer_arp(lab, 100);
+        assert_eq!(who_answers(lab, loc), [vm_mac], "a running capsule");
+        let _image = migrate::freeze("arp-frozen", KEY, &mut lab.net).unwrap();
+        assert_eq!(
+            who_answers(lab, loc),
+            [vm_mac],
+            "frozen, before anyone else claimed the locator"
+        );
+        let conflicts = lab.net.switch.status().arp_conflicts;
+        claim(lab, loc, OTHER_VM_MAC);
+        assert!(lab.net.switch.has_ceded(loc));
+        assert_eq!(
+            who_answers(lab, loc),
+            [] as [[u8; 6]; 0],
+            "the frozen source still answers ARP for {loc} after the commit"
+        );
+        // Nor does it announce it any more.
+        let Network { switch, nic, .. } = &mut lab.net;
+        switch.announce(nic, loc);
+        assert!(
+            peer_arp(lab, 50).iter().all(|(_, _, src, _)| *src != loc),
+            "the frozen source announced {loc} after giving it up"
+        );
+        assert_eq!(
+            lab.net.switch.status().arp_conflicts,
+            conflicts,
+            "a claim on a frozen capsule's locator counted as a conflict"
+        );
+        // Released: the mark goes with the capsule.
+        migrate::release("arp-frozen", PEER, &mut lab.net).unwrap();
+        assert!(!lab.net.switch.has_ceded(loc));
+        assert!(lab.net.switch.resident(loc).is_none());
+    });
+}
+
+/// A move that fails after the destination claimed the locator is rolled
+/// back with a thaw: the source claims it back with a gratuitous ARP and
+/// answers for it again.
+fn thaw_reclaims_the_locator_and_announces_it() {
+    with_lab(|lab| {
+        let loc = locator(25);
+        let vm_mac = lab.net.nic.mac();
+        start(lab, "arp-thawed", 25);
+        let _ = peer_arp(lab, 100);
+        let _image = migrate::freeze("arp-thawed", KEY, &mut lab.net).unwrap();
+        claim(lab, loc, OTHER_VM_MAC);
+        assert_eq!(who_answers(lab, loc), [] as [[u8; 6]; 0]);
+        migrate::thaw("arp-thawed", 2, &mut lab.net).unwrap();
+        let seen = peer_arp(lab, 100);
+        assert!(
+            seen.iter()
+                .any(|&(op, mac, src, dst)| op == ArpOperation::Request
+                    && mac == vm_mac
+                    && src == loc
+                    && dst == loc),
+            "no gratuitous ARP for {loc} after the thaw: {seen:?}"
+        );
+        assert!(!lab.net.switch.has_ceded(loc));
+        assert_eq!(who_answers(lab, loc), [vm_mac], "after the thaw");
+        // Running again: a claim now is a conflict, and it keeps answering.
+        let conflicts = lab.net.switch.status().arp_conflicts;
+        claim(lab, loc, OTHER_VM_MAC);
+        assert_eq!(lab.net.switch.status().arp_conflicts, conflicts + 1);
+        assert_eq!(who_answers(lab, loc), [vm_mac]);
+        capsule::kill("arp-thawed", &mut lab.net).unwrap();
+        let _ = peer_arp(lab, 50);
+    });
+}
+
+/// A running capsule's locator claimed by another MAC (a gratuitous ARP or
+/// an answer) is a sign of two copies: counted in `arp_conflicts`, which the
+/// VM's `Status` reports. ARP from its own VM's MAC, and about other
+/// addresses, is not.
+fn a_running_capsule_counts_a_conflict_when_another_mac_claims_its_locator() {
+    with_lab(|lab| {
+        let loc = locator(26);
+        let vm_mac = lab.net.nic.mac();
+        start(lab, "arp-running", 26);
+        let _ = peer_arp(lab, 100);
+        let before = lab.net.switch.status().arp_conflicts;
+        claim(lab, loc, vm_mac);
+        claim(lab, locator(27), OTHER_VM_MAC);
+        assert_eq!(
+            lab.net.switch.status().arp_conflicts,
+            before,
+            "ARP that claims nothing of this VM's counted as a conflict"
+        );
+        claim(lab, loc, OTHER_VM_MAC);
+        // An answer from another MAC for the locator, too.
+        let reply = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Reply,
+            source_hardware_addr: EthernetAddress(OTHER_VM_MAC),
+            source_protocol_addr: loc,
+            target_hardware_addr: EthernetAddress(vm_mac),
+            target_protocol_addr: MACHINE,
+        };
+        peer_send(lab, &arp_frame(OTHER_VM_MAC, vm_mac, &reply));
+        let _ = peer_arp(lab, 50);
+        assert_eq!(lab.net.switch.status().arp_conflicts, before + 2);
+        assert_eq!(lab.net.switch.counters.arp_conflicts, before + 2);
+        // It keeps running and answering: the conflict is for the
+        // orchestrator to settle.
+        assert!(!lab.net.switch.has_ceded(loc));
+        assert_eq!(who_answers(lab, loc), [vm_mac]);
+        capsule::kill("arp-running", &mut lab.net).unwrap();
+        let _ = peer_arp(lab, 50);
+    });
+}
+
 /// Checks that sequence numbers 0..MAX_QUEUED all arrived once, in the order
 /// they were sent. QEMU's hub may swap two frames when the peer's receive
 /// ring is full (a frame queued for it is overtaken by the next one), so a
@@ -275,7 +472,7 @@ fn held_packets_reach_a_capsule_that_arrives_on_the_holding_vm() {
         let _ = run_with_peer(lab, 100, &[]);
         // The mover leaves for "vm2" (its arena goes; a forwarding entry
         // stays), and this VM holds what its own capsules send it.
-        let image = migrate::freeze("mover", KEY).unwrap();
+        let image = migrate::freeze("mover", KEY, &mut lab.net).unwrap();
         migrate::release("mover", Ipv4Addr::new(192, 0, 2, 12), &mut lab.net).unwrap();
         let now = time::since_boot_ns();
         lab.net.switch.hold(locator(22), now + 10_000_000_000);
@@ -320,7 +517,7 @@ fn a_frozen_capsules_queue_counts_its_drops_and_its_release_leaves_whole() {
     with_lab(|lab| {
         start(lab, "frozen", 23);
         let _ = run_with_peer(lab, 100, &[]);
-        let _image = migrate::freeze("frozen", KEY).unwrap();
+        let _image = migrate::freeze("frozen", KEY, &mut lab.net).unwrap();
         let before = lab.net.switch.counters;
         let (peer_mac, vm_mac) = (lab.peer.mac(), lab.net.nic.mac());
         const SENT: u32 = MAX_QUEUED as u32 + 44;
@@ -488,6 +685,18 @@ fn kernel_main(_info: &'static BootInfo) -> ! {
             Test {
                 name: "a_released_hold_leaves_whole_and_its_excess_is_counted",
                 run: a_released_hold_leaves_whole_and_its_excess_is_counted,
+            },
+            Test {
+                name: "a_frozen_source_stops_answering_arp_once_another_mac_claims_the_locator",
+                run: a_frozen_source_stops_answering_arp_once_another_mac_claims_the_locator,
+            },
+            Test {
+                name: "thaw_reclaims_the_locator_and_announces_it",
+                run: thaw_reclaims_the_locator_and_announces_it,
+            },
+            Test {
+                name: "a_running_capsule_counts_a_conflict_when_another_mac_claims_its_locator",
+                run: a_running_capsule_counts_a_conflict_when_another_mac_claims_its_locator,
             },
             // Last: it ages the table with a clock five minutes ahead.
             Test {

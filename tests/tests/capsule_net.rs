@@ -2,7 +2,9 @@
 //! time: a lab whose capsule range is not the default carries capsule
 //! traffic between VMs and across moves (the range reaches the kernel on its
 //! command line), and a capsule that ran a while keeps its clock when it is
-//! resumed into a freshly booted lab. Run one at a time
+//! resumed into a freshly booted lab; and once a move committed, only the
+//! destination answers ARP for the capsule's locator, though the source
+//! still holds its frozen copy until the release. Run one at a time
 //! (`--test-threads=1`).
 
 use std::path::Path;
@@ -10,11 +12,12 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use capsules_system_tests::{
-    Lab, capsulectl_bin, capsulectl_ok, describe, require_clients, scratch_dir, unique_lab_name,
-    wait_for,
+    Lab, capsulectl_bin, capsulectl_ok, describe, require_clients, scratch_dir, text,
+    unique_lab_name, wait_for,
 };
 
 const REDIS_CLI: (&str, &str) = ("redis-cli", "redis-tools");
+const ARPING: (&str, &str) = ("arping", "iputils-arping");
 
 /// A lab of `vms` VMs with `--capsule-range RANGE`, torn down when dropped.
 fn lab_with_range(tag: &str, vms: usize, range: &str) -> Lab {
@@ -177,4 +180,120 @@ fn a_capsule_resumed_into_a_younger_lab_keeps_its_clock() {
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(second.redis_cli(&loc, &["EXISTS", "soon"]), "0");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The MACs in arping's reply lines ("Unicast reply from A [MAC]  T ms"),
+/// lower case, one per reply.
+fn arping_reply_macs(output: &str) -> Vec<String> {
+    output
+        .lines()
+        .filter(|l| l.contains("reply from"))
+        .filter_map(|l| {
+            let (_, rest) = l.split_once('[')?;
+            let (mac, _) = rest.split_once(']')?;
+            Some(mac.to_ascii_lowercase())
+        })
+        .collect()
+}
+
+/// A move stopped after its commit and before the release (capsulectl
+/// built with `fault-injection`, `CAPSULES_FAULT=release:pause-8000`): the
+/// capsule runs on vm2 while vm1 still holds its frozen copy. A host of the
+/// LAN that asks who has the locator (arping, broadcasts only) hears only
+/// from vm2: vm1 gave the locator up when vm2 announced it at the commit.
+/// Before, both VMs answered until the release (and for ever, had the
+/// release failed), so the host's ARP cache could point at the wrong VM.
+#[test]
+fn after_the_commit_only_the_destination_answers_arp_for_the_locator() {
+    require_clients(&[ARPING]);
+    let lab = Lab::up("arp", 2);
+    let loc = lab.run_locator("kv", "kv", &["--on", "vm1"], &[]);
+    let macs: Vec<(String, String)> = lab
+        .vm_ls()
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap_or_default().to_string(),
+                v["mac"].as_str().unwrap_or_default().to_ascii_lowercase(),
+            )
+        })
+        .collect();
+    let mac_of = |vm: &str| {
+        macs.iter()
+            .find(|(name, _)| name == vm)
+            .map(|(_, mac)| mac.clone())
+            .unwrap_or_else(|| panic!("no MAC of {vm} in vm ls: {macs:?}"))
+    };
+    let (source, destination) = (mac_of("vm1"), mac_of("vm2"));
+    let arping = |context: &str| {
+        let out = lab.exec(&[
+            "arping",
+            "-b",
+            "-c",
+            "3",
+            "-I",
+            capsulectl::netns::BRIDGE_NAME,
+            &loc,
+        ]);
+        let stdout = text(&out.stdout);
+        eprintln!("arping {loc} {context}:\n{stdout}");
+        (arping_reply_macs(&stdout), describe(&out))
+    };
+    // Before the move: vm1, and vm1 only.
+    let (replies, out) = arping("before the move");
+    assert!(!replies.is_empty(), "nobody answered for {loc}: {out}");
+    assert!(
+        replies.iter().all(|m| *m == source),
+        "before the move, replies for {loc} from {replies:?} (vm1 is {source}): {out}"
+    );
+
+    let dir = scratch_dir(&format!("{}-arp", lab.name));
+    let mark = dir.join("mark");
+    let child = Command::new(capsulectl_bin())
+        .args(["migrate", "kv", "--to", "vm2", "--lab", &lab.name])
+        .env("CAPSULES_FAULT", "release:pause-8000")
+        .env("CAPSULES_FAULT_MARK", &mark)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start capsulectl");
+    wait_for(
+        Duration::from_secs(60),
+        "migrate to pause after the commit",
+        || mark.exists().then_some(()),
+    );
+    // Committed, not released: vm1 holds a frozen copy, vm2 runs it.
+    let (replies, out) = arping("between the commit and the release");
+    let migrated = child.wait_with_output().expect("capsulectl output");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        migrated.status.success(),
+        "migrate: {}",
+        describe(&migrated)
+    );
+    assert!(
+        replies.contains(&destination),
+        "the destination vm2 ({destination}) did not answer for {loc}: {out}"
+    );
+    assert!(
+        replies.iter().all(|m| *m == destination),
+        "after the commit, replies for {loc} came from {replies:?}; only vm2 ({destination}) \
+         may answer, not the frozen source vm1 ({source}): {out}"
+    );
+    // After the release too; and no VM saw two copies.
+    let (replies, out) = arping("after the release");
+    assert!(
+        !replies.is_empty() && replies.iter().all(|m| *m == destination),
+        "after the release, replies for {loc} from {replies:?}: {out}"
+    );
+    for vm in lab.vm_ls() {
+        assert_eq!(
+            vm["switch"]["arp_conflicts"], 0,
+            "{}: ARP conflicts in {vm}",
+            vm["name"]
+        );
+    }
+    let table = lab.ctl_ok(&["vm", "ls"]);
+    assert!(table.contains("ARP CONFLICTS"), "vm ls:\n{table}");
 }

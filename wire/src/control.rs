@@ -736,6 +736,10 @@ pub struct SwitchStatus {
     /// Frames that found the transmit queue full (the NIC ring and the
     /// switch's paced queue behind it) or too many packets awaiting ARP.
     pub tx_drops: u64,
+    /// ARP from another MAC claiming the locator of a capsule running on
+    /// this VM: a sign that two copies run. The last field of `Status`,
+    /// optional on the wire: kernels from before it send none (read as 0).
+    pub arp_conflicts: u64,
 }
 
 /// Error classes a server reports. Each comes with a readable message.
@@ -887,7 +891,8 @@ impl Response {
                     .u64(s.switch.neighbour_evictions)
                     .u64(s.switch.capsule_queue_drops)
                     .u64(s.switch.held_drops)
-                    .u64(s.switch.tx_drops);
+                    .u64(s.switch.tx_drops)
+                    .u64(s.switch.arp_conflicts);
             }
             Response::ShuttingDown => {
                 w.u8(Self::SHUTTING_DOWN);
@@ -974,6 +979,12 @@ impl Response {
                     capsule_queue_drops: r.u64("capsule queue drops")?,
                     held_drops: r.u64("held drops")?,
                     tx_drops: r.u64("tx drops")?,
+                    // Optional trailing field: absent from older kernels.
+                    arp_conflicts: if r.remaining() == 0 {
+                        0
+                    } else {
+                        r.u64("arp conflicts")?
+                    },
                 },
             }),
             Self::SHUTTING_DOWN => Response::ShuttingDown,
@@ -1558,6 +1569,7 @@ mod tests {
                 capsule_queue_drops: 16,
                 held_drops: 17,
                 tx_drops: 18,
+                arp_conflicts: 19,
             },
         }
     }
@@ -1639,13 +1651,45 @@ mod tests {
         ] {
             let bytes = resp.encode();
             assert_eq!(Response::decode(&bytes).unwrap(), resp);
+            // A status may end before its optional last field (an older
+            // kernel's); see `a_status_without_arp_conflicts_still_decodes`.
+            let optional_tail = if matches!(resp, Response::Status(_)) {
+                8
+            } else {
+                0
+            };
             for cut in 0..bytes.len() {
+                if cut == bytes.len() - optional_tail {
+                    continue;
+                }
                 assert!(
                     Response::decode(&bytes[..cut]).is_err(),
                     "truncated {resp:?} at {cut} decoded"
                 );
             }
         }
+    }
+
+    /// Kernels from before `arp_conflicts` send a status of 18 u64s; it
+    /// decodes, with no conflicts. A partial last field is still an error.
+    #[test]
+    fn a_status_without_arp_conflicts_still_decodes() {
+        let new = Response::Status(status()).encode();
+        let old = &new[..new.len() - 8];
+        let Response::Status(decoded) = Response::decode(old).unwrap() else {
+            panic!("not a status");
+        };
+        let mut expected = status();
+        expected.switch.arp_conflicts = 0;
+        assert_eq!(decoded, expected);
+        assert_eq!(old.len(), 1 + 18 * 8);
+        for cut in 1..8 {
+            assert!(Response::decode(&new[..new.len() - cut]).is_err());
+        }
+        let Response::Status(decoded) = Response::decode(&new).unwrap() else {
+            panic!("not a status");
+        };
+        assert_eq!(decoded.switch.arp_conflicts, 19);
     }
 
     #[test]

@@ -134,7 +134,16 @@ fn fuzz_response_decoding() {
             match decoded {
                 Ok(response) => {
                     let again = response.encode();
-                    assert_eq!(again, input, "accepted input is not canonical");
+                    // The one accepted short form: a status from an older
+                    // kernel, without its last field (`arp_conflicts`),
+                    // comes back with that field as zero.
+                    let old_status = matches!(response, Response::Status(_))
+                        && again.len() == input.len() + 8
+                        && again.starts_with(input)
+                        && again.ends_with(&[0; 8]);
+                    if !old_status {
+                        assert_eq!(again, input, "accepted input is not canonical");
+                    }
                     assert_eq!(Response::decode(&again), Ok(response));
                     true
                 }

@@ -194,15 +194,31 @@ pub fn read_pages(name: &str, from: u64) -> Result<PageBatch, CapsuleError> {
 }
 
 /// Stops a running capsule at its safe points and returns its full image,
-/// sealed with `key`. Its packets are held from now on. Kernel loop only:
-/// every task is switched out, so none is inside kernel code.
-pub fn freeze(name: &str, key: &[u8]) -> Result<Vec<u8>, CapsuleError> {
-    snapshot(name, key, ImageKind::Full)
+/// sealed with `key`. Its packets are held from now on, and its locator is
+/// marked in the switch: this VM stops answering ARP for it once another
+/// MAC claims it (the destination, at the commit). Kernel loop only: every
+/// task is switched out, so none is inside kernel code.
+pub fn freeze(name: &str, key: &[u8], net: &mut Network) -> Result<Vec<u8>, CapsuleError> {
+    let image = snapshot(name, key, ImageKind::Full)?;
+    mark_frozen(name, net);
+    Ok(image)
+}
+
+/// Marks a frozen capsule's locator in the switch (see [`freeze`]).
+fn mark_frozen(name: &str, net: &mut Network) {
+    let locator = registry(|r| {
+        find_slot(r, name)
+            .and_then(|slot| r.capsules.get(&slot))
+            .map(|c| c.locator)
+    });
+    if let Some(locator) = locator {
+        net.switch.mark_frozen(locator);
+    }
 }
 
 /// Like [`freeze`], but the image holds only the pages written since
 /// [`precopy`] (a delta to complete the base the destination already has).
-pub fn freeze_delta(name: &str, key: &[u8]) -> Result<Vec<u8>, CapsuleError> {
+pub fn freeze_delta(name: &str, key: &[u8], net: &mut Network) -> Result<Vec<u8>, CapsuleError> {
     let precopied = registry(|r| {
         find_slot(r, name)
             .and_then(|slot| r.capsules.get(&slot))
@@ -214,7 +230,9 @@ pub fn freeze_delta(name: &str, key: &[u8]) -> Result<Vec<u8>, CapsuleError> {
             "no pre-copy was taken of this capsule",
         ));
     }
-    snapshot(name, key, ImageKind::Delta)
+    let image = snapshot(name, key, ImageKind::Delta)?;
+    mark_frozen(name, net);
+    Ok(image)
 }
 
 fn snapshot(name: &str, key: &[u8], kind: ImageKind) -> Result<Vec<u8>, CapsuleError> {
@@ -310,9 +328,11 @@ fn snapshot(name: &str, key: &[u8], kind: ImageKind) -> Result<Vec<u8>, CapsuleE
 
 /// Resumes a frozen capsule where it is (a move failed or was abandoned), as
 /// epoch `epoch`: above the frozen copy's, and not below this VM's fence.
-pub fn thaw(name: &str, epoch: u64) -> Result<(), CapsuleError> {
+/// Its locator is claimed back with a gratuitous ARP (another VM may have
+/// announced it meanwhile) and answered for here again.
+pub fn thaw(name: &str, epoch: u64, net: &mut Network) -> Result<(), CapsuleError> {
     super::check_fence(name, epoch)?;
-    registry(|r| {
+    let locator = registry(|r| {
         let slot = find_slot(r, name).ok_or_else(|| CapsuleError::NotFound(name.to_string()))?;
         let c = r.capsules.get_mut(&slot).expect("slot just found");
         if c.state != CapsuleState::Frozen {
@@ -334,8 +354,10 @@ pub fn thaw(name: &str, epoch: u64) -> Result<(), CapsuleError> {
             "capsule thawed on {}: the move did not happen",
             super::vm_name()
         );
-        Ok(())
-    })
+        Ok(c.locator)
+    })?;
+    net.switch.reclaim(&mut net.nic, locator);
+    Ok(())
 }
 
 /// The capsule runs on the VM at `via` now: forward the packets held for it

@@ -434,7 +434,7 @@ fn handle_request(
             }
         }
         Request::FreezeCapsule { name } => {
-            images.hand_out(name, capsule::migrate::freeze(name, key))
+            images.hand_out(name, capsule::migrate::freeze(name, key, net))
         }
         Request::ReadImage { name, offset, len } => match images.outgoing.get(name) {
             Some(image) => {
@@ -453,7 +453,7 @@ fn handle_request(
             images.hand_out(name, capsule::migrate::precopy(name, key))
         }
         Request::FreezeDelta { name } => {
-            images.hand_out(name, capsule::migrate::freeze_delta(name, key))
+            images.hand_out(name, capsule::migrate::freeze_delta(name, key, net))
         }
         Request::RestoreStage { name } => match images.incoming.remove(name) {
             Some(mut incoming) => {
@@ -498,7 +498,7 @@ fn handle_request(
         },
         Request::ThawCapsule { name, epoch } => {
             images.outgoing.remove(name);
-            match capsule::migrate::thaw(name, *epoch) {
+            match capsule::migrate::thaw(name, *epoch, net) {
                 Ok(()) => Response::Done,
                 Err(e) => capsule_error(e),
             }

@@ -6,6 +6,13 @@
 //! capsules of the same VM, announces capsules with gratuitous ARP, and drops
 //! (and counts) malformed frames.
 //!
+//! Who answers ARP for a locator: the VM where its capsule runs. A frozen
+//! capsule's locator is marked (`freeze`); its VM keeps answering for it
+//! until another MAC claims it (the destination's gratuitous ARP at the
+//! commit), then cedes it: no more answers, no announcements. Thaw reclaims
+//! it with a gratuitous ARP; detaching clears the mark. A running capsule's
+//! locator claimed by another MAC is counted (`arp_conflicts`): two copies.
+//!
 //! Everything it keeps is bounded, since ARP and IP from the LAN are
 //! unauthenticated: the neighbour table (learned only from ARP that concerns
 //! this VM, aged, least recently used evicted first), the packets waiting for
@@ -13,7 +20,7 @@
 //! the NIC's transmit ring. Whatever a bound turns away is counted and shows
 //! in the VM's `Status`.
 
-use alloc::collections::{BTreeMap, VecDeque};
+use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::vec::Vec;
 use core::net::Ipv4Addr;
 
@@ -83,6 +90,9 @@ pub struct SwitchCounters {
     /// Frames for which neither the NIC ring nor the outbox had room, or
     /// packets beyond `MAX_PENDING` waiting for ARP.
     pub tx_drops: u64,
+    /// ARP from another MAC claiming the locator of a running capsule here
+    /// (a sign that two copies run).
+    pub arp_conflicts: u64,
 }
 
 /// A capsule's inbound queue was full: the packet was dropped.
@@ -110,6 +120,11 @@ pub struct Switch {
     /// capsule locator range (capsules on other VMs answer ARP themselves).
     on_link: Ipv4Cidr,
     locators: BTreeMap<Ipv4Addr, u32>,
+    /// Locators of resident capsules that are frozen: their VM gives them up
+    /// to the first other MAC that claims them.
+    frozen: BTreeSet<Ipv4Addr>,
+    /// Frozen locators another MAC claimed: not answered, not announced.
+    ceded: BTreeSet<Ipv4Addr>,
     /// Forwarding entries of capsules that moved away: locator → (new VM's
     /// machine address, until when). Packets still arriving here go there.
     forwarding: BTreeMap<Ipv4Addr, (Ipv4Addr, u64)>,
@@ -150,6 +165,8 @@ impl Switch {
             gateway,
             on_link,
             locators: BTreeMap::new(),
+            frozen: BTreeSet::new(),
+            ceded: BTreeSet::new(),
             forwarding: BTreeMap::new(),
             holding: BTreeMap::new(),
             neighbours: BTreeMap::new(),
@@ -175,6 +192,32 @@ impl Switch {
                     .map(|packet| LocalDelivery { slot, packet }),
             );
         }
+    }
+
+    /// The capsule at `locator` is frozen: from now on this VM stops
+    /// answering ARP for it as soon as another MAC claims it (the commit of
+    /// its move announces it from the destination).
+    pub fn mark_frozen(&mut self, locator: Ipv4Addr) {
+        if self.locators.contains_key(&locator) {
+            self.frozen.insert(locator);
+        }
+    }
+
+    /// The frozen capsule at `locator` runs here again (thaw): it is
+    /// answered for again and announced, taking the locator back from
+    /// whoever claimed it meanwhile.
+    pub fn reclaim(&mut self, nic: &mut VirtioNet, locator: Ipv4Addr) {
+        self.frozen.remove(&locator);
+        self.ceded.remove(&locator);
+        if self.locators.contains_key(&locator) {
+            self.announce(nic, locator);
+        }
+    }
+
+    /// Whether this VM gave up answering ARP for `locator` (its frozen
+    /// capsule's locator was claimed by another MAC).
+    pub fn has_ceded(&self, locator: Ipv4Addr) -> bool {
+        self.ceded.contains(&locator)
     }
 
     /// Sends packets for `locator` on to `via` until `until_ns` (kernel time).
@@ -247,6 +290,7 @@ impl Switch {
             capsule_queue_drops: self.counters.capsule_queue_drops,
             held_drops: self.counters.held_drops,
             tx_drops: self.counters.tx_drops,
+            arp_conflicts: self.counters.arp_conflicts,
         }
     }
 
@@ -260,6 +304,8 @@ impl Switch {
 
     pub fn detach(&mut self, locator: Ipv4Addr) {
         self.locators.remove(&locator);
+        self.frozen.remove(&locator);
+        self.ceded.remove(&locator);
         self.pending
             .retain(|p| ipv4_src(&p.packet) != Some(locator));
     }
@@ -372,7 +418,33 @@ impl Switch {
             self.learn(source_protocol_addr, source_hardware_addr, now_ns);
             self.flush_pending(source_protocol_addr, nic);
         }
-        if operation == ArpOperation::Request && self.locators.contains_key(&target_protocol_addr) {
+        // Another MAC says it has a resident locator (a gratuitous ARP, an
+        // answer): a frozen capsule's locator goes to it (its move
+        // committed there); a running one's is a conflict.
+        if source_hardware_addr != self.mac && self.locators.contains_key(&source_protocol_addr) {
+            if self.frozen.contains(&source_protocol_addr) {
+                if self.ceded.insert(source_protocol_addr) {
+                    ::log::info!(
+                        "switch: {source_protocol_addr} claimed by {source_hardware_addr}: \
+                         no longer answering ARP for the frozen capsule"
+                    );
+                }
+            } else {
+                self.counters.arp_conflicts += 1;
+                // Logged at 1, 2, 4, 8…: a flood must not flood the log.
+                if self.counters.arp_conflicts.is_power_of_two() {
+                    ::log::warn!(
+                        "switch: {source_hardware_addr} claims {source_protocol_addr}, \
+                         which a running capsule here holds ({} such claims)",
+                        self.counters.arp_conflicts
+                    );
+                }
+            }
+        }
+        if operation == ArpOperation::Request
+            && self.locators.contains_key(&target_protocol_addr)
+            && !self.ceded.contains(&target_protocol_addr)
+        {
             let reply = ArpRepr::EthernetIpv4 {
                 operation: ArpOperation::Reply,
                 source_hardware_addr: self.mac,
@@ -383,6 +455,9 @@ impl Switch {
             self.send_arp(nic, source_hardware_addr, &reply);
             self.counters.arp_answered += 1;
             return Delivery::Answered;
+        }
+        if self.ceded.contains(&target_protocol_addr) {
+            return Delivery::Ignored;
         }
         // Everything else about ARP concerns the machine stack (its own
         // address, its own resolutions); it ignores the rest.
@@ -494,6 +569,9 @@ impl Switch {
 
     /// Announces that `locator` is now reached through this VM.
     pub fn announce(&mut self, nic: &mut VirtioNet, locator: Ipv4Addr) {
+        if self.ceded.contains(&locator) {
+            return;
+        }
         let garp = ArpRepr::EthernetIpv4 {
             operation: ArpOperation::Request,
             source_hardware_addr: self.mac,
