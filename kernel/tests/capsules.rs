@@ -26,7 +26,7 @@ use capsules_kernel::{arch, kloop, programs, sched, time};
 use capsules_wire::bootcfg::Ipv4Cidr;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
-    EthernetRepr, IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr,
+    EthernetRepr, IpProtocol, Ipv4Packet, Ipv4Repr, TcpPacket, TcpSeqNumber, UdpPacket, UdpRepr,
 };
 use spin::Mutex;
 
@@ -89,6 +89,21 @@ fn udp_echo(_: &[String]) -> Result<(), String> {
         socket
             .send_to(&buf[..n], addr, port)
             .map_err(|e| e.to_string())?;
+    }
+}
+
+/// Port of `listen-late`, which binds it only after a pause.
+const LATE_PORT: u16 = 7000;
+
+/// A program slow to reach its `bind`: a client that connects as soon as
+/// the capsule exists must not be refused.
+fn listen_late(_: &[String]) -> Result<(), String> {
+    api::sleep_ms(300);
+    let mut listener = api::TcpListener::bind(LATE_PORT).map_err(|e| e.to_string())?;
+    let mut stream = listener.accept().map_err(|e| e.to_string())?;
+    stream.write_all(b"late\n").map_err(|e| e.to_string())?;
+    loop {
+        api::sleep_ms(1000);
     }
 }
 
@@ -215,6 +230,11 @@ static PROGRAMS: &[Program] = &[
         name: "udp-many",
         description: "",
         main: udp_many,
+    },
+    Program {
+        name: "listen-late",
+        description: "",
+        main: listen_late,
     },
     Program {
         name: "crash-panic",
@@ -622,6 +642,53 @@ fn udp_frame(peer_mac: [u8; 6], vm_mac: [u8; 6], dst: Ipv4Addr, payload: &[u8]) 
     frame
 }
 
+fn tcp_syn(peer_mac: [u8; 6], vm_mac: [u8; 6], dst: Ipv4Addr, dst_port: u16) -> Vec<u8> {
+    const TCP_HEADER: usize = 20;
+    let ip = Ipv4Repr {
+        src_addr: PEER,
+        dst_addr: dst,
+        next_header: IpProtocol::Tcp,
+        payload_len: TCP_HEADER,
+        hop_limit: 64,
+    };
+    let mut frame = vec![0u8; 14 + ip.buffer_len() + TCP_HEADER];
+    let mut eth = EthernetFrame::new_unchecked(&mut frame);
+    EthernetRepr {
+        src_addr: EthernetAddress(peer_mac),
+        dst_addr: EthernetAddress(vm_mac),
+        ethertype: EthernetProtocol::Ipv4,
+    }
+    .emit(&mut eth);
+    let mut ipp = Ipv4Packet::new_unchecked(eth.payload_mut());
+    ip.emit(&mut ipp, &smoltcp::phy::ChecksumCapabilities::default());
+    let mut tcp = TcpPacket::new_unchecked(ipp.payload_mut());
+    tcp.set_src_port(40000);
+    tcp.set_dst_port(dst_port);
+    tcp.set_seq_number(TcpSeqNumber(1000));
+    tcp.set_header_len(TCP_HEADER as u8);
+    tcp.clear_flags();
+    tcp.set_syn(true);
+    tcp.set_window_len(8192);
+    tcp.fill_checksum(&PEER.into(), &dst.into());
+    frame
+}
+
+/// (SYN, ACK, RST) of every TCP segment from `src`.
+fn tcp_flags_from(frames: &[Vec<u8>], src: Ipv4Addr) -> Vec<(bool, bool, bool)> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            let eth = EthernetFrame::new_checked(f).ok()?;
+            let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+            if ip.next_header() != IpProtocol::Tcp || ip.src_addr() != src {
+                return None;
+            }
+            let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+            Some((tcp.syn(), tcp.ack(), tcp.rst()))
+        })
+        .collect()
+}
+
 fn udp_payloads(frames: &[Vec<u8>]) -> Vec<(Ipv4Addr, Vec<u8>)> {
     frames
         .iter()
@@ -699,6 +766,31 @@ fn switch_delivers_to_the_capsule_and_frames_its_reply() {
         );
         let frames = peer_frames(lab, 100);
         assert!(udp_payloads(&frames).is_empty());
+    });
+}
+
+/// `capsulectl run` answers once the capsule exists, before its program
+/// has run: a connection request arriving before the program's `bind` is
+/// held until it binds, not refused.
+fn a_connection_before_the_program_listens_is_not_refused() {
+    with_lab(|lab| {
+        let (peer_mac, vm_mac) = (lab.peer.mac(), lab.net.nic.mac());
+        let locator = Ipv4Addr::new(198, 18, 0, 22);
+        start(lab, "late", "listen-late", 22, 22);
+        send_frame(
+            &mut lab.peer,
+            &tcp_syn(peer_mac, vm_mac, locator, LATE_PORT),
+        );
+        let segments = tcp_flags_from(&peer_frames(lab, 1000), locator);
+        assert!(
+            !segments.iter().any(|&(_, _, rst)| rst),
+            "the early SYN was reset: {segments:?}"
+        );
+        assert!(
+            segments.contains(&(true, true, false)),
+            "no SYN-ACK once the program listened: {segments:?}"
+        );
+        capsule::kill("late", &mut lab.net).unwrap();
     });
 }
 
@@ -859,6 +951,10 @@ fn kernel_main(_info: &'static BootInfo) -> ! {
             Test {
                 name: "switch_delivers_to_the_capsule_and_frames_its_reply",
                 run: switch_delivers_to_the_capsule_and_frames_its_reply,
+            },
+            Test {
+                name: "a_connection_before_the_program_listens_is_not_refused",
+                run: a_connection_before_the_program_listens_is_not_refused,
             },
             Test {
                 name: "malformed_frames_are_dropped_and_counted",

@@ -679,7 +679,7 @@ fn poll_capsule(slot: u32, now: u64, net: &mut Network, local: &mut Vec<LocalDel
     // stack now, and the arena stays mapped until `reap`, which runs later in
     // this same loop.
     let root = unsafe { &mut *root };
-    let held = hold_syns_without_listener(root, &mut inbound);
+    let held = hold_syns_without_listener(root, &mut inbound, clock < STARTUP_GRACE_NS);
     let Network { nic, switch, .. } = net;
     let mut send = |packet: &[u8]| {
         // The switch's queues are kernel memory.
@@ -737,18 +737,27 @@ fn poll_capsule(slot: u32, now: u64, net: &mut Network, local: &mut Vec<LocalDel
 /// retransmits its SYN).
 const MAX_HELD_SYNS: usize = 64;
 
+/// For this long after it started (capsule clock), a capsule's program may not
+/// have reached its `bind` yet: `capsulectl run` answers as soon as the
+/// capsule exists, and a client connecting right away (under TCG, on a VM
+/// whose translation cache is still cold) can beat the program to it.
+const STARTUP_GRACE_NS: u64 = 2_000_000_000;
+
 /// Takes out of `inbound` the TCP SYNs for a listening port that has no free
-/// listening socket right now (every one is mid-handshake or accepted).
+/// listening socket right now (every one is mid-handshake or accepted) and,
+/// while the capsule is `starting`, for any port it does not listen on yet.
 /// smoltcp would answer them with a reset, which clients report as
-/// "connection refused"; held, they are retried after the next `accept`.
+/// "connection refused"; held, they are retried at every poll (after the next
+/// `accept` or `bind`).
 fn hold_syns_without_listener(
     root: &CapsuleRoot,
     inbound: &mut VecDeque<Vec<u8>>,
+    starting: bool,
 ) -> VecDeque<Vec<u8>> {
     use smoltcp::socket::{Socket, tcp};
     use smoltcp::wire::{IpProtocol, Ipv4Packet, TcpPacket};
     let mut held = VecDeque::new();
-    if root.listen_ports.is_empty() {
+    if root.listen_ports.is_empty() && !starting {
         return held;
     }
     let syn_port = |packet: &[u8]| -> Option<u16> {
@@ -777,6 +786,12 @@ fn hold_syns_without_listener(
                 *free -= 1;
                 return true;
             }
+            if held.len() < MAX_HELD_SYNS {
+                held.push_back(packet.clone());
+            }
+            false
+        }
+        Some(_) if starting => {
             if held.len() < MAX_HELD_SYNS {
                 held.push_back(packet.clone());
             }
