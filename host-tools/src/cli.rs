@@ -671,7 +671,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                     report.release_ms
                 );
                 println!(
-                    "downtime {:.1} ms (freeze -> running again), image {} bytes, total {:.1} ms",
+                    "downtime {:.1} ms (freeze -> running again), image {} bytes, freeze -> released {:.1} ms",
                     report.downtime_ms, report.image_bytes, report.total_ms
                 );
             }

@@ -644,6 +644,18 @@ mod tests {
     }
 
     #[test]
+    fn an_intent_that_cannot_be_written_gives_the_admission_back() {
+        let (lab, mut map) = FakeLab::new(2);
+        *lab.failing_saves.lock().unwrap() = 1;
+        let e = run(&lab, &mut map).unwrap_err();
+        assert!(format!("{e:#}").contains("directory write failed"), "{e:#}");
+        assert_eq!(lab.requests("vm2"), ["RestoreBegin", "RestoreAbort"]);
+        assert!(lab.world.lock().unwrap().vms["vm2"].incoming.is_none());
+        assert!(map.get("kv").unwrap().intent.is_none());
+        assert_eq!(lab.copies(), [copy("vm1", Running, 3)]);
+    }
+
+    #[test]
     fn a_failed_precopy_keeps_the_capsule_at_the_source() {
         for fault in [Fault::Refuse, Fault::LoseAnswer] {
             let (lab, mut map) = FakeLab::new(2);

@@ -62,6 +62,8 @@ pub struct MigrationReport {
     pub transfer_ms: f64,
     pub restore_ms: f64,
     pub release_ms: f64,
+    /// Freeze requested → the source released its copy (pre-copy before and
+    /// the directory write after are not in it).
     pub total_ms: f64,
     pub transfer_mib_s: f64,
 }
@@ -204,7 +206,17 @@ impl<'a> Move<'a> {
             Some(&dst.name),
             info.epoch,
         );
-        write_intent(env, map, &rec.name, &intent)?;
+        if let Err(e) = write_intent(env, map, &rec.name, &intent) {
+            // Nothing has stopped; the admission would otherwise hold the
+            // destination's memory until it goes stale.
+            if let Some(r) = map.get_mut(&rec.name) {
+                r.intent = None;
+            }
+            let _ = dst_c.call(&Request::RestoreAbort {
+                name: rec.name.clone(),
+            });
+            return Err(e);
+        }
         Ok(Self {
             env,
             map,
