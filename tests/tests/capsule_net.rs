@@ -265,6 +265,13 @@ fn after_the_commit_only_the_destination_answers_arp_for_the_locator() {
     );
     // Committed, not released: vm1 holds a frozen copy, vm2 runs it.
     let (replies, out) = arping("between the commit and the release");
+    // Still before the release (the pause is longer than arping), else the
+    // replies above would prove nothing about a frozen copy.
+    let on_source = lab.ctl_ok(&["debug", "capsules", "--vm", "vm1"]);
+    assert!(
+        on_source.lines().any(|l| l == "kv frozen"),
+        "vm1 should still hold the frozen kv while arping ran: {on_source}"
+    );
     let migrated = child.wait_with_output().expect("capsulectl output");
     let _ = std::fs::remove_dir_all(&dir);
     assert!(

@@ -36,13 +36,25 @@ const PHASES: [&str; 8] = [
     "directory",
 ];
 
-/// Every copy of `name` that a VM reports: (vm, state). VMs that do not
-/// answer (dead ones) report nothing.
+/// Every copy of `name` that a VM reports: (vm, state). A dead VM (its
+/// QEMU gone) reports nothing; a live one that does not answer fails the
+/// test, since it could hold a copy.
 fn copies_on_vms(lab: &Lab, name: &str) -> Vec<(String, String)> {
     let mut found = Vec::new();
     for vm in ["vm1", "vm2"] {
         let out = lab.ctl(&["debug", "capsules", "--vm", vm]);
         if !out.status.success() {
+            let listed = lab.vm_ls();
+            let state = listed
+                .iter()
+                .find(|v| v["name"] == vm)
+                .map(|v| v["state"].clone());
+            assert_eq!(
+                state,
+                Some(Value::from("dead")),
+                "{vm} did not list its capsules but is not dead: {}",
+                describe(&out)
+            );
             continue;
         }
         for line in text(&out.stdout).lines() {

@@ -211,7 +211,17 @@ impl From<DecodeError> for ImageError {
 /// nonce) with `key`: appends the SHA-256 of the content (zeros without
 /// `with_digest`) and the MAC. The one sealing step of the encoder, of
 /// [`reseal`] and of the fuzzers that build images field by field.
+///
+/// # Panics
+/// If `content` is shorter than an image header: callers build the content
+/// themselves, and an image without its nonce cannot be sealed (decoders
+/// check lengths before they reach the MAC).
 pub fn seal(mut content: Vec<u8>, key: &[u8], with_digest: bool) -> Vec<u8> {
+    assert!(
+        content.len() >= HEADER_LEN,
+        "seal: {} bytes of content, shorter than the {HEADER_LEN}-byte image header",
+        content.len()
+    );
     let digest = if with_digest {
         sha256(&[&content])
     } else {
