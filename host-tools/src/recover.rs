@@ -9,6 +9,10 @@
 //!
 //! - a copy runs at the intent's new epoch: the move took effect; finish it
 //!   (the source forwards what it held, older copies are fenced);
+//! - a copy at the new epoch that is not running (it ran, then exited or
+//!   faulted: the kernel keeps ended copies' records) took effect too: it
+//!   may have served clients, so the source's frozen copy is out of date:
+//!   recorded on that VM, the source fenced, never thawed;
 //! - the copy runs where it was: nothing moved; just clear the intent;
 //! - the copy is frozen where it was, and the destination answered (so it
 //!   has dropped any restore: the abort is ordered after a pending commit)
@@ -99,6 +103,18 @@ pub enum Decision {
         epoch: u64,
         release_from: Option<String>,
     },
+    /// The new copy took the commit on `vm` at `epoch` (so it may have
+    /// served clients), and has ended there since (exited, faulted,
+    /// killed) or is in `state` otherwise not running. The operation took
+    /// effect: record it there, as any capsule that ended; the source's
+    /// frozen copy is out of date (released from `release_from`, fenced
+    /// everywhere), never thawed.
+    Ended {
+        vm: String,
+        epoch: u64,
+        state: CapsuleState,
+        release_from: Option<String>,
+    },
     /// The copy runs on `vm` at `epoch`, where it was: nothing moved.
     Keep { vm: String, epoch: u64 },
     /// Thaw the frozen copy on `vm` at `epoch` (above every epoch the
@@ -143,14 +159,41 @@ pub fn decide(
             _ => None,
         })
         .max();
-    if let Some((epoch, vm)) = newest_running {
-        let release_from = intent.from.clone().filter(|from| {
-            *from != vm
+    let release_from = |vm: &str| {
+        intent.from.clone().filter(|from| {
+            from != vm
                 && copies(from).is_some_and(|c| c.iter().any(|c| c.state == CapsuleState::Frozen))
-        });
+        })
+    };
+    if let Some((epoch, vm)) = newest_running {
+        let release_from = release_from(&vm);
         return Decision::Complete {
             vm,
             epoch,
+            release_from,
+        };
+    }
+    // 1b. A copy in any other state at (or past) the new epoch: the commit
+    // took (a kernel lists no staged restore, only committed copies), the
+    // capsule may have served clients there before it ended. The frozen
+    // source is out of date whatever happened since.
+    let newest_other = views
+        .iter()
+        .filter_map(|(vm, v)| match v {
+            VmView::Answered(c) => c
+                .iter()
+                .filter(|c| c.epoch >= intent.next_epoch)
+                .map(|c| (c.epoch, vm.clone(), c.state.clone()))
+                .max_by_key(|(epoch, _, _)| *epoch),
+            _ => None,
+        })
+        .max_by_key(|(epoch, _, _)| *epoch);
+    if let Some((epoch, vm, state)) = newest_other {
+        let release_from = release_from(&vm);
+        return Decision::Ended {
+            vm,
+            epoch,
+            state,
             release_from,
         };
     }
@@ -322,6 +365,20 @@ pub fn recover_one(s: &dyn Env, map: &mut DirectoryMap, name: &str) -> Result<Re
     apply(s, map, &rec, &intent, decision, "recover")
 }
 
+/// Asks `from` to release its frozen copy of `name`, forwarding what it
+/// held to `to`. Best effort: a copy not released is fenced next.
+fn release(s: &dyn Env, name: &str, from: &str, to: &str) {
+    let Ok(to_ip) = s.vm(to).map(|v| v.ip) else {
+        return;
+    };
+    let _ = s.vm(from).and_then(|f| {
+        s.connect(f)?.call(&Request::ReleaseCapsule {
+            name: name.into(),
+            forward_to: to_ip,
+        })
+    });
+}
+
 /// Carries out a decision and records its outcome.
 pub fn apply(
     s: &dyn Env,
@@ -354,13 +411,7 @@ pub fn apply(
             release_from,
         } => {
             if let Some(from) = &release_from {
-                let to_ip = s.vm(&vm)?.ip;
-                let _ = s.vm(from).and_then(|f| {
-                    s.connect(f)?.call(&Request::ReleaseCapsule {
-                        name: name.into(),
-                        forward_to: to_ip,
-                    })
-                });
+                release(s, name, from, &vm);
             }
             fence_others(s, name, rec.locator, epoch, Some(&vm));
             let r = map.get_mut(name).expect("record exists");
@@ -374,6 +425,46 @@ pub fn apply(
                     epoch,
                 },
                 report("moved", Some(&vm), Some(epoch)),
+            )
+        }
+        Decision::Ended {
+            vm,
+            epoch,
+            state,
+            release_from,
+        } => {
+            // The frozen source lets go (its held packets go to where the
+            // capsule was last); everyone but `vm` is fenced at `epoch`,
+            // which ends the stale source copy and keeps the ended one on
+            // `vm` (its state and log stay visible in `ps` and `logs`).
+            if let Some(from) = &release_from {
+                release(s, name, from, &vm);
+            }
+            fence_others(s, name, rec.locator, epoch, Some(&vm));
+            eprintln!(
+                "capsulectl: '{name}' moved to {vm} (epoch {epoch}) and has {} there since; \
+                 the out-of-date copy on {} is not thawed",
+                match &state {
+                    CapsuleState::Faulted { reason } => format!("faulted ({reason})"),
+                    other => other.label().to_string(),
+                },
+                intent.from.as_deref().unwrap_or("the source")
+            );
+            let r = map.get_mut(name).expect("record exists");
+            r.vm = vm.clone();
+            r.epoch = epoch;
+            r.intent = None;
+            r.lost = None;
+            (
+                Outcome::Moved {
+                    vm: vm.clone(),
+                    epoch,
+                },
+                report(
+                    &format!("moved, then {}", state.label()),
+                    Some(&vm),
+                    Some(epoch),
+                ),
             )
         }
         Decision::Keep { vm, epoch } => {
@@ -597,13 +688,11 @@ mod tests {
 
     #[test]
     fn a_restored_but_uncommitted_copy_does_not_count() {
-        // The destination lists nothing running at the new epoch (a staged
-        // restore is not a copy): the source's frozen copy is the one.
+        // A staged restore is not listed (the kernel lists committed copies
+        // only), so the destination answers with nothing: the source's
+        // frozen copy is the one.
         let i = intent(IntentKind::Move, Some("vm1"), Some("vm2"));
-        let v = views(&[
-            ("vm1", answered(&[(Frozen, 3)])),
-            ("vm2", answered(&[(Frozen, 4)])),
-        ]);
+        let v = views(&[("vm1", answered(&[(Frozen, 3)])), ("vm2", answered(&[]))]);
         assert_eq!(
             decide(&i, &v, None),
             Decision::Thaw {
@@ -693,6 +782,40 @@ mod tests {
         // It runs the new copy: the move completes, dead source or not.
         let v = views(&[("vm1", VmView::Dead), ("vm2", answered(&[(Running, 4)]))]);
         assert!(matches!(decide(&i, &v, None), Decision::Complete { vm, .. } if vm == "vm2"));
+    }
+
+    #[test]
+    fn a_copy_that_ended_at_the_new_epoch_proves_the_commit_and_the_source_never_thaws() {
+        // vm2 took the commit at epoch 4, ran (and served), then faulted or
+        // exited; the commit's answer was lost. The kernel keeps the ended
+        // copy's record: the move took effect, the frozen source is stale.
+        let i = intent(IntentKind::Move, Some("vm1"), Some("vm2"));
+        let faulted = CapsuleState::Faulted {
+            reason: "page fault".into(),
+        };
+        for ended in [CapsuleState::Exited, faulted, CapsuleState::Killed] {
+            let v = views(&[
+                ("vm1", answered(&[(Frozen, 3)])),
+                ("vm2", answered(&[(ended.clone(), 4)])),
+            ]);
+            assert_eq!(
+                decide(&i, &v, None),
+                Decision::Ended {
+                    vm: "vm2".into(),
+                    epoch: 4,
+                    state: ended.clone(),
+                    release_from: Some("vm1".into()),
+                },
+                "{ended:?}"
+            );
+        }
+        // A running copy at the new epoch still wins over an ended one.
+        let v = views(&[
+            ("vm1", answered(&[(Frozen, 3)])),
+            ("vm2", answered(&[(CapsuleState::Exited, 4)])),
+            ("vm3", answered(&[(Running, 4)])),
+        ]);
+        assert!(matches!(decide(&i, &v, None), Decision::Complete { vm, .. } if vm == "vm3"));
     }
 
     #[test]

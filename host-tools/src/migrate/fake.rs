@@ -766,6 +766,60 @@ mod tests {
         assert_eq!(lab.copies(), [copy("vm1", Running, 5)]);
     }
 
+    /// An intent of a move of `kv` vm1 → vm2 left open at commit-sent (its
+    /// writer died), with vm1 holding the frozen copy at epoch 3.
+    fn left_at_commit_sent(lab: &FakeLab, map: &mut DirectoryMap) {
+        let mut i = Intent::new(
+            crate::journal::IntentKind::Move,
+            Some("vm1"),
+            Some("vm2"),
+            3,
+        );
+        i.phase = Phase::CommitSent;
+        map.get_mut("kv").unwrap().intent = Some(i);
+        let mut w = lab.world.lock().unwrap();
+        w.vms
+            .get_mut("vm1")
+            .unwrap()
+            .copies
+            .get_mut("kv")
+            .unwrap()
+            .state = Frozen;
+    }
+
+    #[test]
+    fn a_destination_copy_that_ended_after_the_commit_is_never_undone_by_a_thaw() {
+        let faulted = CapsuleState::Faulted {
+            reason: "page fault".into(),
+        };
+        for ended in [CapsuleState::Exited, faulted] {
+            let (lab, mut map) = FakeLab::new(2);
+            left_at_commit_sent(&lab, &mut map);
+            // vm2 ran the capsule at epoch 4, then it ended there.
+            lab.world
+                .lock()
+                .unwrap()
+                .vms
+                .get_mut("vm2")
+                .unwrap()
+                .copies
+                .insert(
+                    "kv".into(),
+                    FakeCopy {
+                        state: ended.clone(),
+                        epoch: 4,
+                    },
+                );
+            crate::recover::recover_one(&lab, &mut map, "kv").unwrap();
+            assert!(!lab.requests("vm1").contains(&"ThawCapsule"));
+            // The stale source is gone; the ended copy stays for `ps`/`logs`.
+            assert_eq!(lab.copies(), [copy("vm2", ended.clone(), 4)]);
+            let rec = map.get("kv").unwrap();
+            assert_eq!((rec.vm.as_str(), rec.epoch), ("vm2", 4), "{rec:?}");
+            assert!(rec.intent.is_none());
+        }
+    }
+
     #[test]
     fn a_source_dead_after_commit_sent_completes_at_the_destination() {
         let (lab, mut map) = FakeLab::new(2);

@@ -509,6 +509,10 @@ impl<'a> Move<'a> {
                     String::new()
                 }
                 Decision::Lost { why } => format!("'{name}' is lost: {why}"),
+                Decision::Ended { vm, state, .. } => format!(
+                    "'{name}' moved to {vm} but is {} there now (the old copy is not thawed)",
+                    state.label()
+                ),
                 Decision::Thaw { vm, .. } | Decision::Keep { vm, .. } => {
                     format!("'{name}' keeps running on {vm}")
                 }
@@ -635,6 +639,18 @@ pub fn thaw(s: &LabSession, name: &str) -> Result<String> {
         }
         Decision::Keep { vm, epoch } => {
             bail!("'{name}' is not frozen: it runs on {vm} (epoch {epoch}); nothing changed")
+        }
+        Decision::Ended {
+            vm, epoch, state, ..
+        } => {
+            let (vm, epoch, state) = (vm.clone(), *epoch, state.label());
+            let mut current = rec.clone();
+            current.intent = Some(intent.clone());
+            recover::apply(s, &mut map, &current, &intent, decision, "thaw")?;
+            bail!(
+                "'{name}' is not frozen: its newest copy (epoch {epoch}) is {state} on {vm}; \
+                 the directory now names it, and older copies were fenced"
+            )
         }
         _ => {}
     }
