@@ -20,7 +20,8 @@
 //! - no copy anywhere, and the VM that held it is dead: the capsule is lost,
 //!   and the directory says so;
 //! - the commit was sent (the intent is at `commit-sent`) and the
-//!   destination is dead: lost too — the destination may have run the
+//!   destination is dead — or runs another boot than the one the commit
+//!   went to (the intent records its QEMU pid): lost too — the destination may have run the
 //!   capsule, so the source's frozen copy is out of date; it is fenced, never
 //!   thawed;
 //! - a VM that matters is alive but silent: nothing is decided; try again.
@@ -226,7 +227,7 @@ pub fn decide(
     {
         return Decision::Lost {
             why: format!(
-                "{to} died after the commit was sent to it (it may have run the capsule, so \
+                "{to} died (or was restarted) after the commit was sent to it (it may have run the capsule, so \
                  the frozen copy on {from} is out of date)"
             ),
         };
@@ -321,6 +322,20 @@ pub fn views(s: &dyn Env, name: &str, abort_on: Option<&str>) -> BTreeMap<String
         .collect()
 }
 
+/// Every VM's view of `name` for `intent`: [`views`], with the restore at
+/// its destination aborted first, and the destination taken as dead when
+/// it runs another boot than the one the commit was sent to (restarted
+/// since: whatever that boot ran is gone).
+pub fn views_of(s: &dyn Env, name: &str, intent: &Intent) -> BTreeMap<String, VmView> {
+    let mut views = views(s, name, intent.to.as_deref());
+    if let (Some(to), Some(boot)) = (intent.to.as_deref(), intent.to_boot)
+        && s.vm(to).is_ok_and(|vm| vm.pid != Some(boot))
+    {
+        views.insert(to.to_string(), VmView::Dead);
+    }
+    views
+}
+
 /// Tells every answering VM but `keep` that epoch `epoch` of `name` is the
 /// committed one (older copies end there), and lets them send what they
 /// held for the locator. Best effort: a VM that does not answer learns it
@@ -355,7 +370,7 @@ pub fn recover_one(s: &dyn Env, map: &mut DirectoryMap, name: &str) -> Result<Re
             epoch: Some(rec.epoch),
         });
     };
-    let views = views(s, name, intent.to.as_deref());
+    let views = views_of(s, name, &intent);
     let file_epoch = intent.file.as_deref().and_then(|f| {
         crate::migrate::load_image_file(f)
             .ok()

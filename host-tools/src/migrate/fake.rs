@@ -40,6 +40,9 @@ pub enum Fault {
     DieBefore,
     /// The VM falls silent before it reads the request.
     SilentBefore,
+    /// The VM carries the request out, then falls silent: its answer and
+    /// everything after it are lost.
+    SilentAfter,
 }
 
 /// A copy of a capsule on a fake VM.
@@ -289,6 +292,11 @@ impl FakeConn {
             _ => vm.handle(&self.vm, request),
         };
         w.log.push((self.vm.clone(), k));
+        if fault == Some(Fault::SilentAfter) {
+            w.vms.get_mut(&self.vm).expect("a fake VM").health = Health::Silent;
+            self.broken = true;
+            bail!("{}: no answer", self.vm);
+        }
         if fault == Some(Fault::LoseAnswer) || !want_answer {
             self.broken = true;
             bail!("{}: no answer (lost)", self.vm);
@@ -394,6 +402,19 @@ impl FakeLab {
             .unwrap()
             .faults
             .push((vm.into(), kind, nth, fault));
+    }
+
+    /// `vm` is booted again: a new QEMU (another pid), up, holding nothing.
+    pub fn reboot(&mut self, vm: &str) {
+        let rec = self.vms.iter_mut().find(|v| v.name == vm).unwrap();
+        rec.pid = rec.pid.map(|p| p + 1000);
+        let mut w = self.world.lock().unwrap();
+        let v = w.vms.get_mut(vm).unwrap();
+        v.health = Health::Up;
+        v.copies.clear();
+        v.incoming = None;
+        v.staged = None;
+        v.holding.clear();
     }
 
     pub fn set_health(&self, vm: &str, health: Health) {
@@ -818,6 +839,28 @@ mod tests {
             assert_eq!((rec.vm.as_str(), rec.epoch), ("vm2", 4), "{rec:?}");
             assert!(rec.intent.is_none());
         }
+    }
+
+    #[test]
+    fn a_destination_rebooted_after_commit_sent_is_dead_to_the_move() {
+        // vm2 takes the commit (and may serve clients), then hangs; the
+        // move cannot settle and leaves its intent at commit-sent.
+        let (mut lab, mut map) = FakeLab::new(2);
+        lab.fault("vm2", "RestoreCommit", 0, Fault::SilentAfter);
+        run(&lab, &mut map).unwrap_err();
+        assert_eq!(
+            lab.saved_record().unwrap().intent.unwrap().phase,
+            Phase::CommitSent
+        );
+        // vm2 is booted again (a new QEMU), and answers with nothing.
+        lab.reboot("vm2");
+        crate::recover::recover_one(&lab, &mut map, "kv").unwrap();
+        // The boot that got the commit is gone: lost, never thawed at vm1.
+        assert!(!lab.requests("vm1").contains(&"ThawCapsule"));
+        assert!(lab.copies().is_empty(), "{:?}", lab.copies());
+        let rec = map.get("kv").unwrap();
+        assert!(rec.intent.is_none());
+        assert!(rec.lost.as_deref().unwrap().contains("vm2"), "{rec:?}");
     }
 
     #[test]

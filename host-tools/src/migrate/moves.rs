@@ -358,6 +358,9 @@ impl<'a> Move<'a> {
                 self.dst.name
             )
         })?;
+        // Which boot of the destination gets the commit: one booted later
+        // never had it (`recover::views_of`).
+        self.intent.to_boot = self.dst.pid;
         self.set_phase(Phase::CommitSent)?;
         let (dst, name) = (&self.dst.name, &self.rec.name);
         let request = Request::RestoreCommit {
@@ -484,7 +487,7 @@ impl<'a> Move<'a> {
         let deadline = Instant::now() + self.settle_timeout;
         let name = self.rec.name.clone();
         loop {
-            let views = recover::views(self.env, &name, Some(&self.dst.name));
+            let views = recover::views_of(self.env, &name, &self.intent);
             let decision = recover::decide(&self.intent, &views, None);
             if let Decision::Undecided { why } = &decision {
                 if Instant::now() < deadline {
