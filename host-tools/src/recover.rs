@@ -328,12 +328,93 @@ pub fn views(s: &dyn Env, name: &str, abort_on: Option<&str>) -> BTreeMap<String
 /// since: whatever that boot ran is gone).
 pub fn views_of(s: &dyn Env, name: &str, intent: &Intent) -> BTreeMap<String, VmView> {
     let mut views = views(s, name, intent.to.as_deref());
+    rebooted_is_dead(s, intent, &mut views);
+    views
+}
+
+/// Takes the destination as dead when it runs another boot than the one
+/// the intent's commit was sent to.
+fn rebooted_is_dead(s: &dyn Env, intent: &Intent, views: &mut BTreeMap<String, VmView>) {
     if let (Some(to), Some(boot)) = (intent.to.as_deref(), intent.to_boot)
         && s.vm(to).is_ok_and(|vm| vm.pid != Some(boot))
     {
         views.insert(to.to_string(), VmView::Dead);
     }
-    views
+}
+
+/// The epoch of a suspend's image file, when it exists and verifies.
+fn file_epoch(intent: &Intent) -> Option<u64> {
+    intent.file.as_deref().and_then(|f| {
+        crate::migrate::load_image_file(f)
+            .ok()
+            .map(|(_, image)| image.epoch)
+    })
+}
+
+/// Capsules whose open intent names `vm`, as source or destination.
+pub fn intents_naming(map: &DirectoryMap, vm: &str) -> Vec<String> {
+    map.capsules
+        .values()
+        .filter(|r| {
+            r.intent
+                .as_ref()
+                .is_some_and(|i| i.from.as_deref() == Some(vm) || i.to.as_deref() == Some(vm))
+        })
+        .map(|r| r.name.clone())
+        .collect()
+}
+
+/// Checks, before `vm` is stopped for a reboot, that every open intent
+/// naming it can be decided once it is dead: asks the other VMs what they
+/// hold (and sends nothing that changes anything). An error names the
+/// first intent that would stay open.
+pub fn decidable_without(s: &dyn Env, map: &DirectoryMap, vm: &str) -> Result<()> {
+    for name in intents_naming(map, vm) {
+        let Some(intent) = map.get(&name).and_then(|r| r.intent.clone()) else {
+            continue;
+        };
+        let mut v = views(s, &name, None);
+        rebooted_is_dead(s, &intent, &mut v);
+        v.insert(vm.to_string(), VmView::Dead);
+        if let Decision::Undecided { why } = decide(&intent, &v, file_epoch(&intent)) {
+            bail!(
+                "'{name}' has an open {} that cannot be finished or undone even with {vm} \
+                 gone: {why}",
+                intent.describe()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Settles every open intent naming `vm`, whose QEMU is gone now (stopped
+/// for a reboot): once booted again it would answer with no copy, which
+/// must not pass for "the commit never took". Fails on the first intent
+/// that stays open.
+pub fn settle_intents_naming(
+    s: &dyn Env,
+    map: &mut DirectoryMap,
+    vm: &str,
+) -> Result<Vec<Recovered>> {
+    let mut done = Vec::new();
+    for name in intents_naming(map, vm) {
+        let r = recover_one(s, map, &name)?;
+        announce(&r);
+        done.push(r);
+    }
+    Ok(done)
+}
+
+fn announce(r: &Recovered) {
+    eprintln!(
+        "capsulectl: recovered '{}' from an interrupted {}: {}{}",
+        r.name,
+        r.intent,
+        r.outcome,
+        r.vm.as_deref()
+            .map(|vm| format!(" on {vm}"))
+            .unwrap_or_default()
+    );
 }
 
 /// Tells every answering VM but `keep` that epoch `epoch` of `name` is the
@@ -371,12 +452,7 @@ pub fn recover_one(s: &dyn Env, map: &mut DirectoryMap, name: &str) -> Result<Re
         });
     };
     let views = views_of(s, name, &intent);
-    let file_epoch = intent.file.as_deref().and_then(|f| {
-        crate::migrate::load_image_file(f)
-            .ok()
-            .map(|(_, image)| image.epoch)
-    });
-    let decision = decide(&intent, &views, file_epoch);
+    let decision = decide(&intent, &views, file_epoch(&intent));
     apply(s, map, &rec, &intent, decision, "recover")
 }
 
@@ -580,15 +656,7 @@ pub fn recover_all(
     let mut done = Vec::new();
     for name in open {
         let r = recover_one(s, map, &name)?;
-        eprintln!(
-            "capsulectl: recovered '{}' from an interrupted {}: {}{}",
-            r.name,
-            r.intent,
-            r.outcome,
-            r.vm.as_deref()
-                .map(|vm| format!(" on {vm}"))
-                .unwrap_or_default()
-        );
+        announce(&r);
         done.push(r);
     }
     Ok(done)

@@ -6,6 +6,8 @@
 //! final in the directory: each capsule recorded there is marked lost (with
 //! the reason), unless another VM runs it. A VM that answers and still runs
 //! capsules is only restarted with `--force`, since that ends those capsules.
+//! Open intents that name the VM are settled once its QEMU is gone, with the
+//! VM dead, before it boots again (`crate::recover::settle_intents_naming`).
 
 use std::fs;
 use std::time::Duration;
@@ -45,7 +47,13 @@ pub fn restart(lab_name: &str, vm_name: &str, force: bool) -> Result<Restarted> 
         .load_map()?
         .capsules
         .values()
-        .filter(|r| r.vm == vm.name && r.lost.is_none())
+        .filter(|r| r.lost.is_none())
+        .filter(|r| {
+            r.vm == vm.name
+                || r.intent.as_ref().is_some_and(|i| {
+                    i.from.as_deref() == Some(&vm.name) || i.to.as_deref() == Some(&vm.name)
+                })
+        })
         .map(|r| r.name.clone())
         .collect();
     let (_lock, mut map) = s.lock_map(None)?;
@@ -67,10 +75,24 @@ pub fn restart(lab_name: &str, vm_name: &str, force: bool) -> Result<Restarted> 
             Err(_) => "unreachable",
         }
     };
+    // An open intent that names this VM (left open because the VM hung, say)
+    // is settled with the VM dead, before it boots again: a fresh boot
+    // answers with no copy, which must not pass for "the commit never took"
+    // (the old boot may have run the capsule). If one could not be settled
+    // even then, nothing is done.
+    crate::recover::decidable_without(&s, &map, &vm.name)
+        .with_context(|| format!("{vm_name} is not restarted; nothing changed"))?;
     if alive {
         let stopped = lab::stop_vms(std::slice::from_ref(&vm), &s.key, true)?;
         lab::wait_reaped(stopped.into_iter());
     }
+    crate::recover::settle_intents_naming(&s, &mut map, &vm.name).with_context(|| {
+        format!(
+            "{vm_name} is stopped and not booted again while a move that names it is open: \
+             `capsulectl recover --lab {lab_name}` once the other VMs answer, then \
+             `capsulectl vm restart {vm_name}`"
+        )
+    })?;
     // What the VM held is gone for good now: record it, before anything else
     // can run, so that `ps` never shows these capsules as merely missing.
     // (A dead VM's capsules were marked when the map was locked.)
@@ -92,6 +114,7 @@ pub fn restart(lab_name: &str, vm_name: &str, force: bool) -> Result<Restarted> 
         .into_iter()
         .filter(|n| map.get(n).is_some_and(|r| r.lost.is_some()))
         .collect();
+    debug_assert!(crate::recover::intents_naming(&map, &vm.name).is_empty());
     let previous_serial_log = keep_previous_log(&vm)?;
     let (pid, boot) = boot(&s, &vm)?;
     Ok(Restarted {

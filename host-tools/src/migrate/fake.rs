@@ -864,6 +864,50 @@ mod tests {
     }
 
     #[test]
+    fn a_restart_settles_the_open_intents_naming_its_vm_with_the_vm_dead() {
+        // As `vm restart vm2 --force` does for a destination that hung after
+        // the commit: check, stop it, settle, boot it.
+        let (mut lab, mut map) = FakeLab::new(3);
+        lab.fault("vm2", "RestoreCommit", 0, Fault::SilentAfter);
+        run(&lab, &mut map).unwrap_err();
+        assert_eq!(crate::recover::intents_naming(&map, "vm2"), ["kv"]);
+        assert!(crate::recover::intents_naming(&map, "vm3").is_empty());
+        crate::recover::decidable_without(&lab, &map, "vm2").unwrap();
+        lab.set_health("vm2", Health::Dead);
+        let done = crate::recover::settle_intents_naming(&lab, &mut map, "vm2").unwrap();
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].outcome, "lost");
+        lab.reboot("vm2");
+        assert!(!lab.requests("vm1").contains(&"ThawCapsule"));
+        assert!(lab.copies().is_empty(), "{:?}", lab.copies());
+        let rec = lab.saved_record().unwrap();
+        assert!(rec.intent.is_none() && rec.lost.is_some(), "{rec:?}");
+    }
+
+    #[test]
+    fn a_restart_is_refused_while_an_intent_naming_its_vm_stays_undecidable() {
+        // A move from vm1 left frozen (answer lost), its destination silent:
+        // with vm1 gone too, vm2 may still have taken it. Restarting vm1
+        // must not be allowed to settle anything.
+        let (lab, mut map) = FakeLab::new(2);
+        let mut m = Move::admit(&lab, &mut map, "kv", "vm2", Instant::now()).unwrap();
+        m.step().unwrap();
+        m.step().unwrap();
+        drop(m);
+        lab.set_health("vm2", Health::Silent);
+        let before = lab.world.lock().unwrap().log.len();
+        let e = crate::recover::decidable_without(&lab, &map, "vm1").unwrap_err();
+        assert!(format!("{e:#}").contains("vm2 does not answer"), "{e:#}");
+        // Only asked: nothing was sent that changes anything.
+        let w = lab.world.lock().unwrap();
+        assert!(
+            w.log[before..].iter().all(|(_, k)| *k == "ListCapsules"),
+            "{:?}",
+            &w.log[before..]
+        );
+    }
+
+    #[test]
     fn a_source_dead_after_commit_sent_completes_at_the_destination() {
         let (lab, mut map) = FakeLab::new(2);
         let mut m = Move::admit(&lab, &mut map, "kv", "vm2", Instant::now())
