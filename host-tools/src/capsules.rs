@@ -140,7 +140,7 @@ impl crate::recover::Env for LabSession {
     }
 
     fn is_alive(&self, vm: &VmRecord) -> bool {
-        vm.pid.is_some_and(|pid| lab::is_our_qemu(pid, vm))
+        lab::vm_alive(vm)
     }
 
     fn save_map(&self, map: &DirectoryMap) -> Result<()> {
@@ -452,7 +452,7 @@ pub fn ps(s: &LabSession) -> Result<Vec<PsRow>> {
         .lab
         .vms
         .iter()
-        .filter(|vm| !vm.pid.is_some_and(|pid| crate::lab::is_our_qemu(pid, vm)))
+        .filter(|vm| !lab::vm_alive(vm))
         .map(|vm| vm.name.clone())
         .collect();
     Ok(join_rows(&map, &reports, &dead))

@@ -57,7 +57,7 @@ pub fn restart(lab_name: &str, vm_name: &str, force: bool) -> Result<Restarted> 
         .map(|r| r.name.clone())
         .collect();
     let (_lock, mut map) = s.lock_map(None)?;
-    let alive = vm.pid.is_some_and(|pid| lab::is_our_qemu(pid, &vm));
+    let alive = lab::vm_alive(&vm);
     let was = if !alive {
         "dead"
     } else {
@@ -200,12 +200,7 @@ pub fn mark_lost_on_dead_vms(
     s: &LabSession,
     map: &mut directory::DirectoryMap,
 ) -> Result<Vec<crate::recover::Recovered>> {
-    let dead: Vec<&VmRecord> = s
-        .lab
-        .vms
-        .iter()
-        .filter(|vm| !vm.pid.is_some_and(|pid| lab::is_our_qemu(pid, vm)))
-        .collect();
+    let dead: Vec<&VmRecord> = s.lab.vms.iter().filter(|vm| !lab::vm_alive(vm)).collect();
     let orphaned = |rec: &directory::CapsuleRecord| {
         rec.lost.is_none() && rec.intent.is_none() && dead.iter().any(|vm| vm.name == rec.vm)
     };
