@@ -457,13 +457,22 @@ pub fn recover_one(s: &dyn Env, map: &mut DirectoryMap, name: &str) -> Result<Re
 }
 
 /// Asks `from` to release its frozen copy of `name`, forwarding what it
-/// held to `to`. Best effort: a copy not released is fenced next.
+/// held to `to`. Best effort: a copy not released is fenced next. A dead
+/// `from` is skipped with a warning (it holds nothing; a connection attempt
+/// would only wait for its timeout).
 fn release(s: &dyn Env, name: &str, from: &str, to: &str) {
-    let Ok(to_ip) = s.vm(to).map(|v| v.ip) else {
+    let (Ok(to_ip), Ok(f)) = (s.vm(to).map(|v| v.ip), s.vm(from)) else {
         return;
     };
-    let _ = s.vm(from).and_then(|f| {
-        s.connect(f)?.call(&Request::ReleaseCapsule {
+    if !s.is_alive(f) {
+        eprintln!(
+            "capsulectl: warning: {from} died before it released '{name}': what it held for \
+             the capsule is lost with it"
+        );
+        return;
+    }
+    let _ = s.connect(f).and_then(|mut c| {
+        c.call(&Request::ReleaseCapsule {
             name: name.into(),
             forward_to: to_ip,
         })

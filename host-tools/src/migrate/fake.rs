@@ -330,6 +330,9 @@ pub struct FakeLab {
     pub saved: Mutex<Option<DirectoryMap>>,
     /// Journal lines: "intent PHASE" or "outcome OUTCOME by".
     pub journal: Mutex<Vec<String>>,
+    /// Every connection attempt, by VM name (a real one to a dead VM waits
+    /// for its timeout).
+    pub connects: Mutex<Vec<String>>,
 }
 
 impl FakeLab {
@@ -391,6 +394,7 @@ impl FakeLab {
             failing_saves: Mutex::new(0),
             saved: Mutex::new(None),
             journal: Mutex::new(Vec::new()),
+            connects: Mutex::new(Vec::new()),
         };
         (lab, map)
     }
@@ -468,6 +472,7 @@ impl Env for FakeLab {
     }
 
     fn connect(&self, vm: &VmRecord) -> Result<Conn> {
+        self.connects.lock().unwrap().push(vm.name.clone());
         let w = self.world.lock().unwrap();
         let v = w
             .vms
@@ -905,6 +910,37 @@ mod tests {
             "{:?}",
             &w.log[before..]
         );
+    }
+
+    #[test]
+    fn recovery_does_not_try_to_release_from_a_dead_source() {
+        let (lab, mut map) = FakeLab::new(2);
+        left_at_commit_sent(&lab, &mut map);
+        lab.world
+            .lock()
+            .unwrap()
+            .vms
+            .get_mut("vm2")
+            .unwrap()
+            .copies
+            .insert(
+                "kv".into(),
+                FakeCopy {
+                    state: Running,
+                    epoch: 4,
+                },
+            );
+        lab.set_health("vm1", Health::Dead);
+        let rec = map.get("kv").cloned().unwrap();
+        let intent = rec.intent.clone().unwrap();
+        let complete = crate::recover::Decision::Complete {
+            vm: "vm2".into(),
+            epoch: 4,
+            release_from: Some("vm1".into()),
+        };
+        crate::recover::apply(&lab, &mut map, &rec, &intent, complete, "test").unwrap();
+        assert!(!lab.connects.lock().unwrap().contains(&"vm1".to_string()));
+        assert_eq!(map.get("kv").unwrap().vm, "vm2");
     }
 
     #[test]
