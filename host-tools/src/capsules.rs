@@ -413,7 +413,7 @@ pub fn join_rows(
         if !recorded_found {
             let row = if c.lost.is_some() {
                 PsRow::of_record(c, "lost")
-            } else if dead.contains(&c.vm) && copies.is_empty() {
+            } else if dead.contains(&c.vm) && !copies.iter().any(|r| r.state == "running") {
                 let mut row = PsRow::of_record(c, "lost");
                 row.reason = Some(format!("{} died holding the only copy", c.vm));
                 row
@@ -762,6 +762,25 @@ mod tests {
         // Silent but alive: nothing is concluded.
         let rows = join_rows(&map, &reports, &[]);
         assert_eq!(rows[0].state, "unreachable");
+        // A copy elsewhere that does not run (frozen, ended) keeps nothing
+        // alive: the record is lost, and that copy shows as it is.
+        reports.insert(
+            "vm1".to_string(),
+            Some(vec![info("b", CapsuleState::Frozen)]),
+        );
+        let rows = join_rows(&map, &reports, &["vm2".to_string()]);
+        let seen: Vec<(&str, &str, &str)> = rows
+            .iter()
+            .map(|r| (r.name.as_str(), r.vm.as_str(), r.state.as_str()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("a", "vm2", "lost"),
+                ("b", "vm2", "lost"),
+                ("b", "vm1", "frozen")
+            ]
+        );
     }
 
     #[test]

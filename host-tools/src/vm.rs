@@ -13,7 +13,7 @@ use std::fs;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use capsules_wire::control::CapsuleInfo;
+use capsules_wire::control::{CapsuleInfo, CapsuleState, Request, Response};
 use serde::Serialize;
 
 use crate::capsules::LabSession;
@@ -21,6 +21,7 @@ use crate::directory;
 use crate::lab;
 use crate::netns;
 use crate::qemu::{self, Accel};
+use crate::recover::Env;
 use crate::state::{self, VmRecord};
 
 /// What `vm restart` did.
@@ -94,22 +95,17 @@ pub fn restart(lab_name: &str, vm_name: &str, force: bool) -> Result<Restarted> 
         )
     })?;
     // What the VM held is gone for good now: record it, before anything else
-    // can run, so that `ps` never shows these capsules as merely missing.
+    // can run, so that `ps` never shows these capsules as merely missing —
+    // or, when another VM runs a copy, point the record there.
     // (A dead VM's capsules were marked when the map was locked.)
-    let elsewhere = running_elsewhere(&s, &vm.name);
-    let mut ended = false;
-    for rec in map.capsules.values_mut() {
-        if rec.vm == vm.name && rec.lost.is_none() && !elsewhere.contains(&rec.name) {
-            rec.lost = Some(format!(
-                "{} was restarted with --force, ending the only copy",
-                vm.name
-            ));
-            ended = true;
+    let why = restart_reason(&vm.name, was, force);
+    settle_records_on_dead_vms(&s, &mut map, &|rec| {
+        if rec.vm == vm.name {
+            why.clone()
+        } else {
+            format!("{} died holding the only copy", rec.vm)
         }
-    }
-    if ended {
-        directory::save(&s.dir, &map)?;
-    }
+    })?;
     let lost = held_before
         .into_iter()
         .filter(|n| map.get(n).is_some_and(|r| r.lost.is_some()))
@@ -137,15 +133,40 @@ fn describe(running: &[CapsuleInfo]) -> String {
     )
 }
 
-/// Names of capsules that some other VM of the lab reports running.
-fn running_elsewhere(s: &LabSession, skip: &str) -> Vec<String> {
-    s.lab
-        .vms
+/// Why the copies a restarted VM held are lost, from how it was found:
+/// `was` is "dead", "running" or "unreachable" (see [`Restarted::was`]).
+fn restart_reason(vm: &str, was: &str, force: bool) -> String {
+    match (was, force) {
+        ("dead", _) => format!("{vm} died holding the only copy"),
+        ("running", true) => format!("{vm} was restarted with --force, ending the only copy"),
+        // It answered and listed no capsule: the copy was gone already.
+        ("running", false) => {
+            format!("{vm} was restarted; it no longer held the copy, and no other VM runs one")
+        }
+        _ => {
+            format!("{vm} was restarted with --force while it did not answer, ending the only copy")
+        }
+    }
+}
+
+/// Running copies of capsules on the live VMs of the lab, as (capsule, VM,
+/// epoch). Dead VMs are not asked (they hold nothing; a connection attempt
+/// would only wait for its timeout), nor are silent ones counted.
+fn running_copies(s: &dyn Env) -> Vec<(String, String, u64)> {
+    s.vms()
         .iter()
-        .filter(|v| v.name != skip)
-        .filter_map(|v| s.list_capsules(v).ok())
-        .flatten()
-        .map(|c| c.name)
+        .filter(|vm| s.is_alive(vm))
+        .filter_map(
+            |vm| match s.connect(vm).ok()?.call(&Request::ListCapsules) {
+                Ok(Response::Capsules(list)) => Some((vm.name.clone(), list)),
+                _ => None,
+            },
+        )
+        .flat_map(|(vm, list)| {
+            list.into_iter()
+                .filter(|c| c.state == CapsuleState::Running)
+                .map(move |c| (c.name, vm.clone(), c.epoch))
+        })
         .collect()
 }
 
@@ -191,31 +212,74 @@ fn boot(s: &LabSession, vm: &VmRecord) -> Result<(u32, Duration)> {
     Ok((pid, started.elapsed()))
 }
 
-/// Marks lost every capsule whose recorded VM is dead (its QEMU process is
-/// gone, so no copy is left there) when no other VM runs it, and saves the
-/// map if anything changed. Records with an open intent are left to
-/// `recover`, which decides them from every VM's view. Returns what it did,
-/// in `recover`'s terms.
+/// Settles every capsule whose recorded VM is dead (its QEMU process is
+/// gone, so no copy is left there), and saves the map if anything changed.
+/// When a live VM runs a copy at the record's epoch or later, the record
+/// points there (the newest) and every other VM is fenced at its epoch;
+/// else the capsule is marked lost ("VM died holding the only copy").
+/// Records with an open intent are left to `recover`, which decides them
+/// from every VM's view. Returns what it did, in `recover`'s terms.
 pub fn mark_lost_on_dead_vms(
-    s: &LabSession,
+    s: &dyn Env,
     map: &mut directory::DirectoryMap,
 ) -> Result<Vec<crate::recover::Recovered>> {
-    let dead: Vec<&VmRecord> = s.lab.vms.iter().filter(|vm| !lab::vm_alive(vm)).collect();
-    let orphaned = |rec: &directory::CapsuleRecord| {
-        rec.lost.is_none() && rec.intent.is_none() && dead.iter().any(|vm| vm.name == rec.vm)
-    };
-    if !map.capsules.values().any(orphaned) {
+    settle_records_on_dead_vms(s, map, &|rec| {
+        format!("{} died holding the only copy", rec.vm)
+    })
+}
+
+/// [`mark_lost_on_dead_vms`], with `why` saying why a record's copy is lost.
+fn settle_records_on_dead_vms(
+    s: &dyn Env,
+    map: &mut directory::DirectoryMap,
+    why: &dyn Fn(&directory::CapsuleRecord) -> String,
+) -> Result<Vec<crate::recover::Recovered>> {
+    let dead: Vec<&str> = s
+        .vms()
+        .iter()
+        .filter(|vm| !s.is_alive(vm))
+        .map(|vm| vm.name.as_str())
+        .collect();
+    let orphaned: Vec<String> = map
+        .capsules
+        .values()
+        .filter(|rec| rec.lost.is_none() && rec.intent.is_none() && dead.contains(&rec.vm.as_str()))
+        .map(|rec| rec.name.clone())
+        .collect();
+    if orphaned.is_empty() {
         return Ok(Vec::new());
     }
-    let elsewhere = running_elsewhere(s, "");
+    let running = running_copies(s);
     let mut done = Vec::new();
-    for rec in map.capsules.values_mut() {
-        if orphaned(rec) && !elsewhere.contains(&rec.name) {
-            let why = format!("{} died holding the only copy", rec.vm);
-            eprintln!("capsulectl: '{}' is lost: {why}", rec.name);
+    for name in orphaned {
+        let rec = map.get_mut(&name).expect("listed above");
+        let newest = running
+            .iter()
+            .filter(|(n, _, epoch)| *n == name && *epoch >= rec.epoch)
+            .max_by_key(|(_, _, epoch)| *epoch);
+        if let Some((_, vm, epoch)) = newest {
+            eprintln!(
+                "capsulectl: '{name}' runs on {vm} (epoch {epoch}), not on {} (dead): the \
+                 directory names {vm} now",
+                rec.vm
+            );
+            rec.vm = vm.clone();
+            rec.epoch = *epoch;
+            let locator = rec.locator;
+            crate::recover::fence_others(s, &name, locator, *epoch, Some(vm));
+            done.push(crate::recover::Recovered {
+                name,
+                intent: "none".into(),
+                outcome: "found running".into(),
+                vm: Some(vm.clone()),
+                epoch: Some(*epoch),
+            });
+        } else {
+            let why = why(rec);
+            eprintln!("capsulectl: '{name}' is lost: {why}");
             rec.lost = Some(why);
             done.push(crate::recover::Recovered {
-                name: rec.name.clone(),
+                name,
                 intent: "none".into(),
                 outcome: "lost".into(),
                 vm: None,
@@ -223,8 +287,31 @@ pub fn mark_lost_on_dead_vms(
             });
         }
     }
-    if !done.is_empty() {
-        directory::save(&s.dir, map)?;
-    }
+    s.save_map(map)?;
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reason_a_restart_gives_says_what_happened() {
+        let r = restart_reason("vm2", "running", false);
+        assert!(
+            !r.contains("--force") && r.contains("no longer held"),
+            "{r}"
+        );
+        let r = restart_reason("vm2", "running", true);
+        assert!(
+            r.contains("--force") && r.contains("ending the only copy"),
+            "{r}"
+        );
+        let r = restart_reason("vm2", "unreachable", true);
+        assert!(r.contains("did not answer"), "{r}");
+        assert_eq!(
+            restart_reason("vm2", "dead", false),
+            "vm2 died holding the only copy"
+        );
+    }
 }

@@ -944,6 +944,68 @@ mod tests {
     }
 
     #[test]
+    fn a_record_on_a_dead_vm_is_lost_unless_a_live_vm_runs_a_copy() {
+        // kv is recorded on vm1, which died; vm2 holds only a frozen copy,
+        // and the dead vm3 is not asked at all.
+        let (lab, mut map) = FakeLab::new(3);
+        lab.set_health("vm1", Health::Dead);
+        lab.set_health("vm3", Health::Dead);
+        lab.world
+            .lock()
+            .unwrap()
+            .vms
+            .get_mut("vm2")
+            .unwrap()
+            .copies
+            .insert(
+                "kv".into(),
+                FakeCopy {
+                    state: Frozen,
+                    epoch: 3,
+                },
+            );
+        let done = crate::vm::mark_lost_on_dead_vms(&lab, &mut map).unwrap();
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].outcome, "lost");
+        let rec = lab.saved_record().unwrap();
+        assert_eq!(rec.lost.as_deref(), Some("vm1 died holding the only copy"));
+        let connects = lab.connects.lock().unwrap().clone();
+        assert!(
+            !connects.iter().any(|vm| vm == "vm1" || vm == "vm3"),
+            "{connects:?}"
+        );
+    }
+
+    #[test]
+    fn a_record_on_a_dead_vm_follows_the_copy_that_runs_elsewhere() {
+        let (lab, mut map) = FakeLab::new(3);
+        lab.set_health("vm1", Health::Dead);
+        {
+            let mut w = lab.world.lock().unwrap();
+            let mut put = |vm: &str, state, epoch| {
+                w.vms
+                    .get_mut(vm)
+                    .unwrap()
+                    .copies
+                    .insert("kv".into(), FakeCopy { state, epoch });
+            };
+            put("vm2", Running, 5);
+            put("vm3", Running, 2); // older than the record: never chosen
+        }
+        let done = crate::vm::mark_lost_on_dead_vms(&lab, &mut map).unwrap();
+        assert_eq!(done[0].outcome, "found running");
+        let rec = lab.saved_record().unwrap();
+        assert_eq!((rec.vm.as_str(), rec.epoch), ("vm2", 5));
+        assert!(rec.lost.is_none());
+        // The stale copy on vm3 was fenced away (vm1's copy died with it).
+        assert_eq!(
+            lab.copies(),
+            [copy("vm1", Running, 3), copy("vm2", Running, 5)]
+        );
+        assert!(lab.requests("vm3").contains(&"Fence"));
+    }
+
+    #[test]
     fn a_source_dead_after_commit_sent_completes_at_the_destination() {
         let (lab, mut map) = FakeLab::new(2);
         let mut m = Move::admit(&lab, &mut map, "kv", "vm2", Instant::now())
