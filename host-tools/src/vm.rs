@@ -42,6 +42,7 @@ pub struct Restarted {
 pub fn restart(lab_name: &str, vm_name: &str, force: bool) -> Result<Restarted> {
     let s = LabSession::open(lab_name)?;
     let vm = s.vm(vm_name)?.clone();
+    let build_id = recorded_kernel(&s.lab, &vm.name)?;
     // Held throughout: no move can pick this VM while it reboots, and open
     // intents are settled first (they may concern copies on this VM).
     let held_before: Vec<String> = s
@@ -112,7 +113,7 @@ pub fn restart(lab_name: &str, vm_name: &str, force: bool) -> Result<Restarted> 
         .collect();
     debug_assert!(crate::recover::intents_naming(&map, &vm.name).is_empty());
     let previous_serial_log = keep_previous_log(&vm)?;
-    let (pid, boot) = boot(&s, &vm)?;
+    let (pid, boot) = boot(&s, &vm, &build_id)?;
     Ok(Restarted {
         vm: vm.name,
         was: was.into(),
@@ -131,6 +132,27 @@ fn describe(running: &[CapsuleInfo]) -> String {
         if names.len() == 1 { "" } else { "s" },
         names.join(", ")
     )
+}
+
+/// The build id `vm` must boot with: the one the lab recorded for its
+/// kernel at `lab up`. A kernel file rebuilt since would make a lab of mixed
+/// builds (moves between them are refused), so it is an error, found before
+/// anything changes.
+fn recorded_kernel(lab: &state::LabState, vm: &str) -> Result<Vec<u8>> {
+    let (kernel, recorded) = lab.kernel_of(vm);
+    let now = crate::elf::read_build_id(kernel)?;
+    let now_hex = capsules_wire::bootcfg::encode_hex(&now);
+    if now_hex != recorded {
+        bail!(
+            "{} now has build id {now_hex}, but lab '{}' was brought up with build {recorded}: \
+             {vm} would boot another build than the other VMs (and moves between them are \
+             refused). Put the lab's kernel back, or bring the lab down and up again with the \
+             new one; nothing changed",
+            kernel.display(),
+            lab.name
+        );
+    }
+    Ok(now)
 }
 
 /// Why the copies a restarted VM held are lost, from how it was found:
@@ -185,7 +207,7 @@ fn keep_previous_log(vm: &VmRecord) -> Result<Option<String>> {
 
 /// Boots `vm` again and waits until its control service answers with the
 /// expected build. Returns its pid and how long the boot took.
-fn boot(s: &LabSession, vm: &VmRecord) -> Result<(u32, Duration)> {
+fn boot(s: &LabSession, vm: &VmRecord, build_id: &[u8]) -> Result<(u32, Duration)> {
     let started = std::time::Instant::now();
     let accel = Accel::parse(&s.lab.accel)
         .ok_or_else(|| anyhow!("lab state names an unknown accelerator '{}'", s.lab.accel))?;
@@ -201,12 +223,11 @@ fn boot(s: &LabSession, vm: &VmRecord) -> Result<(u32, Duration)> {
     state::save(&dir, &current)?;
     let mut only = current.clone();
     only.vms.retain(|v| v.name == vm.name);
-    let build_id = crate::elf::read_build_id(&current.kernel)?;
     lab::wait_ready(
         &only,
         std::slice::from_mut(&mut child),
         &s.key,
-        &build_id,
+        build_id,
         lab::READY_TIMEOUT,
     )?;
     Ok((pid, started.elapsed()))
@@ -294,6 +315,27 @@ fn settle_records_on_dead_vms(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restart_boots_only_the_build_the_lab_was_brought_up_with() {
+        let dir = std::env::temp_dir().join(format!("capsules-vm-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let kernel = dir.join("capsules-kernel");
+        let notes = crate::elf::tests::note(b"GNU\0", 3, &[0xab, 0xcd]);
+        fs::write(&kernel, crate::elf::tests::synthetic_elf(&notes, true)).unwrap();
+        let mut lab = crate::state::tests::sample_state(&dir);
+        lab.kernel = kernel.clone();
+        lab.kernel_build_id = "abcd".into();
+        assert_eq!(recorded_kernel(&lab, "vm1").unwrap(), [0xab, 0xcd]);
+        // Rebuilt since `lab up`: refused.
+        lab.kernel_build_id = "1234".into();
+        let e = recorded_kernel(&lab, "vm1").unwrap_err();
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            format!("{e:#}").contains("brought up with build 1234"),
+            "{e:#}"
+        );
+    }
 
     #[test]
     fn the_reason_a_restart_gives_says_what_happened() {
