@@ -186,7 +186,7 @@ impl FakeVm {
             },
             Request::ReadImage { name, offset, .. } => match self.copies.get(name) {
                 Some(_) => Response::ImageChunk {
-                    data: vec![7; CHUNK.min(IMAGE_LEN - offset) as usize],
+                    data: vec![7; CHUNK.min(IMAGE_LEN.saturating_sub(*offset)) as usize],
                 },
                 None => not_found(name),
             },
