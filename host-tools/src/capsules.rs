@@ -140,7 +140,7 @@ impl crate::recover::Env for LabSession {
     }
 
     fn is_alive(&self, vm: &VmRecord) -> bool {
-        vm.pid.is_some_and(|pid| lab::is_our_qemu(pid, vm))
+        lab::vm_alive(vm)
     }
 
     fn save_map(&self, map: &DirectoryMap) -> Result<()> {
@@ -413,7 +413,7 @@ pub fn join_rows(
         if !recorded_found {
             let row = if c.lost.is_some() {
                 PsRow::of_record(c, "lost")
-            } else if dead.contains(&c.vm) && copies.is_empty() {
+            } else if dead.contains(&c.vm) && !copies.iter().any(|r| r.state == "running") {
                 let mut row = PsRow::of_record(c, "lost");
                 row.reason = Some(format!("{} died holding the only copy", c.vm));
                 row
@@ -452,7 +452,7 @@ pub fn ps(s: &LabSession) -> Result<Vec<PsRow>> {
         .lab
         .vms
         .iter()
-        .filter(|vm| !vm.pid.is_some_and(|pid| crate::lab::is_our_qemu(pid, vm)))
+        .filter(|vm| !lab::vm_alive(vm))
         .map(|vm| vm.name.clone())
         .collect();
     Ok(join_rows(&map, &reports, &dead))
@@ -762,6 +762,25 @@ mod tests {
         // Silent but alive: nothing is concluded.
         let rows = join_rows(&map, &reports, &[]);
         assert_eq!(rows[0].state, "unreachable");
+        // A copy elsewhere that does not run (frozen, ended) keeps nothing
+        // alive: the record is lost, and that copy shows as it is.
+        reports.insert(
+            "vm1".to_string(),
+            Some(vec![info("b", CapsuleState::Frozen)]),
+        );
+        let rows = join_rows(&map, &reports, &["vm2".to_string()]);
+        let seen: Vec<(&str, &str, &str)> = rows
+            .iter()
+            .map(|r| (r.name.as_str(), r.vm.as_str(), r.state.as_str()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("a", "vm2", "lost"),
+                ("b", "vm2", "lost"),
+                ("b", "vm1", "frozen")
+            ]
+        );
     }
 
     #[test]

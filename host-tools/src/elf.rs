@@ -139,7 +139,7 @@ fn find_build_id(notes: &[u8]) -> Result<Option<Vec<u8>>, ElfError> {
 pub(crate) mod tests {
     use super::*;
 
-    fn note(name: &[u8], kind: u32, desc: &[u8]) -> Vec<u8> {
+    pub(crate) fn note(name: &[u8], kind: u32, desc: &[u8]) -> Vec<u8> {
         let mut n = Vec::new();
         n.extend_from_slice(&(name.len() as u32).to_le_bytes());
         n.extend_from_slice(&(desc.len() as u32).to_le_bytes());

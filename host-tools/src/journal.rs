@@ -63,6 +63,13 @@ pub struct Intent {
     /// The epoch the new copy runs at if the move completes.
     pub next_epoch: u64,
     pub phase: Phase,
+    /// The destination's boot that was sent the commit: its QEMU pid when
+    /// the intent went to `commit-sent`. A destination running another boot
+    /// now (restarted since) holds nothing of that commit, and recovery
+    /// takes it as dead for this intent — so the commit-sent rule holds
+    /// (lost, never a thaw) even when it answers again with no copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_boot: Option<u32>,
     /// A suspend's image file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
@@ -84,6 +91,7 @@ impl Intent {
                 IntentKind::Suspend => Phase::Freeze,
                 IntentKind::Resume => Phase::Commit,
             },
+            to_boot: None,
             file: None,
             started_unix: unix_now(),
             pid: std::process::id(),

@@ -649,6 +649,12 @@ pub fn monitor_command(vm: &VmRecord, command: &str) -> Result<String> {
         .join("\n"))
 }
 
+/// Whether `vm`'s QEMU (its recorded pid) still runs. A VM for which this is
+/// false holds nothing and never will; it is not worth a connection attempt.
+pub fn vm_alive(vm: &VmRecord) -> bool {
+    vm.pid.is_some_and(|pid| is_our_qemu(pid, vm))
+}
+
 /// True when `pid` is a live QEMU started for this VM. Checked through its
 /// command line, so a recycled pid is never mistaken for ours.
 pub fn is_our_qemu(pid: u32, vm: &VmRecord) -> bool {
@@ -933,7 +939,7 @@ pub fn list(name: &str) -> Result<Vec<VmInfo>> {
         .vms
         .iter()
         .map(|vm| {
-            let alive = vm.pid.is_some_and(|pid| is_our_qemu(pid, vm));
+            let alive = vm_alive(vm);
             if !alive {
                 return VmInfo::base(&lab, vm, "dead");
             }

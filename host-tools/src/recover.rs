@@ -9,6 +9,10 @@
 //!
 //! - a copy runs at the intent's new epoch: the move took effect; finish it
 //!   (the source forwards what it held, older copies are fenced);
+//! - a copy at the new epoch that is not running (it ran, then exited or
+//!   faulted: the kernel keeps ended copies' records) took effect too: it
+//!   may have served clients, so the source's frozen copy is out of date:
+//!   recorded on that VM, the source fenced, never thawed;
 //! - the copy runs where it was: nothing moved; just clear the intent;
 //! - the copy is frozen where it was, and the destination answered (so it
 //!   has dropped any restore: the abort is ordered after a pending commit)
@@ -16,7 +20,8 @@
 //! - no copy anywhere, and the VM that held it is dead: the capsule is lost,
 //!   and the directory says so;
 //! - the commit was sent (the intent is at `commit-sent`) and the
-//!   destination is dead: lost too — the destination may have run the
+//!   destination is dead — or runs another boot than the one the commit
+//!   went to (the intent records its QEMU pid): lost too — the destination may have run the
 //!   capsule, so the source's frozen copy is out of date; it is fenced, never
 //!   thawed;
 //! - a VM that matters is alive but silent: nothing is decided; try again.
@@ -99,6 +104,18 @@ pub enum Decision {
         epoch: u64,
         release_from: Option<String>,
     },
+    /// The new copy took the commit on `vm` at `epoch` (so it may have
+    /// served clients), and has ended there since (exited, faulted,
+    /// killed) or is in `state` otherwise not running. The operation took
+    /// effect: record it there, as any capsule that ended; the source's
+    /// frozen copy is out of date (released from `release_from`, fenced
+    /// everywhere), never thawed.
+    Ended {
+        vm: String,
+        epoch: u64,
+        state: CapsuleState,
+        release_from: Option<String>,
+    },
     /// The copy runs on `vm` at `epoch`, where it was: nothing moved.
     Keep { vm: String, epoch: u64 },
     /// Thaw the frozen copy on `vm` at `epoch` (above every epoch the
@@ -143,14 +160,41 @@ pub fn decide(
             _ => None,
         })
         .max();
-    if let Some((epoch, vm)) = newest_running {
-        let release_from = intent.from.clone().filter(|from| {
-            *from != vm
+    let release_from = |vm: &str| {
+        intent.from.clone().filter(|from| {
+            from != vm
                 && copies(from).is_some_and(|c| c.iter().any(|c| c.state == CapsuleState::Frozen))
-        });
+        })
+    };
+    if let Some((epoch, vm)) = newest_running {
+        let release_from = release_from(&vm);
         return Decision::Complete {
             vm,
             epoch,
+            release_from,
+        };
+    }
+    // 1b. A copy in any other state at (or past) the new epoch: the commit
+    // took (a kernel lists no staged restore, only committed copies), the
+    // capsule may have served clients there before it ended. The frozen
+    // source is out of date whatever happened since.
+    let newest_other = views
+        .iter()
+        .filter_map(|(vm, v)| match v {
+            VmView::Answered(c) => c
+                .iter()
+                .filter(|c| c.epoch >= intent.next_epoch)
+                .map(|c| (c.epoch, vm.clone(), c.state.clone()))
+                .max_by_key(|(epoch, _, _)| *epoch),
+            _ => None,
+        })
+        .max_by_key(|(epoch, _, _)| *epoch);
+    if let Some((epoch, vm, state)) = newest_other {
+        let release_from = release_from(&vm);
+        return Decision::Ended {
+            vm,
+            epoch,
+            state,
             release_from,
         };
     }
@@ -183,7 +227,7 @@ pub fn decide(
     {
         return Decision::Lost {
             why: format!(
-                "{to} died after the commit was sent to it (it may have run the capsule, so \
+                "{to} died (or was restarted) after the commit was sent to it (it may have run the capsule, so \
                  the frozen copy on {from} is out of date)"
             ),
         };
@@ -278,6 +322,101 @@ pub fn views(s: &dyn Env, name: &str, abort_on: Option<&str>) -> BTreeMap<String
         .collect()
 }
 
+/// Every VM's view of `name` for `intent`: [`views`], with the restore at
+/// its destination aborted first, and the destination taken as dead when
+/// it runs another boot than the one the commit was sent to (restarted
+/// since: whatever that boot ran is gone).
+pub fn views_of(s: &dyn Env, name: &str, intent: &Intent) -> BTreeMap<String, VmView> {
+    let mut views = views(s, name, intent.to.as_deref());
+    rebooted_is_dead(s, intent, &mut views);
+    views
+}
+
+/// Takes the destination as dead when it runs another boot than the one
+/// the intent's commit was sent to.
+fn rebooted_is_dead(s: &dyn Env, intent: &Intent, views: &mut BTreeMap<String, VmView>) {
+    if let (Some(to), Some(boot)) = (intent.to.as_deref(), intent.to_boot)
+        && s.vm(to).is_ok_and(|vm| vm.pid != Some(boot))
+    {
+        views.insert(to.to_string(), VmView::Dead);
+    }
+}
+
+/// The epoch of a suspend's image file, when it exists and verifies.
+fn file_epoch(intent: &Intent) -> Option<u64> {
+    intent.file.as_deref().and_then(|f| {
+        crate::migrate::load_image_file(f)
+            .ok()
+            .map(|(_, image)| image.epoch)
+    })
+}
+
+/// Capsules whose open intent names `vm`, as source or destination.
+pub fn intents_naming(map: &DirectoryMap, vm: &str) -> Vec<String> {
+    map.capsules
+        .values()
+        .filter(|r| {
+            r.intent
+                .as_ref()
+                .is_some_and(|i| i.from.as_deref() == Some(vm) || i.to.as_deref() == Some(vm))
+        })
+        .map(|r| r.name.clone())
+        .collect()
+}
+
+/// Checks, before `vm` is stopped for a reboot, that every open intent
+/// naming it can be decided once it is dead: asks the other VMs what they
+/// hold (and sends nothing that changes anything). An error names the
+/// first intent that would stay open.
+pub fn decidable_without(s: &dyn Env, map: &DirectoryMap, vm: &str) -> Result<()> {
+    for name in intents_naming(map, vm) {
+        let Some(intent) = map.get(&name).and_then(|r| r.intent.clone()) else {
+            continue;
+        };
+        let mut v = views(s, &name, None);
+        rebooted_is_dead(s, &intent, &mut v);
+        v.insert(vm.to_string(), VmView::Dead);
+        if let Decision::Undecided { why } = decide(&intent, &v, file_epoch(&intent)) {
+            bail!(
+                "'{name}' has an open {} that cannot be finished or undone even with {vm} \
+                 gone: {why}",
+                intent.describe()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Settles every open intent naming `vm`, whose QEMU is gone now (stopped
+/// for a reboot): once booted again it would answer with no copy, which
+/// must not pass for "the commit never took". Fails on the first intent
+/// that stays open.
+pub fn settle_intents_naming(
+    s: &dyn Env,
+    map: &mut DirectoryMap,
+    vm: &str,
+) -> Result<Vec<Recovered>> {
+    let mut done = Vec::new();
+    for name in intents_naming(map, vm) {
+        let r = recover_one(s, map, &name)?;
+        announce(&r);
+        done.push(r);
+    }
+    Ok(done)
+}
+
+fn announce(r: &Recovered) {
+    eprintln!(
+        "capsulectl: recovered '{}' from an interrupted {}: {}{}",
+        r.name,
+        r.intent,
+        r.outcome,
+        r.vm.as_deref()
+            .map(|vm| format!(" on {vm}"))
+            .unwrap_or_default()
+    );
+}
+
 /// Tells every answering VM but `keep` that epoch `epoch` of `name` is the
 /// committed one (older copies end there), and lets them send what they
 /// held for the locator. Best effort: a VM that does not answer learns it
@@ -312,14 +451,32 @@ pub fn recover_one(s: &dyn Env, map: &mut DirectoryMap, name: &str) -> Result<Re
             epoch: Some(rec.epoch),
         });
     };
-    let views = views(s, name, intent.to.as_deref());
-    let file_epoch = intent.file.as_deref().and_then(|f| {
-        crate::migrate::load_image_file(f)
-            .ok()
-            .map(|(_, image)| image.epoch)
-    });
-    let decision = decide(&intent, &views, file_epoch);
+    let views = views_of(s, name, &intent);
+    let decision = decide(&intent, &views, file_epoch(&intent));
     apply(s, map, &rec, &intent, decision, "recover")
+}
+
+/// Asks `from` to release its frozen copy of `name`, forwarding what it
+/// held to `to`. Best effort: a copy not released is fenced next. A dead
+/// `from` is skipped with a warning (it holds nothing; a connection attempt
+/// would only wait for its timeout).
+fn release(s: &dyn Env, name: &str, from: &str, to: &str) {
+    let (Ok(to_ip), Ok(f)) = (s.vm(to).map(|v| v.ip), s.vm(from)) else {
+        return;
+    };
+    if !s.is_alive(f) {
+        eprintln!(
+            "capsulectl: warning: {from} died before it released '{name}': what it held for \
+             the capsule is lost with it"
+        );
+        return;
+    }
+    let _ = s.connect(f).and_then(|mut c| {
+        c.call(&Request::ReleaseCapsule {
+            name: name.into(),
+            forward_to: to_ip,
+        })
+    });
 }
 
 /// Carries out a decision and records its outcome.
@@ -354,13 +511,7 @@ pub fn apply(
             release_from,
         } => {
             if let Some(from) = &release_from {
-                let to_ip = s.vm(&vm)?.ip;
-                let _ = s.vm(from).and_then(|f| {
-                    s.connect(f)?.call(&Request::ReleaseCapsule {
-                        name: name.into(),
-                        forward_to: to_ip,
-                    })
-                });
+                release(s, name, from, &vm);
             }
             fence_others(s, name, rec.locator, epoch, Some(&vm));
             let r = map.get_mut(name).expect("record exists");
@@ -374,6 +525,46 @@ pub fn apply(
                     epoch,
                 },
                 report("moved", Some(&vm), Some(epoch)),
+            )
+        }
+        Decision::Ended {
+            vm,
+            epoch,
+            state,
+            release_from,
+        } => {
+            // The frozen source lets go (its held packets go to where the
+            // capsule was last); everyone but `vm` is fenced at `epoch`,
+            // which ends the stale source copy and keeps the ended one on
+            // `vm` (its state and log stay visible in `ps` and `logs`).
+            if let Some(from) = &release_from {
+                release(s, name, from, &vm);
+            }
+            fence_others(s, name, rec.locator, epoch, Some(&vm));
+            eprintln!(
+                "capsulectl: '{name}' moved to {vm} (epoch {epoch}) and has {} there since; \
+                 the out-of-date copy on {} is not thawed",
+                match &state {
+                    CapsuleState::Faulted { reason } => format!("faulted ({reason})"),
+                    other => other.label().to_string(),
+                },
+                intent.from.as_deref().unwrap_or("the source")
+            );
+            let r = map.get_mut(name).expect("record exists");
+            r.vm = vm.clone();
+            r.epoch = epoch;
+            r.intent = None;
+            r.lost = None;
+            (
+                Outcome::Moved {
+                    vm: vm.clone(),
+                    epoch,
+                },
+                report(
+                    &format!("moved, then {}", state.label()),
+                    Some(&vm),
+                    Some(epoch),
+                ),
             )
         }
         Decision::Keep { vm, epoch } => {
@@ -474,15 +665,7 @@ pub fn recover_all(
     let mut done = Vec::new();
     for name in open {
         let r = recover_one(s, map, &name)?;
-        eprintln!(
-            "capsulectl: recovered '{}' from an interrupted {}: {}{}",
-            r.name,
-            r.intent,
-            r.outcome,
-            r.vm.as_deref()
-                .map(|vm| format!(" on {vm}"))
-                .unwrap_or_default()
-        );
+        announce(&r);
         done.push(r);
     }
     Ok(done)
@@ -597,13 +780,11 @@ mod tests {
 
     #[test]
     fn a_restored_but_uncommitted_copy_does_not_count() {
-        // The destination lists nothing running at the new epoch (a staged
-        // restore is not a copy): the source's frozen copy is the one.
+        // A staged restore is not listed (the kernel lists committed copies
+        // only), so the destination answers with nothing: the source's
+        // frozen copy is the one.
         let i = intent(IntentKind::Move, Some("vm1"), Some("vm2"));
-        let v = views(&[
-            ("vm1", answered(&[(Frozen, 3)])),
-            ("vm2", answered(&[(Frozen, 4)])),
-        ]);
+        let v = views(&[("vm1", answered(&[(Frozen, 3)])), ("vm2", answered(&[]))]);
         assert_eq!(
             decide(&i, &v, None),
             Decision::Thaw {
@@ -693,6 +874,40 @@ mod tests {
         // It runs the new copy: the move completes, dead source or not.
         let v = views(&[("vm1", VmView::Dead), ("vm2", answered(&[(Running, 4)]))]);
         assert!(matches!(decide(&i, &v, None), Decision::Complete { vm, .. } if vm == "vm2"));
+    }
+
+    #[test]
+    fn a_copy_that_ended_at_the_new_epoch_proves_the_commit_and_the_source_never_thaws() {
+        // vm2 took the commit at epoch 4, ran (and served), then faulted or
+        // exited; the commit's answer was lost. The kernel keeps the ended
+        // copy's record: the move took effect, the frozen source is stale.
+        let i = intent(IntentKind::Move, Some("vm1"), Some("vm2"));
+        let faulted = CapsuleState::Faulted {
+            reason: "page fault".into(),
+        };
+        for ended in [CapsuleState::Exited, faulted, CapsuleState::Killed] {
+            let v = views(&[
+                ("vm1", answered(&[(Frozen, 3)])),
+                ("vm2", answered(&[(ended.clone(), 4)])),
+            ]);
+            assert_eq!(
+                decide(&i, &v, None),
+                Decision::Ended {
+                    vm: "vm2".into(),
+                    epoch: 4,
+                    state: ended.clone(),
+                    release_from: Some("vm1".into()),
+                },
+                "{ended:?}"
+            );
+        }
+        // A running copy at the new epoch still wins over an ended one.
+        let v = views(&[
+            ("vm1", answered(&[(Frozen, 3)])),
+            ("vm2", answered(&[(CapsuleState::Exited, 4)])),
+            ("vm3", answered(&[(Running, 4)])),
+        ]);
+        assert!(matches!(decide(&i, &v, None), Decision::Complete { vm, .. } if vm == "vm3"));
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub enum Fault {
     DieBefore,
     /// The VM falls silent before it reads the request.
     SilentBefore,
+    /// The VM carries the request out, then falls silent: its answer and
+    /// everything after it are lost.
+    SilentAfter,
 }
 
 /// A copy of a capsule on a fake VM.
@@ -183,7 +186,7 @@ impl FakeVm {
             },
             Request::ReadImage { name, offset, .. } => match self.copies.get(name) {
                 Some(_) => Response::ImageChunk {
-                    data: vec![7; CHUNK.min(IMAGE_LEN - offset) as usize],
+                    data: vec![7; CHUNK.min(IMAGE_LEN.saturating_sub(*offset)) as usize],
                 },
                 None => not_found(name),
             },
@@ -289,6 +292,11 @@ impl FakeConn {
             _ => vm.handle(&self.vm, request),
         };
         w.log.push((self.vm.clone(), k));
+        if fault == Some(Fault::SilentAfter) {
+            w.vms.get_mut(&self.vm).expect("a fake VM").health = Health::Silent;
+            self.broken = true;
+            bail!("{}: no answer", self.vm);
+        }
         if fault == Some(Fault::LoseAnswer) || !want_answer {
             self.broken = true;
             bail!("{}: no answer (lost)", self.vm);
@@ -322,6 +330,9 @@ pub struct FakeLab {
     pub saved: Mutex<Option<DirectoryMap>>,
     /// Journal lines: "intent PHASE" or "outcome OUTCOME by".
     pub journal: Mutex<Vec<String>>,
+    /// Every connection attempt, by VM name (a real one to a dead VM waits
+    /// for its timeout).
+    pub connects: Mutex<Vec<String>>,
 }
 
 impl FakeLab {
@@ -383,6 +394,7 @@ impl FakeLab {
             failing_saves: Mutex::new(0),
             saved: Mutex::new(None),
             journal: Mutex::new(Vec::new()),
+            connects: Mutex::new(Vec::new()),
         };
         (lab, map)
     }
@@ -394,6 +406,19 @@ impl FakeLab {
             .unwrap()
             .faults
             .push((vm.into(), kind, nth, fault));
+    }
+
+    /// `vm` is booted again: a new QEMU (another pid), up, holding nothing.
+    pub fn reboot(&mut self, vm: &str) {
+        let rec = self.vms.iter_mut().find(|v| v.name == vm).unwrap();
+        rec.pid = rec.pid.map(|p| p + 1000);
+        let mut w = self.world.lock().unwrap();
+        let v = w.vms.get_mut(vm).unwrap();
+        v.health = Health::Up;
+        v.copies.clear();
+        v.incoming = None;
+        v.staged = None;
+        v.holding.clear();
     }
 
     pub fn set_health(&self, vm: &str, health: Health) {
@@ -447,6 +472,7 @@ impl Env for FakeLab {
     }
 
     fn connect(&self, vm: &VmRecord) -> Result<Conn> {
+        self.connects.lock().unwrap().push(vm.name.clone());
         let w = self.world.lock().unwrap();
         let v = w
             .vms
@@ -776,6 +802,219 @@ mod tests {
         lab.set_health("vm2", Health::Up);
         crate::recover::recover_one(&lab, &mut map, "kv").unwrap();
         assert_eq!(lab.copies(), [copy("vm1", Running, 5)]);
+    }
+
+    /// An intent of a move of `kv` vm1 → vm2 left open at commit-sent (its
+    /// writer died), with vm1 holding the frozen copy at epoch 3.
+    fn left_at_commit_sent(lab: &FakeLab, map: &mut DirectoryMap) {
+        let mut i = Intent::new(
+            crate::journal::IntentKind::Move,
+            Some("vm1"),
+            Some("vm2"),
+            3,
+        );
+        i.phase = Phase::CommitSent;
+        map.get_mut("kv").unwrap().intent = Some(i);
+        let mut w = lab.world.lock().unwrap();
+        w.vms
+            .get_mut("vm1")
+            .unwrap()
+            .copies
+            .get_mut("kv")
+            .unwrap()
+            .state = Frozen;
+    }
+
+    #[test]
+    fn a_destination_copy_that_ended_after_the_commit_is_never_undone_by_a_thaw() {
+        let faulted = CapsuleState::Faulted {
+            reason: "page fault".into(),
+        };
+        for ended in [CapsuleState::Exited, faulted] {
+            let (lab, mut map) = FakeLab::new(2);
+            left_at_commit_sent(&lab, &mut map);
+            // vm2 ran the capsule at epoch 4, then it ended there.
+            lab.world
+                .lock()
+                .unwrap()
+                .vms
+                .get_mut("vm2")
+                .unwrap()
+                .copies
+                .insert(
+                    "kv".into(),
+                    FakeCopy {
+                        state: ended.clone(),
+                        epoch: 4,
+                    },
+                );
+            crate::recover::recover_one(&lab, &mut map, "kv").unwrap();
+            assert!(!lab.requests("vm1").contains(&"ThawCapsule"));
+            // The stale source is gone; the ended copy stays for `ps`/`logs`.
+            assert_eq!(lab.copies(), [copy("vm2", ended.clone(), 4)]);
+            let rec = map.get("kv").unwrap();
+            assert_eq!((rec.vm.as_str(), rec.epoch), ("vm2", 4), "{rec:?}");
+            assert!(rec.intent.is_none());
+        }
+    }
+
+    #[test]
+    fn a_destination_rebooted_after_commit_sent_is_dead_to_the_move() {
+        // vm2 takes the commit (and may serve clients), then hangs; the
+        // move cannot settle and leaves its intent at commit-sent.
+        let (mut lab, mut map) = FakeLab::new(2);
+        lab.fault("vm2", "RestoreCommit", 0, Fault::SilentAfter);
+        run(&lab, &mut map).unwrap_err();
+        assert_eq!(
+            lab.saved_record().unwrap().intent.unwrap().phase,
+            Phase::CommitSent
+        );
+        // vm2 is booted again (a new QEMU), and answers with nothing.
+        lab.reboot("vm2");
+        crate::recover::recover_one(&lab, &mut map, "kv").unwrap();
+        // The boot that got the commit is gone: lost, never thawed at vm1.
+        assert!(!lab.requests("vm1").contains(&"ThawCapsule"));
+        assert!(lab.copies().is_empty(), "{:?}", lab.copies());
+        let rec = map.get("kv").unwrap();
+        assert!(rec.intent.is_none());
+        assert!(rec.lost.as_deref().unwrap().contains("vm2"), "{rec:?}");
+    }
+
+    #[test]
+    fn a_restart_settles_the_open_intents_naming_its_vm_with_the_vm_dead() {
+        // As `vm restart vm2 --force` does for a destination that hung after
+        // the commit: check, stop it, settle, boot it.
+        let (mut lab, mut map) = FakeLab::new(3);
+        lab.fault("vm2", "RestoreCommit", 0, Fault::SilentAfter);
+        run(&lab, &mut map).unwrap_err();
+        assert_eq!(crate::recover::intents_naming(&map, "vm2"), ["kv"]);
+        assert!(crate::recover::intents_naming(&map, "vm3").is_empty());
+        crate::recover::decidable_without(&lab, &map, "vm2").unwrap();
+        lab.set_health("vm2", Health::Dead);
+        let done = crate::recover::settle_intents_naming(&lab, &mut map, "vm2").unwrap();
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].outcome, "lost");
+        lab.reboot("vm2");
+        assert!(!lab.requests("vm1").contains(&"ThawCapsule"));
+        assert!(lab.copies().is_empty(), "{:?}", lab.copies());
+        let rec = lab.saved_record().unwrap();
+        assert!(rec.intent.is_none() && rec.lost.is_some(), "{rec:?}");
+    }
+
+    #[test]
+    fn a_restart_is_refused_while_an_intent_naming_its_vm_stays_undecidable() {
+        // A move from vm1 left frozen (answer lost), its destination silent:
+        // with vm1 gone too, vm2 may still have taken it. Restarting vm1
+        // must not be allowed to settle anything.
+        let (lab, mut map) = FakeLab::new(2);
+        let mut m = Move::admit(&lab, &mut map, "kv", "vm2", Instant::now()).unwrap();
+        m.step().unwrap();
+        m.step().unwrap();
+        drop(m);
+        lab.set_health("vm2", Health::Silent);
+        let before = lab.world.lock().unwrap().log.len();
+        let e = crate::recover::decidable_without(&lab, &map, "vm1").unwrap_err();
+        assert!(format!("{e:#}").contains("vm2 does not answer"), "{e:#}");
+        // Only asked: nothing was sent that changes anything.
+        let w = lab.world.lock().unwrap();
+        assert!(
+            w.log[before..].iter().all(|(_, k)| *k == "ListCapsules"),
+            "{:?}",
+            &w.log[before..]
+        );
+    }
+
+    #[test]
+    fn recovery_does_not_try_to_release_from_a_dead_source() {
+        let (lab, mut map) = FakeLab::new(2);
+        left_at_commit_sent(&lab, &mut map);
+        lab.world
+            .lock()
+            .unwrap()
+            .vms
+            .get_mut("vm2")
+            .unwrap()
+            .copies
+            .insert(
+                "kv".into(),
+                FakeCopy {
+                    state: Running,
+                    epoch: 4,
+                },
+            );
+        lab.set_health("vm1", Health::Dead);
+        let rec = map.get("kv").cloned().unwrap();
+        let intent = rec.intent.clone().unwrap();
+        let complete = crate::recover::Decision::Complete {
+            vm: "vm2".into(),
+            epoch: 4,
+            release_from: Some("vm1".into()),
+        };
+        crate::recover::apply(&lab, &mut map, &rec, &intent, complete, "test").unwrap();
+        assert!(!lab.connects.lock().unwrap().contains(&"vm1".to_string()));
+        assert_eq!(map.get("kv").unwrap().vm, "vm2");
+    }
+
+    #[test]
+    fn a_record_on_a_dead_vm_is_lost_unless_a_live_vm_runs_a_copy() {
+        // kv is recorded on vm1, which died; vm2 holds only a frozen copy,
+        // and the dead vm3 is not asked at all.
+        let (lab, mut map) = FakeLab::new(3);
+        lab.set_health("vm1", Health::Dead);
+        lab.set_health("vm3", Health::Dead);
+        lab.world
+            .lock()
+            .unwrap()
+            .vms
+            .get_mut("vm2")
+            .unwrap()
+            .copies
+            .insert(
+                "kv".into(),
+                FakeCopy {
+                    state: Frozen,
+                    epoch: 3,
+                },
+            );
+        let done = crate::vm::mark_lost_on_dead_vms(&lab, &mut map).unwrap();
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].outcome, "lost");
+        let rec = lab.saved_record().unwrap();
+        assert_eq!(rec.lost.as_deref(), Some("vm1 died holding the only copy"));
+        let connects = lab.connects.lock().unwrap().clone();
+        assert!(
+            !connects.iter().any(|vm| vm == "vm1" || vm == "vm3"),
+            "{connects:?}"
+        );
+    }
+
+    #[test]
+    fn a_record_on_a_dead_vm_follows_the_copy_that_runs_elsewhere() {
+        let (lab, mut map) = FakeLab::new(3);
+        lab.set_health("vm1", Health::Dead);
+        {
+            let mut w = lab.world.lock().unwrap();
+            let mut put = |vm: &str, state, epoch| {
+                w.vms
+                    .get_mut(vm)
+                    .unwrap()
+                    .copies
+                    .insert("kv".into(), FakeCopy { state, epoch });
+            };
+            put("vm2", Running, 5);
+            put("vm3", Running, 2); // older than the record: never chosen
+        }
+        let done = crate::vm::mark_lost_on_dead_vms(&lab, &mut map).unwrap();
+        assert_eq!(done[0].outcome, "found running");
+        let rec = lab.saved_record().unwrap();
+        assert_eq!((rec.vm.as_str(), rec.epoch), ("vm2", 5));
+        assert!(rec.lost.is_none());
+        // The stale copy on vm3 was fenced away (vm1's copy died with it).
+        assert_eq!(
+            lab.copies(),
+            [copy("vm1", Running, 3), copy("vm2", Running, 5)]
+        );
+        assert!(lab.requests("vm3").contains(&"Fence"));
     }
 
     #[test]

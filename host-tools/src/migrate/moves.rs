@@ -370,6 +370,9 @@ impl<'a> Move<'a> {
                 self.dst.name
             )
         })?;
+        // Which boot of the destination gets the commit: one booted later
+        // never had it (`recover::views_of`).
+        self.intent.to_boot = self.dst.pid;
         self.set_phase(Phase::CommitSent)?;
         let (dst, name) = (&self.dst.name, &self.rec.name);
         let request = Request::RestoreCommit {
@@ -496,7 +499,7 @@ impl<'a> Move<'a> {
         let deadline = Instant::now() + self.settle_timeout;
         let name = self.rec.name.clone();
         loop {
-            let views = recover::views(self.env, &name, Some(&self.dst.name));
+            let views = recover::views_of(self.env, &name, &self.intent);
             let decision = recover::decide(&self.intent, &views, None);
             if let Decision::Undecided { why } = &decision {
                 if Instant::now() < deadline {
@@ -521,6 +524,10 @@ impl<'a> Move<'a> {
                     String::new()
                 }
                 Decision::Lost { why } => format!("'{name}' is lost: {why}"),
+                Decision::Ended { vm, state, .. } => format!(
+                    "'{name}' moved to {vm} but is {} there now (the old copy is not thawed)",
+                    state.label()
+                ),
                 Decision::Thaw { vm, .. } | Decision::Keep { vm, .. } => {
                     format!("'{name}' keeps running on {vm}")
                 }
@@ -647,6 +654,18 @@ pub fn thaw(s: &LabSession, name: &str) -> Result<String> {
         }
         Decision::Keep { vm, epoch } => {
             bail!("'{name}' is not frozen: it runs on {vm} (epoch {epoch}); nothing changed")
+        }
+        Decision::Ended {
+            vm, epoch, state, ..
+        } => {
+            let (vm, epoch, state) = (vm.clone(), *epoch, state.label());
+            let mut current = rec.clone();
+            current.intent = Some(intent.clone());
+            recover::apply(s, &mut map, &current, &intent, decision, "thaw")?;
+            bail!(
+                "'{name}' is not frozen: its newest copy (epoch {epoch}) is {state} on {vm}; \
+                 the directory now names it, and older copies were fenced"
+            )
         }
         _ => {}
     }
