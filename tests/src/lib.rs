@@ -6,7 +6,7 @@
 //! these tests never skip silently. `.ci/run` installs everything.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -474,4 +474,40 @@ pub fn stable(rows: &[serde_json::Value]) -> Vec<String> {
                 .join(" ")
         })
         .collect()
+}
+
+impl Lab {
+    /// `migrate NAME --to TO` with capsulectl (built with fault injection)
+    /// stopped for `pause_ms` at `phase`; `during` runs once it stands there.
+    /// Returns what `during` returned and capsulectl's output.
+    pub fn migrate_pausing_at<T>(
+        &self,
+        name: &str,
+        to: &str,
+        phase: &str,
+        pause_ms: u64,
+        during: impl FnOnce() -> T,
+    ) -> (T, Output) {
+        let dir = scratch_dir(&format!("{}-{phase}", self.name));
+        let mark = dir.join("mark");
+        let child = Command::new(capsulectl_bin())
+            .args(["migrate", name, "--to", to, "--lab", &self.name])
+            .env("CAPSULES_FAULT", format!("{phase}:pause-{pause_ms}"))
+            .env("CAPSULES_FAULT_MARK", &mark)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start capsulectl");
+        wait_for(
+            std::time::Duration::from_secs(60),
+            &format!("migrate to reach {phase}"),
+            || mark.exists().then_some(()),
+        );
+        let during = during();
+        let out = child.wait_with_output().expect("capsulectl output");
+        let _ = std::fs::remove_dir_all(&dir);
+        eprintln!("migrate paused at {phase}: {}", describe(&out));
+        (during, out)
+    }
 }

@@ -247,33 +247,18 @@ fn after_the_commit_only_the_destination_answers_arp_for_the_locator() {
         "before the move, replies for {loc} from {replies:?} (vm1 is {source}): {out}"
     );
 
-    let dir = scratch_dir(&format!("{}-arp", lab.name));
-    let mark = dir.join("mark");
-    let child = Command::new(capsulectl_bin())
-        .args(["migrate", "kv", "--to", "vm2", "--lab", &lab.name])
-        .env("CAPSULES_FAULT", "release:pause-8000")
-        .env("CAPSULES_FAULT_MARK", &mark)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start capsulectl");
-    wait_for(
-        Duration::from_secs(60),
-        "migrate to pause after the commit",
-        || mark.exists().then_some(()),
-    );
     // Committed, not released: vm1 holds a frozen copy, vm2 runs it.
-    let (replies, out) = arping("between the commit and the release");
-    // Still before the release (the pause is longer than arping), else the
-    // replies above would prove nothing about a frozen copy.
-    let on_source = lab.ctl_ok(&["debug", "capsules", "--vm", "vm1"]);
-    assert!(
-        on_source.lines().any(|l| l == "kv frozen"),
-        "vm1 should still hold the frozen kv while arping ran: {on_source}"
-    );
-    let migrated = child.wait_with_output().expect("capsulectl output");
-    let _ = std::fs::remove_dir_all(&dir);
+    let ((replies, out), migrated) = lab.migrate_pausing_at("kv", "vm2", "release", 8000, || {
+        let replies = arping("between the commit and the release");
+        // Still before the release (the pause is longer than arping), else
+        // the replies would prove nothing about a frozen copy.
+        let on_source = lab.ctl_ok(&["debug", "capsules", "--vm", "vm1"]);
+        assert!(
+            on_source.lines().any(|l| l == "kv frozen"),
+            "vm1 should still hold the frozen kv while arping ran: {on_source}"
+        );
+        replies
+    });
     assert!(
         migrated.status.success(),
         "migrate: {}",

@@ -14,13 +14,11 @@
 //! repeated. Run one at a time (`--test-threads=1`).
 
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use capsules_system_tests::clients::{IncrClient, Redis, other_vm};
-use capsules_system_tests::{
-    Lab, capsulectl_bin, describe, require_clients, scratch_dir, text, wait_for,
-};
+use capsules_system_tests::{Lab, describe, require_clients, text, wait_for};
 use serde_json::Value;
 
 const REDIS_CLI: (&str, &str) = ("redis-cli", "redis-tools");
@@ -239,27 +237,7 @@ fn migrate_pausing_at(
     pause_ms: u64,
     during: impl FnOnce(),
 ) -> Output {
-    let dir = scratch_dir(&format!("{}-{phase}", lab.name));
-    let mark = dir.join("mark");
-    let child = Command::new(capsulectl_bin())
-        .args(["migrate", name, "--to", to, "--lab", &lab.name])
-        .env("CAPSULES_FAULT", format!("{phase}:pause-{pause_ms}"))
-        .env("CAPSULES_FAULT_MARK", &mark)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start capsulectl");
-    wait_for(
-        Duration::from_secs(60),
-        &format!("migrate to reach {phase}"),
-        || mark.exists().then_some(()),
-    );
-    during();
-    let out = child.wait_with_output().expect("capsulectl output");
-    let _ = std::fs::remove_dir_all(&dir);
-    eprintln!("migrate with a fault at {phase}: {}", describe(&out));
-    out
+    lab.migrate_pausing_at(name, to, phase, pause_ms, during).1
 }
 
 /// `recover --json`: settles whatever the fault left open (an intent, a
