@@ -39,6 +39,8 @@ impl CapsuleLab {
             accel,
             kernel,
             capsule_range: Default::default(),
+            subnets: 1,
+            subnet_list: Vec::new(),
         })?;
         eprintln!("lab {name}: accelerator {}", report.accel_reason);
         Ok(Self {

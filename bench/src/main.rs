@@ -125,6 +125,8 @@ impl BenchLab {
             tap: netns::tap_name(1),
             control_port: capsules_wire::bootcfg::DEFAULT_CONTROL_PORT,
             pid: None,
+            subnet: 1,
+            netns: None,
         };
         let lab = Self {
             ns: ns.clone(),

@@ -42,6 +42,8 @@ impl TwoVmLab {
             accel,
             kernel,
             capsule_range: Default::default(),
+            subnets: 1,
+            subnet_list: Vec::new(),
         })?;
         Ok(Self {
             name,

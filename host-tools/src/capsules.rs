@@ -147,6 +147,10 @@ impl crate::recover::Env for LabSession {
         directory::save(&self.dir, map)
     }
 
+    fn committed(&self, locator: std::net::Ipv4Addr, vm: &VmRecord, epoch: u64) {
+        crate::routed::push_entry(&self.dir, locator, vm.ip, epoch);
+    }
+
     fn log_intent(&self, capsule: &str, intent: &crate::journal::Intent) -> Result<()> {
         crate::journal::log_intent(&self.dir, capsule, intent)
     }

@@ -269,6 +269,16 @@ pub enum LabCommand {
         /// that capsules never move between different builds.
         #[arg(long, value_parser = parse_kernel_for)]
         kernel_for: Vec<(String, PathBuf)>,
+        /// VM subnets. 1 (the default) is one LAN; 2 or more make a routed
+        /// lab: each subnet its own namespace and bridge, VMs spread over
+        /// them round-robin, a client subnet (203.0.113.0/24) with a plain
+        /// Linux host, and a router VM that alone joins them.
+        #[arg(long, default_value_t = 1)]
+        subnets: usize,
+        /// The VM subnets' networks, comma-separated /24s in order (default:
+        /// 192.0.2.0/24,198.51.100.0/24, then 10.99.K.0/24).
+        #[arg(long, value_delimiter = ',', value_parser = parse_subnet)]
+        subnet_list: Vec<capsules_wire::bootcfg::Ipv4Cidr>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -282,10 +292,18 @@ pub enum LabCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Run a command inside the lab namespace.
+    /// Run a command inside the lab namespace (subnet 1's host side), or on
+    /// the client host or another subnet's host side of a routed lab.
     Exec {
         #[command(flatten)]
         lab: LabNameArg,
+        /// Run it on the client host (routed labs).
+        #[arg(long, conflicts_with = "subnet")]
+        client: bool,
+        /// Run it on subnet K's host side (routed labs; 1 is the lab
+        /// namespace).
+        #[arg(long)]
+        subnet: Option<usize>,
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -453,6 +471,11 @@ fn wants_json(command: &Command) -> bool {
     }
 }
 
+fn parse_subnet(s: &str) -> Result<capsules_wire::bootcfg::Ipv4Cidr, String> {
+    capsules_wire::bootcfg::Ipv4Cidr::parse(s)
+        .ok_or_else(|| format!("'{s}' is not a network like 192.0.2.0/24"))
+}
+
 /// What `lab up --json` prints: the lab without its key.
 fn lab_json(report: &lab::UpReport) -> serde_json::Value {
     let state = &report.state;
@@ -467,12 +490,26 @@ fn lab_json(report: &lab::UpReport) -> serde_json::Value {
         "vms": state.vms.iter().map(|vm| serde_json::json!({
             "name": vm.name,
             "ip": vm.ip,
+            "subnet": vm.subnet,
             "mac": vm.mac,
             "pid": vm.pid,
         })).collect::<Vec<_>>(),
         "directory": lab::directory_addr(state).to_string(),
         "directory_pid": state.directory_pid,
         "capsule_range": state.capsule_range.to_string(),
+        "router": state.routed.as_ref().map(|r| serde_json::json!({
+            "pid": r.router.pid,
+            "addresses": r.router_nics.iter().map(|n| n.addr).collect::<Vec<_>>(),
+            "client": r.client,
+            "client_netns": r.client_netns,
+            "subnets": r.subnets.iter().map(|s| serde_json::json!({
+                "subnet": s.index,
+                "network": format!("{}/{}", s.network, s.prefix),
+                "netns": s.netns,
+                "host": s.host,
+                "router": s.router,
+            })).collect::<Vec<_>>(),
+        })),
     })
 }
 
@@ -804,6 +841,8 @@ fn lab_command(cmd: LabCommand) -> Result<i32> {
             kernel,
             capsule_range,
             kernel_for,
+            subnets,
+            subnet_list,
             json,
         } => {
             let report = lab::up_with_overrides(
@@ -814,6 +853,8 @@ fn lab_command(cmd: LabCommand) -> Result<i32> {
                     accel,
                     kernel,
                     capsule_range,
+                    subnets,
+                    subnet_list,
                 },
                 &kernel_for,
             )?;
@@ -831,6 +872,20 @@ fn lab_command(cmd: LabCommand) -> Result<i32> {
                 report.state.kernel_build_id
             );
             print!("{}", render::lab_table(&report.state));
+            if let Some(routed) = &report.state.routed {
+                let addrs: Vec<String> = routed
+                    .router_nics
+                    .iter()
+                    .map(|n| format!("{}/{}", n.addr, n.prefix))
+                    .collect();
+                println!(
+                    "router: {} (pid {}); client host {} in namespace {}",
+                    addrs.join(", "),
+                    routed.router.pid.unwrap_or_default(),
+                    routed.client,
+                    routed.client_netns
+                );
+            }
             println!(
                 "directory: DNS on {} (pid {}), capsule locators from {}",
                 lab::directory_addr(&report.state),
@@ -848,13 +903,36 @@ fn lab_command(cmd: LabCommand) -> Result<i32> {
             }
             Ok(0)
         }
-        LabCommand::Exec { lab, command } => {
+        LabCommand::Exec {
+            lab,
+            client,
+            subnet,
+            command,
+        } => {
             let name = lab.name;
             lab::validate_lab_name(&name)?;
             netns::require_root_and_ip()?;
-            let ns = netns::netns_name(&name);
+            let mut ns = netns::netns_name(&name);
             if !netns::exists(&ns) {
                 bail!("no lab named '{name}' (namespace {ns} does not exist)");
+            }
+            if client || subnet.is_some_and(|k| k != 1) {
+                let (state, _) = lab::load_lab(&name)?;
+                let Some(routed) = state.routed else {
+                    bail!(
+                        "lab '{name}' has one subnet and no client host: --client and --subnet need `lab up --subnets 2` or more"
+                    );
+                };
+                ns = match subnet {
+                    Some(k) => match routed.subnets.iter().find(|s| s.index == k) {
+                        Some(s) => s.netns.clone(),
+                        None => bail!(
+                            "lab '{name}' has subnets 1..{}, not {k}",
+                            routed.subnets.len()
+                        ),
+                    },
+                    None => routed.client_netns,
+                };
             }
             // exec replaces this process, so the command's exit status is ours.
             let err = netns::exec_command(&ns, &command).exec();
@@ -1090,7 +1168,7 @@ mod tests {
 
     #[test]
     fn exec_takes_everything_after_double_dash() {
-        let Command::Lab(LabCommand::Exec { lab, command }) =
+        let Command::Lab(LabCommand::Exec { lab, command, .. }) =
             parse(&["lab", "exec", "--", "ping", "-c1", "192.0.2.11"])
                 .unwrap()
                 .command

@@ -192,6 +192,8 @@ pub fn demo(opts: &DemoOptions) -> Result<DemoReport> {
         accel: opts.accel,
         kernel: None,
         capsule_range: CapsuleRange::default(),
+        subnets: 1,
+        subnet_list: Vec::new(),
     })?;
     let result = run_demo(opts, &up.accel_reason);
     if !opts.keep {

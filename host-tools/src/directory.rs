@@ -339,8 +339,14 @@ pub fn load(lab_dir: &Path, range: CapsuleRange) -> Result<DirectoryMap> {
 
 /// Writes the map atomically: a reader (the DNS server) sees the old file or
 /// the new one, never a mix, and a crash leaves one of them whole.
+///
+/// This is the one place every change of the map goes through (run, kill,
+/// resume, the record of a move, recovery): in a routed lab the router's
+/// translation table follows it here (`routed::publish`).
 pub fn save(lab_dir: &Path, map: &DirectoryMap) -> Result<()> {
-    crate::state::write_atomically(&map_path(lab_dir), &serde_json::to_vec_pretty(map)?, 0o644)
+    crate::state::write_atomically(&map_path(lab_dir), &serde_json::to_vec_pretty(map)?, 0o644)?;
+    crate::routed::publish(lab_dir, map);
+    Ok(())
 }
 
 /// An exclusive flock on the lab's directory lock file; released on drop

@@ -46,6 +46,12 @@ pub struct UpOptions {
     pub accel: AccelChoice,
     pub kernel: Option<PathBuf>,
     pub capsule_range: CapsuleRange,
+    /// VM subnets: 1 is a single-subnet lab as before; 2 or more make a
+    /// routed lab (crate::routed) with a client subnet and a router VM.
+    pub subnets: usize,
+    /// The VM subnets' networks (/24s), in order; empty: the defaults
+    /// (`routed::default_subnets`).
+    pub subnet_list: Vec<Ipv4Cidr>,
 }
 
 /// Lab names become part of a namespace name and a directory name.
@@ -88,6 +94,7 @@ pub fn vm_cmdline(vm: &VmRecord, gateway: Ipv4Addr, locators: CapsuleRange) -> S
             addr: locators.base,
             prefix: locators.prefix,
         },
+        ..BootConfig::default()
     }
     .to_cmdline()
 }
@@ -210,9 +217,34 @@ pub fn up_with_overrides(opts: &UpOptions, kernel_for: &[(String, PathBuf)]) -> 
     let (accel, accel_reason) = qemu::choose_accel(&kernel, opts.accel)?;
     let key = random_key()?;
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let routed = match opts.subnets {
+        0 => bail!("--subnets must be at least 1"),
+        1 if opts.subnet_list.len() > 1 => {
+            bail!("--subnet-list names several subnets: give --subnets too")
+        }
+        1 => None,
+        n => {
+            let mut subnets = crate::routed::default_subnets(n);
+            if !opts.subnet_list.is_empty() {
+                if opts.subnet_list.len() != n {
+                    bail!(
+                        "--subnet-list names {} subnets, --subnets says {n}",
+                        opts.subnet_list.len()
+                    );
+                }
+                subnets = opts.subnet_list.clone();
+            }
+            crate::routed::check_subnets(&subnets, opts.capsule_range)?;
+            Some(crate::routed::plan(&opts.name, &ns, &dir, &subnets))
+        }
+    };
     let vms = (1..=opts.vms)
         .map(|i| {
-            let (name, ip, mac) = vm_identity(i);
+            let (name, mut ip, mac) = vm_identity(i);
+            let (mut subnet, mut vm_netns) = (1, None);
+            if let Some(routed) = &routed {
+                (subnet, ip, vm_netns) = crate::routed::place(routed, i);
+            }
             VmRecord {
                 serial_log: dir.join(format!("{name}.serial.log")),
                 qemu_log: dir.join(format!("{name}.qemu.log")),
@@ -223,6 +255,8 @@ pub fn up_with_overrides(opts: &UpOptions, kernel_for: &[(String, PathBuf)]) -> 
                 tap: netns::tap_name(i),
                 control_port: DEFAULT_CONTROL_PORT,
                 pid: None,
+                subnet,
+                netns: vm_netns,
             }
         })
         .collect();
@@ -251,6 +285,7 @@ pub fn up_with_overrides(opts: &UpOptions, kernel_for: &[(String, PathBuf)]) -> 
         vms,
         capsule_range: opts.capsule_range,
         directory_pid: None,
+        routed,
     };
     // Saved before anything is created, so `lab down` can clean up whatever a
     // failed or interrupted `lab up` leaves behind.
@@ -286,27 +321,37 @@ fn start_lab(
     progress: &Progress,
 ) -> Result<()> {
     netns::create_lab_network(&lab.netns, lab.gateway, LAB_PREFIX)?;
-    for vm in &lab.vms {
-        netns::add_tap(&lab.netns, &vm.tap)?;
+    if let Some(routed) = lab.routed.clone() {
+        crate::routed::create_networks(lab, &routed)?;
+    } else {
+        // Capsule locators are on-link on the bridge: the namespace ARPs for
+        // them and whichever VM hosts the capsule answers.
+        netns::ip(&[
+            "-n",
+            &lab.netns,
+            "route",
+            "add",
+            &lab.capsule_range.to_string(),
+            "dev",
+            &lab.bridge,
+        ])?;
     }
-    // Capsule locators are on-link on the bridge: the namespace ARPs for them
-    // and whichever VM hosts the capsule answers.
-    netns::ip(&[
-        "-n",
-        &lab.netns,
-        "route",
-        "add",
-        &lab.capsule_range.to_string(),
-        "dev",
-        &lab.bridge,
-    ])?;
+    for vm in &lab.vms {
+        netns::add_tap(vm.netns.as_deref().unwrap_or(&lab.netns), &vm.tap)?;
+    }
     let key = lab.key()?;
     // Root-only, beside the state file; QEMU reads it at start-up.
     let key_file = state::write_key_file(dir, &key)?;
     let _inside = NetnsGuard::enter(&lab.netns)?;
+    if lab.routed.is_some() {
+        start_router(lab, dir, accel, &key, &key_file, build_id)?;
+    }
     let mut children = Vec::new();
     for i in 0..lab.vms.len() {
         let vm = &lab.vms[i];
+        // A VM of another subnet starts in that subnet's namespace, where
+        // its tap is.
+        let _there = vm.netns.as_deref().map(NetnsGuard::enter).transpose()?;
         let child = qemu::spawn_detached(&vm_spec(lab, vm, &key_file, accel), &vm.qemu_log)?;
         lab.vms[i].pid = Some(child.id());
         state::save(dir, lab)?;
@@ -318,12 +363,70 @@ fn start_lab(
     start_directory(lab, dir)
 }
 
-/// How QEMU runs `vm` of `lab` (the caller is inside the lab namespace, where
+/// Boots the router VM of a routed lab (the caller is inside the lab
+/// namespace, where its taps are until they move to their subnets), waits
+/// until its control service answers with the expected build, and gives it
+/// the (empty) translation table.
+fn start_router(
+    lab: &mut LabState,
+    dir: &Path,
+    accel: Accel,
+    key: &[u8],
+    key_file: &Path,
+    build_id: &[u8],
+) -> Result<()> {
+    let Some(routed) = lab.routed.clone() else {
+        return Ok(());
+    };
+    let spec = VmSpec {
+        kernel: lab.kernel.clone(),
+        cmdline: crate::routed::router_cmdline(&routed, lab.capsule_range),
+        key_file: Some(key_file.to_path_buf()),
+        mem_mib: lab.mem_mib,
+        accel,
+        serial_log: routed.router.serial_log.clone(),
+        monitor: Some(monitor_path(&routed.router)),
+        nic: Nic::Taps(
+            routed
+                .router_nics
+                .iter()
+                .map(|n| (n.tap.clone(), n.mac.clone()))
+                .collect(),
+        ),
+    };
+    let child = qemu::spawn_detached(&spec, &routed.router.qemu_log)?;
+    if let Some(r) = lab.routed.as_mut() {
+        r.router.pid = Some(child.id());
+    }
+    state::save(dir, lab)?;
+    // Its first NIC is on the lab namespace's bridge already: once the
+    // control service answers, QEMU has long opened every tap (it does
+    // before the guest starts), and the others can move to their subnets.
+    let router = lab
+        .routed
+        .as_ref()
+        .map(|r| r.router.clone())
+        .unwrap_or(routed.router.clone());
+    let mut only = lab.clone();
+    only.vms = vec![router];
+    only.kernel_overrides.clear();
+    let mut children = [child];
+    wait_ready(&only, &mut children, key, build_id, READY_TIMEOUT)?;
+    crate::routed::move_router_taps(lab, &routed)?;
+    crate::routed::push(lab, true, Vec::new())
+}
+
+/// How QEMU runs `vm` of `lab` (the caller is inside the namespace where
 /// its tap lives).
 pub fn vm_spec(lab: &LabState, vm: &VmRecord, key_file: &Path, accel: Accel) -> VmSpec {
+    let gateway = lab
+        .routed
+        .as_ref()
+        .and_then(|r| crate::routed::gateway_of(r, vm.subnet))
+        .unwrap_or(lab.gateway);
     VmSpec {
         kernel: lab.kernel_of(&vm.name).0.to_path_buf(),
-        cmdline: vm_cmdline(vm, lab.gateway, lab.capsule_range),
+        cmdline: vm_cmdline(vm, gateway, lab.capsule_range),
         key_file: Some(key_file.to_path_buf()),
         mem_mib: lab.mem_mib,
         accel,
@@ -593,7 +696,11 @@ fn control_addr(vm: &VmRecord) -> SocketAddr {
 }
 
 /// Connects to a VM's control port (the caller is inside the lab namespace).
+/// A VM of another subnet (routed labs) is reached from its own subnet's
+/// namespace: the socket is made there, so control never depends on the
+/// router.
 pub fn connect(vm: &VmRecord, key: &[u8]) -> Result<ControlClient> {
+    let _there = vm.netns.as_deref().map(NetnsGuard::enter).transpose()?;
     ControlClient::connect(control_addr(vm), key, CONTROL_TIMEOUT)
 }
 
@@ -796,11 +903,23 @@ pub fn down_state(lab: &LabState, dir: &Path) -> Result<()> {
         } else {
             None
         };
-        exited.extend(stop_vms(&lab.vms, &key, guard.is_some())?);
+        let mut vms = lab.vms.clone();
+        if let Some(routed) = &lab.routed {
+            vms.push(routed.router.clone());
+        }
+        exited.extend(stop_vms(&vms, &key, guard.is_some())?);
     }
     // Together, so that the wait is one reaping round, not one per process.
     wait_reaped(exited.into_iter());
-    let taps: Vec<String> = lab.vms.iter().map(|vm| vm.tap.clone()).collect();
+    if let Some(routed) = &lab.routed {
+        crate::routed::delete_networks(routed)?;
+    }
+    let taps: Vec<String> = lab
+        .vms
+        .iter()
+        .filter(|vm| vm.netns.is_none())
+        .map(|vm| vm.tap.clone())
+        .collect();
     netns::delete_lab_network(&lab.netns, &taps)?;
     if dir.exists() {
         fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
@@ -817,6 +936,10 @@ pub fn down(name: &str) -> Result<()> {
     match state::load(&dir)? {
         Some(lab) => down_state(&lab, &dir),
         None if netns::exists(&ns) => {
+            for k in 2..=crate::routed::MAX_SUBNETS {
+                netns::delete_lab_network(&crate::routed::subnet_netns(&ns, k), &[])?;
+            }
+            netns::delete_lab_network(&crate::routed::client_netns(&ns), &[])?;
             netns::delete_lab_network(&ns, &[])?;
             let _ = fs::remove_dir_all(&dir);
             Ok(())
@@ -833,6 +956,8 @@ pub fn down(name: &str) -> Result<()> {
 pub struct VmInfo {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// The VM's subnet (1 unless the lab is routed; the router shows 0).
+    pub subnet: usize,
     pub mac: String,
     pub pid: Option<u32>,
     /// running (control service answers), unreachable (QEMU alive but not
@@ -881,6 +1006,7 @@ impl VmInfo {
         Self {
             name: vm.name.clone(),
             ip: vm.ip,
+            subnet: vm.subnet,
             mac: vm.mac.clone(),
             pid: vm.pid,
             state: state.into(),
@@ -935,8 +1061,13 @@ pub fn list(name: &str) -> Result<Vec<VmInfo>> {
     } else {
         None
     };
-    Ok(lab
-        .vms
+    let mut vms = lab.vms.clone();
+    if let Some(routed) = &lab.routed {
+        let mut router = routed.router.clone();
+        router.subnet = 0;
+        vms.push(router);
+    }
+    Ok(vms
         .iter()
         .map(|vm| {
             let alive = vm_alive(vm);

@@ -20,5 +20,6 @@ pub mod progress;
 pub mod qemu;
 pub mod recover;
 pub mod render;
+pub mod routed;
 pub mod state;
 pub mod vm;

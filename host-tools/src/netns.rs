@@ -117,6 +117,22 @@ pub fn add_tap(ns: &str, tap: &str) -> Result<()> {
     Ok(())
 }
 
+/// Adds a tap that belongs to no bridge yet (the router's: QEMU opens it in
+/// the lab namespace, then it moves to its subnet's, see
+/// [`enslave_tap`]).
+pub fn add_bare_tap(ns: &str, tap: &str) -> Result<()> {
+    ip(&["-n", ns, "tuntap", "add", "dev", tap, "mode", "tap"])?;
+    ip(&["-n", ns, "link", "set", tap, "mtu", &LAB_MTU.to_string()])
+}
+
+/// Puts a tap (moved into `ns`, which resets it) on the namespace's bridge
+/// with the lab MTU, and up.
+pub fn enslave_tap(ns: &str, tap: &str) -> Result<()> {
+    ip(&["-n", ns, "link", "set", tap, "mtu", &LAB_MTU.to_string()])?;
+    ip(&["-n", ns, "link", "set", tap, "master", BRIDGE_NAME])?;
+    ip(&["-n", ns, "link", "set", tap, "up"])
+}
+
 /// Deletes the lab's devices and the namespace. Missing pieces are fine: this
 /// also cleans up after a half-built or crashed lab.
 pub fn delete_lab_network(ns: &str, taps: &[String]) -> Result<()> {

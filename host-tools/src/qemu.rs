@@ -52,7 +52,13 @@ impl Accel {
 /// namespace) or none at all (accelerator probes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Nic {
-    Tap { ifname: String, mac: String },
+    Tap {
+        ifname: String,
+        mac: String,
+    },
+    /// Several taps, one virtio-net device each, in this (PCI) order: the
+    /// router of a routed lab.
+    Taps(Vec<(String, String)>),
     None,
 }
 
@@ -123,6 +129,16 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
             ));
             args.push("-device".into());
             args.push(format!("virtio-net-pci,netdev=net0,mac={mac}"));
+        }
+        Nic::Taps(taps) => {
+            for (i, (ifname, mac)) in taps.iter().enumerate() {
+                args.push("-netdev".into());
+                args.push(format!(
+                    "tap,id=net{i},ifname={ifname},script=no,downscript=no"
+                ));
+                args.push("-device".into());
+                args.push(format!("virtio-net-pci,netdev=net{i},mac={mac}"));
+            }
         }
         Nic::None => {
             args.push("-nic".into());

@@ -67,6 +67,11 @@ pub trait Env {
     /// Appends an outcome to the journal.
     fn log_outcome(&self, capsule: &str, outcome: &Outcome, by: &str) -> Result<()>;
 
+    /// A move committed: the capsule at `locator` runs on `vm` at `epoch`
+    /// from now on. Routed labs tell their router at once (the directory's
+    /// record follows later); others have nothing to do.
+    fn committed(&self, _locator: std::net::Ipv4Addr, _vm: &VmRecord, _epoch: u64) {}
+
     /// The VM called `name`.
     fn vm(&self, name: &str) -> Result<&VmRecord> {
         self.vms()

@@ -247,6 +247,7 @@ mod tests {
         VmInfo {
             name: "vm0".into(),
             ip: "192.0.2.10".parse().unwrap(),
+            subnet: 1,
             mac: "52:54:00:c5:00:00".into(),
             pid: Some(7),
             state: state.into(),

@@ -38,6 +38,64 @@ pub struct VmRecord {
     pub pid: Option<u32>,
     pub serial_log: PathBuf,
     pub qemu_log: PathBuf,
+    /// The subnet the VM sits on (1 = the lab namespace's; routed labs have
+    /// more, see [`Routed`]).
+    #[serde(default = "first_subnet")]
+    pub subnet: usize,
+    /// The namespace holding the VM's tap when it is not the lab namespace
+    /// (a VM on subnet 2 or higher of a routed lab): QEMU starts there and
+    /// control connections are opened from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+}
+
+fn first_subnet() -> usize {
+    1
+}
+
+/// One VM subnet of a routed lab: its own namespace and bridge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubnetRecord {
+    /// 1, 2, …; subnet 1 lives in the lab namespace.
+    pub index: usize,
+    pub netns: String,
+    /// The network, e.g. 192.0.2.0/24.
+    pub network: Ipv4Addr,
+    pub prefix: u8,
+    /// The host side's address on the bridge (.1).
+    pub host: Ipv4Addr,
+    /// The router's address on this subnet: the VMs' gateway.
+    pub router: Ipv4Addr,
+}
+
+/// One NIC of the router.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterNic {
+    pub netns: String,
+    pub tap: String,
+    pub mac: String,
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+/// What a routed lab (`lab up --subnets N`, N ≥ 2) adds: its subnets, the
+/// client subnet with its capsule-unaware host, and the router VM that
+/// alone joins them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Routed {
+    pub subnets: Vec<SubnetRecord>,
+    pub client_netns: String,
+    /// The client host: the client namespace's own stack.
+    pub client: Ipv4Addr,
+    pub client_network: Ipv4Addr,
+    pub client_prefix: u8,
+    /// The router's address on the client subnet (the client's route).
+    pub client_router: Ipv4Addr,
+    /// The router VM (its control service listens on its first NIC, on
+    /// subnet 1).
+    pub router: VmRecord,
+    /// Its NICs in order: one per subnet, then the client subnet.
+    pub router_nics: Vec<RouterNic>,
 }
 
 /// A lab: one network namespace with a bridge, taps and VMs.
@@ -66,6 +124,9 @@ pub struct LabState {
     /// VM name → (kernel, its build id as hex).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub kernel_overrides: std::collections::BTreeMap<String, (PathBuf, String)>,
+    /// Routed labs only (`--subnets` 2 or more).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routed: Option<Routed>,
 }
 
 impl LabState {
@@ -203,10 +264,13 @@ pub(crate) mod tests {
                 pid: Some(1234),
                 serial_log: dir.join("vm1.serial.log"),
                 qemu_log: dir.join("vm1.qemu.log"),
+                subnet: 1,
+                netns: None,
             }],
             capsule_range: CapsuleRange::default(),
             directory_pid: None,
             kernel_overrides: Default::default(),
+            routed: None,
         }
     }
 

@@ -214,8 +214,16 @@ fn boot(s: &LabSession, vm: &VmRecord, build_id: &[u8]) -> Result<(u32, Duration
     let key_file = state::write_key_file(&s.dir, &s.key)?;
     // The session runs inside the lab namespace, where the VM's tap is.
     debug_assert!(netns::exists(&s.lab.netns));
-    let mut child =
-        qemu::spawn_detached(&lab::vm_spec(&s.lab, vm, &key_file, accel), &vm.qemu_log)?;
+    let mut child = {
+        // A VM of another subnet (routed labs) has its tap in that subnet's
+        // namespace.
+        let _there = vm
+            .netns
+            .as_deref()
+            .map(crate::netns::NetnsGuard::enter)
+            .transpose()?;
+        qemu::spawn_detached(&lab::vm_spec(&s.lab, vm, &key_file, accel), &vm.qemu_log)?
+    };
     let pid = child.id();
     // Saved at once, so `lab down` stops it whatever happens next.
     let (mut current, dir) = lab::load_lab(&s.lab.name)?;

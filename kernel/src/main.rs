@@ -4,12 +4,17 @@
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
+use alloc::vec::Vec;
+
 use capsules_kernel::boot::BootInfo;
 use capsules_kernel::control::ControlService;
 use capsules_kernel::drivers::fw_cfg;
 use capsules_kernel::drivers::virtio::net::VirtioNet;
 use capsules_kernel::net::Network;
 use capsules_kernel::{arch, capsule, diag, kloop, println, programs, time};
+use capsules_wire::bootcfg::Role;
 use capsules_wire::exit::KernelExit;
 
 /// How long a shutdown waits for its reply to reach the client.
@@ -26,22 +31,41 @@ fn kernel_main(info: &'static BootInfo) -> ! {
         arch::exit_qemu(KernelExit::Success);
     }
     arch::enable_interrupts();
-    let Some(ip) = config.ip else {
-        log::error!("no ip= on the command line: the network stays down; halting");
-        loop {
-            arch::wait_for_interrupt();
+    let (mut net, ip) = if config.role == Role::Router {
+        // The special router: one NIC per address of `nics=`, in PCI order.
+        let mut nics = Vec::new();
+        for nth in 0..config.router_nics.len() {
+            match VirtioNet::init(nth, true) {
+                Ok(nic) => nics.push(nic),
+                Err(e) => {
+                    log::error!(
+                        "router: nics= names {} addresses, but virtio-net #{nth} is not usable ({e:?}); ending",
+                        config.router_nics.len()
+                    );
+                    arch::exit_qemu(KernelExit::BadConfig);
+                }
+            }
         }
+        let net = Network::new_router(nics, &config.router_nics, config.locators);
+        (net, config.router_nics[0])
+    } else {
+        let Some(ip) = config.ip else {
+            log::error!("no ip= on the command line: the network stays down; halting");
+            loop {
+                arch::wait_for_interrupt();
+            }
+        };
+        let nic = match VirtioNet::init(0, true) {
+            Ok(nic) => nic,
+            Err(e) => {
+                log::error!("no usable virtio-net device ({e:?}); ending");
+                arch::exit_qemu(KernelExit::BadConfig);
+            }
+        };
+        // Capsule locators (`locators=`, the lab's capsule range) are reached
+        // on-link: capsules on other VMs answer ARP for them themselves.
+        (Network::new(nic, ip, config.gateway, config.locators), ip)
     };
-    let nic = match VirtioNet::init(0, true) {
-        Ok(nic) => nic,
-        Err(e) => {
-            log::error!("no usable virtio-net device ({e:?}); ending");
-            arch::exit_qemu(KernelExit::BadConfig);
-        }
-    };
-    // Capsule locators (`locators=`, the lab's capsule range) are reached
-    // on-link: capsules on other VMs answer ARP for them themselves.
-    let mut net = Network::new(nic, ip, config.gateway, config.locators);
     let name = config.name.as_deref().unwrap_or("vm");
     capsule::init(programs::ALL, name);
     // The cluster key comes from QEMU's fw_cfg, never the command line.
@@ -65,10 +89,15 @@ fn kernel_main(info: &'static BootInfo) -> ! {
         }
     };
     println!(
-        "capsules: ready name={name} ip={ip} ctl={} build={} boot_us={}",
+        "capsules: ready name={name} ip={ip} ctl={} build={} boot_us={}{}",
         config.control_port,
         capsules_kernel::build_id_hex(),
-        capsules_kernel::control::boot_ns() / 1000
+        capsules_kernel::control::boot_ns() / 1000,
+        if config.role == Role::Router {
+            " role=router"
+        } else {
+            ""
+        }
     );
     diag::set_running("kernel loop");
     let mut shutdown_deadline = None;

@@ -64,7 +64,13 @@ impl Drop for Bg {
 /// A TCP connection made from inside the lab namespace (the socket stays in
 /// the namespace it was created in, whatever thread uses it later).
 pub fn connect_in_lab(lab: &Lab, addr: SocketAddr) -> TcpStream {
-    let ns = lab.netns();
+    connect_in_netns(&lab.netns(), addr)
+}
+
+/// A TCP connection made from inside namespace `ns` (a routed lab's client
+/// host, say).
+pub fn connect_in_netns(ns: &str, addr: SocketAddr) -> TcpStream {
+    let ns = ns.to_string();
     let stream = std::thread::spawn(move || -> anyhow::Result<TcpStream> {
         let _inside = NetnsGuard::enter(&ns)?;
         Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(5))?)
@@ -102,6 +108,14 @@ impl Redis {
     pub fn connect(lab: &Lab, locator: &str) -> Redis {
         let addr: SocketAddr = format!("{locator}:6379").parse().unwrap();
         let w = connect_in_lab(lab, addr);
+        let r = BufReader::new(w.try_clone().unwrap());
+        Redis { w, r }
+    }
+
+    /// A connection from namespace `ns` (e.g. a routed lab's client host).
+    pub fn connect_from(ns: &str, locator: &str) -> Redis {
+        let addr: SocketAddr = format!("{locator}:6379").parse().unwrap();
+        let w = connect_in_netns(ns, addr);
         let r = BufReader::new(w.try_clone().unwrap());
         Redis { w, r }
     }

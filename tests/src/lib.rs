@@ -140,6 +140,11 @@ pub struct Lab {
 
 impl Lab {
     pub fn up(tag: &str, vms: usize) -> Self {
+        Self::up_with(tag, vms, &[])
+    }
+
+    /// `lab up` with more flags (`--subnets 2`, …).
+    pub fn up_with(tag: &str, vms: usize, flags: &[&str]) -> Self {
         require_lab_prerequisites();
         let name = unique_lab_name(tag);
         let vms = vms.to_string();
@@ -150,7 +155,9 @@ impl Lab {
             up_output: String::new(),
             down: false,
         };
-        lab.up_output = capsulectl_ok(&["lab", "up", "--lab", &lab.name, "--vms", &vms]);
+        let mut args = vec!["lab", "up", "--lab", &lab.name, "--vms", &vms];
+        args.extend_from_slice(flags);
+        lab.up_output = capsulectl_ok(&args);
         lab
     }
 

@@ -1,5 +1,6 @@
 //! The kernel command line: `ip=ADDR/PREFIX gw=ADDR ctl=PORT log=LEVEL name=NAME
-//! locators=ADDR/PREFIX probe`.
+//! locators=ADDR/PREFIX probe`, or for the router of a routed lab
+//! `role=router nics=ADDR/PREFIX,ADDR/PREFIX,… ctl=… log=… name=… locators=…`.
 //!
 //! The cluster key is not among them: every local user can read a process's
 //! command line, so the key reaches the kernel through QEMU's fw_cfg as the
@@ -25,6 +26,8 @@ pub const DEFAULT_LOCATOR_RANGE: Ipv4Cidr = Ipv4Cidr {
     addr: Ipv4Addr::new(198, 18, 0, 0),
     prefix: 16,
 };
+/// Most NICs a router takes (`nics=`): one per subnet of a routed lab.
+pub const MAX_ROUTER_NICS: usize = 8;
 /// Prefix lengths a locator range may have (the same bounds `capsulectl lab
 /// up --capsule-range` enforces).
 pub const LOCATOR_PREFIXES: core::ops::RangeInclusive<u8> = 8..=30;
@@ -114,6 +117,22 @@ pub struct BootConfig {
     /// The capsule locator range (`locators=`): reached on-link, since
     /// capsules on other VMs answer ARP for their locators themselves.
     pub locators: Ipv4Cidr,
+    /// `role=router`: the kernel forwards between its NICs instead of
+    /// running capsules; `router_nics` (`nics=`) are its addresses, one per
+    /// virtio-net device in PCI order. The control service listens on the
+    /// first.
+    pub role: Role,
+    pub router_nics: Vec<Ipv4Cidr>,
+}
+
+/// What the kernel is booted as (`role=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// A capsule VM (the default).
+    #[default]
+    Vm,
+    /// The special router of a routed lab.
+    Router,
 }
 
 impl Default for BootConfig {
@@ -126,6 +145,8 @@ impl Default for BootConfig {
             name: None,
             probe: false,
             locators: DEFAULT_LOCATOR_RANGE,
+            role: Role::Vm,
+            router_nics: Vec::new(),
         }
     }
 }
@@ -161,7 +182,9 @@ impl fmt::Display for BootConfigError {
     }
 }
 
-const OPTIONS: [&str; 7] = ["ip", "gw", "ctl", "log", "name", "probe", "locators"];
+const OPTIONS: [&str; 9] = [
+    "ip", "gw", "ctl", "log", "name", "probe", "locators", "role", "nics",
+];
 
 /// What a `key=` word is told (its value is never repeated: it is a secret).
 pub const KEY_REFUSED: &str =
@@ -227,8 +250,59 @@ impl BootConfig {
                         .filter(|r| LOCATOR_PREFIXES.contains(&r.prefix) && r.is_network())
                         .ok_or_else(|| malformed("a network ADDR/PREFIX with prefix 8-30"))?
                 }
+                ("role", Some(v)) => {
+                    cfg.role = match v {
+                        "vm" => Role::Vm,
+                        "router" => Role::Router,
+                        _ => return Err(malformed("vm|router")),
+                    }
+                }
+                ("nics", Some(v)) => {
+                    let mut nics = Vec::new();
+                    for part in v.split(',') {
+                        let nic = Ipv4Cidr::parse(part)
+                            .filter(|c| (1..=30).contains(&c.prefix) && !c.is_network())
+                            .ok_or_else(|| malformed("ADDR/PREFIX,… (host addresses)"))?;
+                        if nics.len() == MAX_ROUTER_NICS {
+                            return Err(malformed("at most 8 addresses"));
+                        }
+                        nics.push(nic);
+                    }
+                    cfg.router_nics = nics;
+                }
                 _ => unreachable!("every option in OPTIONS is handled"),
             }
+        }
+        match cfg.role {
+            Role::Router => {
+                if cfg.router_nics.is_empty() {
+                    return Err(BootConfigError::Inconsistent("role=router needs nics="));
+                }
+                if cfg.ip.is_some() || cfg.gateway.is_some() {
+                    return Err(BootConfigError::Inconsistent(
+                        "role=router takes nics=, not ip= or gw=",
+                    ));
+                }
+                for (i, a) in cfg.router_nics.iter().enumerate() {
+                    if cfg.locators.contains(a.addr) || a.contains(cfg.locators.addr) {
+                        return Err(BootConfigError::Inconsistent(
+                            "locators overlaps the subnet of a router NIC",
+                        ));
+                    }
+                    if cfg.router_nics[..i]
+                        .iter()
+                        .any(|b| b.contains(a.addr) || a.contains(b.addr))
+                    {
+                        return Err(BootConfigError::Inconsistent(
+                            "two router NICs share a subnet",
+                        ));
+                    }
+                }
+            }
+            Role::Vm if !cfg.router_nics.is_empty() => {
+                return Err(BootConfigError::Inconsistent("nics= needs role=router"));
+            }
+            Role::Vm => {}
         }
         if let (Some(ip), Some(gw)) = (cfg.ip, cfg.gateway)
             && !ip.contains(gw)
@@ -267,6 +341,13 @@ impl BootConfig {
             words.push(alloc::format!("name={name}"));
         }
         words.push(alloc::format!("locators={}", self.locators));
+        if self.role == Role::Router {
+            words.push("role=router".to_string());
+        }
+        if !self.router_nics.is_empty() {
+            let nics: Vec<String> = self.router_nics.iter().map(|n| n.to_string()).collect();
+            words.push(alloc::format!("nics={}", nics.join(",")));
+        }
         if self.probe {
             words.push("probe".to_string());
         }
@@ -320,10 +401,47 @@ mod tests {
                 addr: Ipv4Addr::new(10, 77, 0, 0),
                 prefix: 16,
             },
+            ..BootConfig::default()
         };
         let line = cfg.to_cmdline();
         assert!(line.contains("locators=10.77.0.0/16"), "{line}");
         assert_eq!(BootConfig::parse(&line).unwrap(), cfg);
+    }
+
+    #[test]
+    fn router_role_round_trips_and_is_checked() {
+        let cfg = BootConfig {
+            role: Role::Router,
+            router_nics: alloc::vec![
+                Ipv4Cidr::parse("192.0.2.254/24").unwrap(),
+                Ipv4Cidr::parse("198.51.100.254/24").unwrap(),
+                Ipv4Cidr::parse("203.0.113.254/24").unwrap(),
+            ],
+            name: Some("router".into()),
+            ..BootConfig::default()
+        };
+        let line = cfg.to_cmdline();
+        assert!(
+            line.contains("role=router nics=192.0.2.254/24,198.51.100.254/24,203.0.113.254/24"),
+            "{line}"
+        );
+        assert_eq!(BootConfig::parse(&line).unwrap(), cfg);
+        assert_eq!(BootConfig::parse("").unwrap().role, Role::Vm);
+        for bad in [
+            "role=router",
+            "role=bridge nics=192.0.2.254/24",
+            "nics=192.0.2.254/24",
+            "role=router nics=192.0.2.254/24 ip=192.0.2.11/24",
+            "role=router nics=192.0.2.254/24,192.0.2.253/24",
+            "role=router nics=192.0.2.0/24",
+            "role=router nics=192.0.2.254",
+            "role=router nics=192.0.2.254/24,",
+            "role=router nics=198.18.0.254/24",
+            "role=router nics=1.0.0.1/24,1.0.1.1/24,1.0.2.1/24,1.0.3.1/24,1.0.4.1/24,\
+             1.0.5.1/24,1.0.6.1/24,1.0.7.1/24,1.0.8.1/24",
+        ] {
+            assert!(BootConfig::parse(bad).is_err(), "{bad} parsed");
+        }
     }
 
     #[test]

@@ -270,6 +270,60 @@ pub enum Request {
     ReleaseTraffic {
         locator: Ipv4Addr,
     },
+    /// Translation-table entries (locator → care-of address, with the
+    /// capsule's epoch) for the router (and, in a later slice, every VM).
+    /// With `replace`, `entries` is the whole table: what it does not name is
+    /// dropped (a restarted router or VM gets the whole table). An entry whose
+    /// epoch is older than the one the receiver holds for that locator is
+    /// ignored. Answered with `Done`.
+    UpdateTranslations {
+        replace: bool,
+        entries: Vec<Translation>,
+    },
+}
+
+/// One translation-table entry: where the capsule at `locator` runs, as of
+/// `epoch`. `care_of: None` says the capsule runs nowhere (killed, stopped,
+/// suspended): the receiver keeps the epoch so an older update cannot bring
+/// the entry back, and answers packets for it as for an unknown locator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Translation {
+    pub locator: Ipv4Addr,
+    pub care_of: Option<Ipv4Addr>,
+    pub epoch: u64,
+}
+
+/// Most entries in one `UpdateTranslations` (17 bytes each: well inside a
+/// frame) and in a receiver's table.
+pub const MAX_TRANSLATIONS: usize = 2048;
+
+impl Translation {
+    const ENCODED_LEN: usize = 4 + 1 + 4 + 8;
+
+    fn encode(&self, w: &mut Writer) {
+        w.raw(&self.locator.octets());
+        match self.care_of {
+            Some(addr) => w.u8(1).raw(&addr.octets()),
+            None => w.u8(0).raw(&[0; 4]),
+        };
+        w.u64(self.epoch);
+    }
+
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        let locator = Ipv4Addr::from(r.array::<4>("locator")?);
+        let present = r.u8("care-of flag")?;
+        let addr = Ipv4Addr::from(r.array::<4>("care-of address")?);
+        let care_of = match present {
+            0 if addr.is_unspecified() => None,
+            1 => Some(addr),
+            _ => return Err(DecodeError::Invalid("care-of flag")),
+        };
+        Ok(Self {
+            locator,
+            care_of,
+            epoch: r.u64("epoch")?,
+        })
+    }
 }
 
 /// Largest image chunk in one request or reply (inside a frame).
@@ -367,6 +421,7 @@ impl Request {
     const READ_PAGES: u8 = 23;
     const STAGE_PAGES: u8 = 24;
     const FENCE: u8 = 25;
+    const UPDATE_TRANSLATIONS: u8 = 26;
 
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
@@ -456,6 +511,14 @@ impl Request {
             }
             Request::ReleaseTraffic { locator } => {
                 w.u8(Self::RELEASE_TRAFFIC).raw(&locator.octets());
+            }
+            Request::UpdateTranslations { replace, entries } => {
+                w.u8(Self::UPDATE_TRANSLATIONS)
+                    .u8(u8::from(*replace))
+                    .u32(entries.len() as u32);
+                for entry in entries {
+                    entry.encode(&mut w);
+                }
             }
         }
         w.finish()
@@ -565,6 +628,22 @@ impl Request {
             Self::INSPECT => Request::InspectCapsule {
                 name: r.string("capsule name")?,
             },
+            Self::UPDATE_TRANSLATIONS => {
+                let replace = match r.u8("replace flag")? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::Invalid("replace flag").into()),
+                };
+                let count = r.count(Translation::ENCODED_LEN, "translation count")?;
+                if count > MAX_TRANSLATIONS {
+                    return Err(DecodeError::Invalid("translation count").into());
+                }
+                let mut entries = Vec::with_capacity(count);
+                for _ in 0..count {
+                    entries.push(Translation::decode(&mut r)?);
+                }
+                Request::UpdateTranslations { replace, entries }
+            }
             other => return Err(RequestDecodeError::Unknown(other)),
         };
         r.finish()?;
@@ -1765,6 +1844,25 @@ mod tests {
             Request::ReleaseTraffic {
                 locator: Ipv4Addr::new(198, 18, 0, 1),
             },
+            Request::UpdateTranslations {
+                replace: false,
+                entries: vec![],
+            },
+            Request::UpdateTranslations {
+                replace: true,
+                entries: vec![
+                    Translation {
+                        locator: Ipv4Addr::new(198, 18, 0, 1),
+                        care_of: Some(Ipv4Addr::new(198, 51, 100, 12)),
+                        epoch: 4,
+                    },
+                    Translation {
+                        locator: Ipv4Addr::new(198, 18, 0, 2),
+                        care_of: None,
+                        epoch: u64::MAX,
+                    },
+                ],
+            },
         ] {
             let bytes = req.encode();
             assert_eq!(Request::decode(&bytes).unwrap(), req);
@@ -1775,6 +1873,52 @@ mod tests {
                 );
             }
         }
+    }
+
+    fn translations(replace: bool, entries: &[Translation]) -> Vec<u8> {
+        Request::UpdateTranslations {
+            replace,
+            entries: entries.to_vec(),
+        }
+        .encode()
+    }
+
+    #[test]
+    fn malformed_translation_updates_are_refused() {
+        let entry = Translation {
+            locator: Ipv4Addr::new(198, 18, 0, 1),
+            care_of: Some(Ipv4Addr::new(192, 0, 2, 11)),
+            epoch: 1,
+        };
+        let good = translations(false, &[entry]);
+        // Byte layout: tag, replace, count (4), locator (4), flag, care-of (4), epoch (8).
+        assert_eq!(good.len(), 1 + 1 + 4 + 17);
+        // A replace flag other than 0/1.
+        let mut bad = good.clone();
+        bad[1] = 2;
+        assert!(Request::decode(&bad).is_err());
+        // A care-of flag other than 0/1, and an absent care-of that carries an address.
+        let mut bad = good.clone();
+        bad[10] = 7;
+        assert!(Request::decode(&bad).is_err());
+        let mut bad = good.clone();
+        bad[10] = 0;
+        assert!(Request::decode(&bad).is_err());
+        // A count larger than what follows, and one above the bound.
+        let mut bad = good.clone();
+        bad[2..6].copy_from_slice(&2u32.to_le_bytes());
+        assert!(Request::decode(&bad).is_err());
+        let mut bad = good.clone();
+        bad[2..6].copy_from_slice(&[0xff; 4]);
+        assert!(Request::decode(&bad).is_err());
+        let too_many = alloc::vec![entry; MAX_TRANSLATIONS + 1];
+        assert!(Request::decode(&translations(true, &too_many)).is_err());
+        let most = alloc::vec![entry; MAX_TRANSLATIONS];
+        assert!(Request::decode(&translations(true, &most)).is_ok());
+        // Trailing bytes.
+        let mut bad = good.clone();
+        bad.push(0);
+        assert!(Request::decode(&bad).is_err());
     }
 
     #[test]

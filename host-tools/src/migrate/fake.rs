@@ -353,6 +353,8 @@ impl FakeLab {
                 pid: Some(1000 + i as u32),
                 serial_log: PathBuf::new(),
                 qemu_log: PathBuf::new(),
+                subnet: 1,
+                netns: None,
             });
             world.vms.insert(
                 name,

@@ -400,6 +400,12 @@ impl<'a> Move<'a> {
         if info.state != CapsuleState::Running {
             bail!("{dst} restored '{name}' but it is {}", info.state.label());
         }
+        // The router (routed labs) sends the capsule's traffic to the
+        // destination from now on: across subnets no gratuitous ARP reaches
+        // the peers behind it. (The zero-window hold of those peers during
+        // the move is a later slice; it would end here.)
+        self.env
+            .committed(self.rec.locator, &self.dst, self.intent.next_epoch);
         self.times.t_running = Some(self.since_freeze());
         Ok(())
     }

@@ -366,6 +366,21 @@ fn handle_request(
     {
         images.touch(name);
     }
+    // The router runs no capsules: it serves only its own requests.
+    if net.router.is_some()
+        && !matches!(
+            request,
+            Request::Version
+                | Request::Status
+                | Request::Shutdown
+                | Request::UpdateTranslations { .. }
+        )
+    {
+        return Response::error(
+            ErrorCode::UnknownRequest,
+            "this kernel runs as the router: it runs no capsules",
+        );
+    }
     match request {
         Request::Version => Response::Version {
             protocol_version: PROTOCOL_VERSION,
@@ -383,7 +398,10 @@ fn handle_request(
                 heap_used_bytes: mem.heap_used_bytes,
                 nic: net.nic.counters(),
                 tsc_hz: crate::time::tsc_hz(),
-                switch: net.switch.status(),
+                switch: match net.router.as_ref() {
+                    Some(plane) => plane.core.status(),
+                    None => net.switch.status(),
+                },
             })
         }
         Request::Shutdown => {
@@ -660,6 +678,23 @@ fn handle_request(
             log::debug!("control: released {sent} packets held for {locator}");
             Response::Done
         }
+        Request::UpdateTranslations { replace, entries } => match net.router.as_mut() {
+            Some(plane) => {
+                let ignored = plane.core.update(*replace, entries);
+                log::info!(
+                    "router: translation update ({} entries{}, {ignored} ignored as older); {} held",
+                    entries.len(),
+                    if *replace { ", whole table" } else { "" },
+                    plane.core.translations()
+                );
+                Response::Done
+            }
+            // VMs keep no translation table yet (IP-in-IP is a later slice).
+            None => Response::error(
+                ErrorCode::UnknownRequest,
+                "translation tables are kept by the router only",
+            ),
+        },
         Request::InspectCapsule { name } => match capsule::migrate::inspect(name) {
             Ok((tasks, sockets)) => Response::Inspection { tasks, sockets },
             Err(e) => capsule_error(e),

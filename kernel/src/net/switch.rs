@@ -362,7 +362,11 @@ impl Switch {
                 {
                     let packet = payload[..len].to_vec();
                     let me = self.machine.addr;
-                    self.send_via(&packet, via, me, nic, now_ns);
+                    // A new VM on another subnet is reached through the
+                    // gateway (the router, whose translation table already
+                    // names it: capsulectl updates it at the commit).
+                    let hop = self.next_hop(via).unwrap_or(via);
+                    self.send_via(&packet, hop, me, nic, now_ns);
                     self.counters.forwarded += 1;
                     return (Delivery::Forwarded, None);
                 }
@@ -642,7 +646,9 @@ impl Switch {
         // ARP from its own subnet.
         let _ = dst;
         let me = self.machine.addr;
-        self.send_via(packet, via, me, nic, now_ns);
+        // Through the gateway when the new VM is on another subnet.
+        let hop = self.next_hop(via).unwrap_or(via);
+        self.send_via(packet, hop, me, nic, now_ns);
         self.counters.forwarded += 1;
     }
 

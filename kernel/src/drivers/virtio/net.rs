@@ -27,20 +27,27 @@ pub const MAX_FRAME: usize = 9014;
 /// Vector NIC interrupts arrive on.
 pub const NIC_VECTOR: u8 = trap::IRQ_BASE + 16;
 
-static IRQ_PENDING: AtomicBool = AtomicBool::new(false);
+/// NICs that can take interrupts (the router has one per subnet); the
+/// `nth` device beyond these is polled.
+pub const MAX_IRQ_NICS: usize = 8;
+
+static IRQ_PENDING: [AtomicBool; MAX_IRQ_NICS] = [const { AtomicBool::new(false) }; MAX_IRQ_NICS];
 static IRQ_COUNT: AtomicU64 = AtomicU64::new(0);
-static IRQ_GSI: AtomicU64 = AtomicU64::new(u64::MAX);
+static IRQ_GSI: [AtomicU64; MAX_IRQ_NICS] = [const { AtomicU64::new(u64::MAX) }; MAX_IRQ_NICS];
 
 fn on_interrupt(_vector: u8) {
-    // Keep the level-triggered line quiet until the main loop has read the
-    // device's interrupt status (which lowers the line); touching the device
-    // here would need its lock, which the interrupted code may hold.
-    let gsi = IRQ_GSI.load(Ordering::Relaxed);
-    if gsi != u64::MAX {
-        apic::set_irq_masked(gsi as u32, true);
+    // Keep the level-triggered lines quiet until the main loop has read the
+    // devices' interrupt status (which lowers a line); touching a device
+    // here would need its lock, which the interrupted code may hold. Every
+    // NIC shares the vector (and maybe a line), so each is told to look.
+    for (gsi, pending) in IRQ_GSI.iter().zip(IRQ_PENDING.iter()) {
+        let gsi = gsi.load(Ordering::Relaxed);
+        if gsi != u64::MAX {
+            apic::set_irq_masked(gsi as u32, true);
+            pending.store(true, Ordering::Release);
+        }
     }
     IRQ_COUNT.fetch_add(1, Ordering::Relaxed);
-    IRQ_PENDING.store(true, Ordering::Release);
 }
 
 pub struct VirtioNet {
@@ -54,6 +61,8 @@ pub struct VirtioNet {
     tx_free: [bool; QUEUE_SIZE],
     counters: NicCounters,
     gsi: Option<u32>,
+    /// Index of this device's interrupt flag (its `nth`), if it has one.
+    irq_slot: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -96,6 +105,7 @@ impl VirtioNet {
             tx_free: [true; QUEUE_SIZE],
             counters: NicCounters::default(),
             gsi: None,
+            irq_slot: None,
         };
         for index in 0..QUEUE_SIZE as u16 {
             dev.post_rx(index);
@@ -104,11 +114,14 @@ impl VirtioNet {
             let gsi = function.interrupt_line as u32;
             if function.interrupt_pin == 0 || gsi == 0xff || gsi >= apic::ioapic_pins() {
                 log::warn!("virtio-net has no usable interrupt line ({gsi}); receive is polled");
+            } else if nth >= MAX_IRQ_NICS {
+                log::warn!("virtio-net #{nth}: beyond {MAX_IRQ_NICS} NICs; receive is polled");
             } else {
                 trap::set_irq_handler(NIC_VECTOR, on_interrupt);
-                IRQ_GSI.store(gsi as u64, Ordering::Relaxed);
+                IRQ_GSI[nth].store(gsi as u64, Ordering::Relaxed);
                 apic::route_level_irq(gsi, NIC_VECTOR, false);
                 dev.gsi = Some(gsi);
+                dev.irq_slot = Some(nth);
             }
         }
         // A frame that arrived before the line was routed raised it while the
@@ -145,7 +158,10 @@ impl VirtioNet {
     /// Acknowledges a pending interrupt (lowering the line) and unmasks it.
     /// Returns whether one was pending.
     pub fn service_interrupt(&mut self) -> bool {
-        if !IRQ_PENDING.swap(false, Ordering::Acquire) {
+        let Some(slot) = self.irq_slot else {
+            return false;
+        };
+        if !IRQ_PENDING[slot].swap(false, Ordering::Acquire) {
             return false;
         }
         self.raw.ack_interrupt();
@@ -255,7 +271,9 @@ impl VirtioNet {
 
     /// Whether an interrupt or a received frame waits to be handled.
     pub fn has_work(&self) -> bool {
-        IRQ_PENDING.load(Ordering::Acquire) || self.raw.poll_receive().is_some()
+        self.irq_slot
+            .is_some_and(|slot| IRQ_PENDING[slot].load(Ordering::Acquire))
+            || self.raw.poll_receive().is_some()
     }
 
     pub fn uses_interrupts(&self) -> bool {
