@@ -70,6 +70,13 @@ impl LabSession {
     }
 
     pub fn connect(&self, vm: &VmRecord) -> Result<ControlClient> {
+        // A VM of another subnet is reached from its own subnet's namespace,
+        // never through the router (as `lab::connect`).
+        let _there = vm
+            .netns
+            .as_deref()
+            .map(crate::netns::NetnsGuard::enter)
+            .transpose()?;
         let addr = std::net::SocketAddr::from((vm.ip, vm.control_port));
         ControlClient::connect_with(addr, &self.key, lab::CONTROL_TIMEOUT, CAPSULE_TIMEOUT)
             .map(|c| c.named(&vm.name))

@@ -59,17 +59,19 @@ fn host_in(net: Ipv4Cidr, host: u8) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(net.addr) | u32::from(host))
 }
 
-/// The namespace of subnet `k` (1 is the lab namespace itself).
+/// The namespace of subnet `k` (1 is the lab namespace itself). The dot
+/// cannot appear in a lab name, so these never name another lab's
+/// namespace (lab `a`'s subnet 2 is not lab `a-s2`).
 pub fn subnet_netns(lab_netns: &str, k: usize) -> String {
     if k == 1 {
         lab_netns.to_string()
     } else {
-        format!("{lab_netns}-s{k}")
+        format!("{lab_netns}.s{k}")
     }
 }
 
 pub fn client_netns(lab_netns: &str) -> String {
-    format!("{lab_netns}-client")
+    format!("{lab_netns}.client")
 }
 
 /// Checks the subnets asked for: /24s (host numbers .1, .10+i and .254 are
@@ -370,10 +372,10 @@ mod tests {
         assert_eq!(subnets[2].to_string(), "10.99.3.0/24");
         check_subnets(&subnets, CapsuleRange::default()).unwrap();
         let routed = plan("t", "capsules-t", Path::new("/tmp/t"), &subnets[..2]);
-        assert_eq!(routed.subnets[1].netns, "capsules-t-s2");
+        assert_eq!(routed.subnets[1].netns, "capsules-t.s2");
         assert_eq!(routed.subnets[1].host, Ipv4Addr::new(198, 51, 100, 1));
         assert_eq!(routed.subnets[1].router, Ipv4Addr::new(198, 51, 100, 254));
-        assert_eq!(routed.client_netns, "capsules-t-client");
+        assert_eq!(routed.client_netns, "capsules-t.client");
         assert_eq!(routed.client, Ipv4Addr::new(203, 0, 113, 10));
         assert_eq!(routed.router_nics.len(), 3);
         assert_eq!(routed.router.ip, Ipv4Addr::new(192, 0, 2, 254));
@@ -383,7 +385,7 @@ mod tests {
             (
                 2,
                 Ipv4Addr::new(198, 51, 100, 12),
-                Some("capsules-t-s2".into())
+                Some("capsules-t.s2".into())
             )
         );
         assert_eq!(place(&routed, 3).0, 1);

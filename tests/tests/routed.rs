@@ -43,7 +43,7 @@ fn assert_ok(out: &Output, what: &str) -> String {
 }
 
 fn client_netns(lab: &Lab) -> String {
-    format!("{}-client", lab.netns())
+    format!("{}.client", lab.netns())
 }
 
 fn router_pid(lab: &Lab) -> u32 {
