@@ -81,6 +81,15 @@ pub fn check_subnets(subnets: &[Ipv4Cidr], range: CapsuleRange) -> Result<()> {
     if !(2..=MAX_SUBNETS).contains(&subnets.len()) {
         bail!("a routed lab has 2 to {MAX_SUBNETS} subnets");
     }
+    // Subnet 1 is the lab namespace, whose host side (the directory's DNS,
+    // VM 1's address plan) is 192.0.2.0/24 in every lab.
+    let first = crate::lab::LAB_GATEWAY.octets();
+    if subnets[0].addr != Ipv4Addr::new(first[0], first[1], first[2], 0) {
+        bail!(
+            "subnet 1 must be 192.0.2.0/24 (the lab namespace's own network), not {}",
+            subnets[0]
+        );
+    }
     let locators = Ipv4Cidr {
         addr: range.base,
         prefix: range.prefix,
@@ -417,6 +426,8 @@ mod tests {
             vec![net("192.0.2.0/24"), net("198.18.5.0/24")],
             vec![net("192.0.2.0/24"), net("10.0.0.0/16")],
             vec![net("192.0.2.0/24"), net("10.0.0.1/24")],
+            // Subnet 1 is the lab namespace's own 192.0.2.0/24.
+            vec![net("10.5.1.0/24"), net("192.0.2.0/24")],
         ] {
             assert!(check_subnets(&bad, range).is_err(), "{bad:?}");
         }
